@@ -1,0 +1,9 @@
+"""UNITER backbone, retrieval heads, batches and checkpoint loading (no data or training imports)."""
+from .batch import LAYOUTS, PairExample, UniterBatch, UniterCollator, boxes_to_7d, collate
+from .config import UniterConfig
+from .uniter import UniterForImageTextRetrieval, UniterModel, UniterOutput
+
+__all__ = [
+    "LAYOUTS", "PairExample", "UniterBatch", "UniterCollator", "boxes_to_7d", "collate",
+    "UniterConfig", "UniterForImageTextRetrieval", "UniterModel", "UniterOutput",
+]
