@@ -1,9 +1,10 @@
 """UNITER backbone, retrieval heads, batches and checkpoint loading (no data or training imports)."""
 from .batch import LAYOUTS, PairExample, UniterBatch, UniterCollator, boxes_to_7d, collate
+from .checkpoint import CheckpointError, LoadReport, build_uniter, load_checkpoint, read_state_dict
 from .config import UniterConfig
 from .uniter import UniterForImageTextRetrieval, UniterModel, UniterOutput
 
 __all__ = [
     "LAYOUTS", "PairExample", "UniterBatch", "UniterCollator", "boxes_to_7d", "collate",
-    "UniterConfig", "UniterForImageTextRetrieval", "UniterModel", "UniterOutput",
+    "UniterConfig", "CheckpointError", "LoadReport", "build_uniter", "load_checkpoint", "read_state_dict", "UniterForImageTextRetrieval", "UniterModel", "UniterOutput",
 ]

@@ -101,8 +101,9 @@ class BertSelfAttention(nn.Module):
         scores = None
         if score_rows is not None:
             # Pre-softmax scores of the chosen rows, in fp32, without mask or dropout.
-            qs, ks = q[score_rows].float(), k[score_rows].float()
-            scores = qs @ ks.transpose(-1, -2) / math.sqrt(self.head_dim)  # (P, h, L, L)
+            with torch.autocast(q.device.type, enabled=False):
+                qs, ks = q[score_rows].float(), k[score_rows].float()
+                scores = qs @ ks.transpose(-1, -2) / math.sqrt(self.head_dim)  # (P, h, L, L)
         return ctx, scores
 
 
