@@ -2,9 +2,10 @@
 from .batch import LAYOUTS, PairExample, UniterBatch, UniterCollator, boxes_to_7d, collate
 from .checkpoint import CheckpointError, LoadReport, build_uniter, load_checkpoint, read_state_dict
 from .config import UniterConfig
+from .pair_store import PairStore, pair_batch_from_padded
 from .uniter import UniterForImageTextRetrieval, UniterModel, UniterOutput
 
 __all__ = [
     "LAYOUTS", "PairExample", "UniterBatch", "UniterCollator", "boxes_to_7d", "collate",
-    "UniterConfig", "CheckpointError", "LoadReport", "build_uniter", "load_checkpoint", "read_state_dict", "UniterForImageTextRetrieval", "UniterModel", "UniterOutput",
+    "UniterConfig", "PairStore", "pair_batch_from_padded", "CheckpointError", "LoadReport", "build_uniter", "load_checkpoint", "read_state_dict", "UniterForImageTextRetrieval", "UniterModel", "UniterOutput",
 ]

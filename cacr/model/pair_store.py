@@ -1,0 +1,152 @@
+"""Captions and images held as padded tensors (on any device), and batches of arbitrary
+(caption, image) index pairs built from them with tensor ops only.
+
+Hard-negative mining scores hundreds of pairs per positive, and retrieval evaluation scores
+every caption against every image: both need batches of pairs faster than a Python loop of
+``collate`` can build them. ``PairStore.batch(cap_idx, img_idx)`` builds the same
+:class:`UniterBatch` as ``collate`` (tested against it) by indexing and ``gather``.
+
+Batch widths come from lengths kept on the CPU, so building a batch does not synchronise
+with the device when the indices are CPU tensors; for device indices (mined negatives) pass
+``max_txt_len`` / ``max_regions`` bounds known beforehand to stay sync-free.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .batch import LAYOUTS, UniterBatch, boxes_to_7d
+
+
+class PairStore:
+    def __init__(
+        self,
+        input_ids: Tensor,  # (Nc, T) long, [CLS] w.. [SEP] then 0
+        txt_lens: Tensor,  # (Nc,)
+        img_feat: Tensor,  # (Ni, M, D), zero padded
+        img_pos_feat: Tensor,  # (Ni, M, 7)
+        num_bbs: Tensor,  # (Ni,)
+        *,
+        layout: str = "compact",
+    ):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if input_ids.dim() != 2 or txt_lens.shape != input_ids.shape[:1]:
+            raise ValueError(f"input_ids (Nc, T) and txt_lens (Nc,) expected, got {tuple(input_ids.shape)} "
+                             f"and {tuple(txt_lens.shape)}")
+        if img_feat.dim() != 3 or img_pos_feat.shape != (*img_feat.shape[:2], 7) or num_bbs.shape != img_feat.shape[:1]:
+            raise ValueError(f"img_feat (Ni, M, D), img_pos_feat (Ni, M, 7), num_bbs (Ni,) expected, got "
+                             f"{tuple(img_feat.shape)}, {tuple(img_pos_feat.shape)}, {tuple(num_bbs.shape)}")
+        self.layout = layout
+        self.input_ids = input_ids.long()
+        self.img_feat = img_feat
+        self.img_pos_feat = img_pos_feat.float()
+        self.txt_lens = txt_lens.long().to(input_ids.device)
+        self.num_bbs = num_bbs.long().to(img_feat.device)
+        self.txt_lens_cpu = txt_lens.long().cpu()
+        self.num_bbs_cpu = num_bbs.long().cpu()
+
+    @classmethod
+    def from_examples(cls, captions: Sequence[Tensor], images: Sequence[tuple], *, layout: str = "compact",
+                      feat_dtype: Optional[torch.dtype] = None) -> "PairStore":
+        """Build from a list of caption id tensors and a list of ``(img_feat, boxes)``."""
+        if not captions or not images:
+            raise ValueError("PairStore needs at least one caption and one image")
+        T = max(c.numel() for c in captions)
+        ids = torch.zeros(len(captions), T, dtype=torch.long)
+        for i, c in enumerate(captions):
+            ids[i, : c.numel()] = c
+        M = max(f.shape[0] for f, _ in images)
+        D = images[0][0].shape[1]
+        feat = torch.zeros(len(images), M, D, dtype=feat_dtype or images[0][0].dtype)
+        pos = torch.zeros(len(images), M, 7)
+        for i, (f, b) in enumerate(images):
+            if f.shape[1] != D:
+                raise ValueError(f"image {i}: feature width {f.shape[1]} differs from image 0's {D}")
+            feat[i, : f.shape[0]] = f
+            pos[i, : f.shape[0]] = boxes_to_7d(b, where=f"image {i}")
+        return cls(ids, torch.tensor([c.numel() for c in captions]), feat, pos,
+                   torch.tensor([f.shape[0] for f, _ in images]), layout=layout)
+
+    @property
+    def num_captions(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_images(self) -> int:
+        return self.img_feat.shape[0]
+
+    def to(self, device) -> "PairStore":
+        return PairStore(self.input_ids.to(device), self.txt_lens_cpu, self.img_feat.to(device),
+                         self.img_pos_feat.to(device), self.num_bbs_cpu, layout=self.layout)
+
+    def batch(self, cap_idx: Tensor, img_idx: Tensor, *, max_txt_len: Optional[int] = None,
+              max_regions: Optional[int] = None) -> UniterBatch:
+        """The batch of pairs ``(cap_idx[k], img_idx[k])``; both (P,) long tensors."""
+        if cap_idx.shape != img_idx.shape or cap_idx.dim() != 1:
+            raise ValueError(f"cap_idx and img_idx must be 1-d of equal length, got {tuple(cap_idx.shape)} "
+                             f"and {tuple(img_idx.shape)}")
+        if max_txt_len is None:
+            max_txt_len = int(self.txt_lens_cpu[cap_idx.cpu()].max())
+        if max_regions is None:
+            max_regions = int(self.num_bbs_cpu[img_idx.cpu()].max())
+        Lt, Lv = max_txt_len, max_regions
+        dev = self.input_ids.device
+        cap_idx, img_idx = cap_idx.to(dev, non_blocking=True), img_idx.to(dev, non_blocking=True)
+
+        input_ids = self.input_ids[cap_idx, :Lt]  # (P, Lt)
+        img_feat = self.img_feat[img_idx, :Lv]  # (P, Lv, D)
+        img_pos_feat = self.img_pos_feat[img_idx, :Lv]  # (P, Lv, 7)
+        t = self.txt_lens[cap_idx]  # (P,)
+        m = self.num_bbs[img_idx]
+        return pair_batch_from_padded(input_ids, t, img_feat, img_pos_feat, m, layout=self.layout)
+
+
+def pair_batch_from_padded(input_ids: Tensor, txt_lens: Tensor, img_feat: Tensor, img_pos_feat: Tensor,
+                           num_bbs: Tensor, *, layout: str = "compact") -> UniterBatch:
+    """:class:`UniterBatch` from already padded tensors, with tensor ops only (no host sync).
+
+    ``Lt`` and ``Lv`` (the widths of ``input_ids`` and ``img_feat``) must cover every item.
+
+    The joint length of the compact layout is bounded by ``Lt + Lv`` (the exact maximum of
+    ``t + m`` would need a sync); extra tail columns are padding and change no output.
+    """
+    P, Lt = input_ids.shape
+    Lv = img_feat.shape[1]
+    dev = input_ids.device
+    t, m = txt_lens, num_bbs
+    if layout == "compact":
+        L = Lt + Lv
+        ar = torch.arange(L, device=dev)[None, :]
+        gather_index = torch.where(ar < t[:, None], ar, Lt + ar - t[:, None]).clamp(max=Lt + Lv - 1)
+        attn_mask = ar < (t + m)[:, None]
+        region_offset = t
+    else:
+        attn_mask = torch.cat([torch.arange(Lt, device=dev)[None, :] < t[:, None],
+                               torch.arange(Lv, device=dev)[None, :] < m[:, None]], dim=1)
+        gather_index = None
+        region_offset = torch.full_like(t, Lt)
+    n = max(Lt - 2, 1)
+    ar_n = torch.arange(n, device=dev)[None, :]
+    word_mask = ar_n < (t - 2)[:, None]
+    word_index = torch.where(word_mask, 1 + ar_n, 0)
+    ar_v = torch.arange(Lv, device=dev)[None, :]
+    region_mask = ar_v < m[:, None]
+    region_index = torch.where(region_mask, region_offset[:, None] + ar_v, 0)
+    return UniterBatch(
+        input_ids=input_ids,
+        position_ids=torch.arange(Lt, device=dev)[None, :],
+        img_feat=img_feat,
+        img_pos_feat=img_pos_feat,
+        attn_mask=attn_mask,
+        gather_index=gather_index,
+        txt_lens=t,
+        num_bbs=m,
+        word_index=word_index,
+        word_mask=word_mask,
+        region_index=region_index,
+        region_mask=region_mask,
+        layout=layout,
+    )
