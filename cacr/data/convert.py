@@ -1,0 +1,402 @@
+"""Converters from the public formats (FACTS 4, 5) to the project's regions / captions files.
+
+``python -m cacr.data.convert <subcommand> ...``:
+
+- ``uniter-img``: official UNITER image LMDB (msgpack + msgpack_numpy values, or the
+  ``_compressed`` variant holding ``np.savez_compressed`` bytes), first ``nbb`` rows of each
+  image per the ``nbb_*.json`` beside it -> regions file (features, ``norm_bb``, ``conf``;
+  image ids are the DB keys, e.g. ``flickr30k_000830354086.npz``, as the text DB names them);
+- ``uniter-txt``: official text LMDBs (lz4-compressed msgpack; ``input_ids`` without
+  [CLS]/[SEP], ``img_fname``) -> one captions file, the split taken from each DB's name;
+- ``bua-tsv``: bottom-up-attention TSV (base64 float32, pixel boxes) -> regions file;
+- ``npz-dir``: a folder of per-image ``.npz`` files -> regions file;
+- ``karpathy``: ``dataset_flickr30k.json`` + a tokenizer -> captions file;
+- ``winoground``: check that a regions file holds both images of every example.
+
+Every converter writes to a temporary name and renames the file when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import io
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+from tqdm import tqdm
+
+from .datasets import winoground_problems
+from .formats import FormatError, RegionsFile, RegionsWriter, write_captions
+from .tokenizer import WordPieceTokenizer
+
+
+# ------------------------------------------------------------------ UNITER image DB
+
+
+def _open_lmdb(path: Path):
+    import lmdb
+
+    if not (path / "data.mdb").is_file():
+        raise FileNotFoundError(f"{path}: not an LMDB folder (data.mdb missing)")
+    return lmdb.open(str(path), readonly=True, lock=False, readahead=False, create=False)
+
+
+def _decode_img_value(value: bytes, compressed: bool, where: str) -> Dict[str, np.ndarray]:
+    if compressed:
+        with np.load(io.BytesIO(value)) as z:
+            return {k: z[k] for k in z.files}
+    import msgpack
+    import msgpack_numpy
+
+    d = msgpack.unpackb(value, raw=False, object_hook=msgpack_numpy.decode)
+    if not isinstance(d, dict):
+        raise FormatError(where, [f"value is a {type(d).__name__}, expected a dict of arrays"])
+    return d
+
+
+def nbb_json_for(db: Path) -> Path:
+    """``.../feat_th0.2_max100_min10`` -> ``.../nbb_th0.2_max100_min10.json`` (FACTS 4)."""
+    name = db.name.replace("_compressed", "")
+    return db.parent / (name.replace("feat_", "nbb_", 1) + ".json")
+
+
+def read_uniter_img_db(db, nbb_json=None, compressed: Optional[bool] = None
+                       ) -> Iterator[Tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield ``(image_id, features, norm_bb, conf)`` with the first ``nbb`` rows of each image."""
+    db = Path(db)
+    if compressed is None:
+        compressed = "_compressed" in db.name
+    nbb_path = Path(nbb_json) if nbb_json else nbb_json_for(db)
+    if not nbb_path.is_file():
+        raise FileNotFoundError(f"{nbb_path}: nbb json not found (image name -> number of regions kept); "
+                                f"pass --nbb")
+    nbb = json.loads(nbb_path.read_text())
+    env = _open_lmdb(db)
+    with env.begin() as txn:
+        raw_keys = txn.get(b"__keys__")
+        if raw_keys is not None:
+            keys = json.loads(raw_keys)
+        else:
+            keys = [k.decode() for k, _ in txn.cursor() if k != b"__keys__"]
+        problems = [f"image {k!r}: missing from {nbb_path}" for k in keys if k not in nbb]
+        if problems:
+            raise FormatError(db, problems)
+        for k in tqdm(keys, desc=f"images {db.name}", unit="img"):
+            v = txn.get(k.encode("utf-8"))
+            if v is None:
+                raise FormatError(db, [f"image {k!r}: listed in __keys__ but not stored"])
+            d = _decode_img_value(v, compressed, f"{db}: image {k!r}")
+            miss = [n for n in ("features", "norm_bb") if n not in d]
+            if miss:
+                raise FormatError(db, [f"image {k!r}: arrays {miss} missing (has {sorted(d)})"])
+            n = int(nbb[k])
+            if n > d["features"].shape[0]:
+                raise FormatError(db, [f"image {k!r}: nbb says {n} regions, the DB stores {d['features'].shape[0]}"])
+            conf = d["conf"][:n] if "conf" in d else None
+            yield k, d["features"][:n], d["norm_bb"][:n], conf
+    env.close()
+
+
+def convert_uniter_img(db, out, nbb_json=None, compressed: Optional[bool] = None, source: str = "") -> Path:
+    src = source or (f"UNITER image DB {Path(db).name} (bottom-up attention Faster R-CNN, fp16), first nbb rows "
+                     f"per {Path(nbb_json).name if nbb_json else nbb_json_for(Path(db)).name}")
+    items = ((k, feat, np.asarray(bb, dtype=np.float32), conf)
+             for k, feat, bb, conf in read_uniter_img_db(db, nbb_json, compressed))
+    return _regions_from(items, out, src, progress=False)
+
+
+def _chain(first, it):
+    yield first
+    yield from it
+
+
+# ------------------------------------------------------------------ UNITER text DB
+
+
+def split_of_txt_db(db: Path) -> str:
+    m = re.search(r"_(train|val|test|restval|dev)\.db$", db.name.rstrip("/"))
+    if not m:
+        raise ValueError(f"{db}: cannot tell the split from the name (expected ..._<split>.db); pass --split")
+    return m.group(1)
+
+
+def read_uniter_txt_db(db) -> Tuple[dict, List[Tuple[str, dict]]]:
+    """``(meta, [(caption_id, example)])`` in ``img2txts.json`` order (captions of an image together)."""
+    import lz4.frame
+    import msgpack
+
+    db = Path(db)
+    meta_path = db / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: meta.json of the text DB not found")
+    meta = json.loads(meta_path.read_text())
+    env = _open_lmdb(db)
+    order: Optional[List[str]] = None
+    if (db / "img2txts.json").is_file():
+        order = [t for ts in json.loads((db / "img2txts.json").read_text()).values() for t in ts]
+    out = []
+    with env.begin() as txn:
+        if order is None:
+            order = [k.decode() for k, _ in txn.cursor()]
+        for k in tqdm(order, desc=f"captions {db.name}", unit="cap"):
+            v = txn.get(k.encode("utf-8"))
+            if v is None:
+                raise FormatError(db, [f"caption {k!r}: listed in img2txts.json but not stored"])
+            ex = msgpack.unpackb(lz4.frame.decompress(v), raw=False)
+            miss = [n for n in ("input_ids", "img_fname") if n not in ex]
+            if miss:
+                raise FormatError(db, [f"caption {k!r}: fields {miss} missing"])
+            out.append((k, ex))
+    env.close()
+    return meta, out
+
+
+def convert_uniter_txt(dbs: Sequence, out, tokenizer: WordPieceTokenizer, splits: Optional[Sequence[str]] = None,
+                       regions=None) -> Path:
+    cap_ids, img_ids, texts, toks, spl = [], [], [], [], []
+    problems = []
+    for n, db in enumerate(dbs):
+        db = Path(db)
+        split = splits[n] if splits else split_of_txt_db(db)
+        meta, rows = read_uniter_txt_db(db)
+        for key in ("CLS", "SEP", "UNK"):
+            want = {"CLS": tokenizer.cls_id, "SEP": tokenizer.sep_id, "UNK": tokenizer.unk_id}[key]
+            if key in meta and int(meta[key]) != want:
+                problems.append(f"{db}/meta.json: {key} id {meta[key]}, the tokenizer {tokenizer.name!r} has {want}")
+        if "toker" in meta and Path(str(tokenizer.name)).name not in (meta["toker"], "vocab.txt"):
+            problems.append(f"{db}/meta.json: made with tokenizer {meta['toker']!r}, converting with "
+                            f"{tokenizer.name!r}")
+        for k, ex in rows:
+            cap_ids.append(k)
+            img_ids.append(ex["img_fname"])
+            ids = [int(i) for i in ex["input_ids"]]
+            toks.append(ids)
+            texts.append(ex.get("raw") or tokenizer.decode(ids))
+            spl.append(split)
+    if problems:
+        raise FormatError(dbs[0], problems)
+    known = RegionsFile(regions).image_ids if regions else None
+    return write_captions(out, caption_ids=cap_ids, image_ids=img_ids, texts=texts, token_ids=toks, splits=spl,
+                          known_image_ids=known, **tokenizer.file_attrs())
+
+
+# ------------------------------------------------------------------ bottom-up-attention TSV / npz
+
+TSV_FIELDS = ["image_id", "image_w", "image_h", "num_boxes", "boxes", "features"]
+LXMERT_FIELDS = ["img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
+                 "num_boxes", "boxes", "features"]
+
+
+def _b64(s: str, shape, where: str) -> np.ndarray:
+    a = np.frombuffer(base64.b64decode(s), dtype=np.float32)
+    if a.size != int(np.prod(shape)):
+        raise FormatError(where, [f"expected {int(np.prod(shape))} float32 values {shape}, got {a.size}"])
+    return a.reshape(shape)
+
+
+def normalise_boxes(boxes: np.ndarray, w: float, h: float, where: str) -> np.ndarray:
+    """Pixel ``x1 y1 x2 y2`` -> ``(m, 6)`` normalised ``x1 y1 x2 y2 w h``; boxes outside the image are errors."""
+    b = np.asarray(boxes, dtype=np.float64) / np.array([w, h, w, h])
+    if (b < -1e-3).any() or (b > 1 + 1e-3).any():
+        rows = np.flatnonzero(((b < -1e-3) | (b > 1 + 1e-3)).any(1)).tolist()
+        raise FormatError(where, [f"boxes outside the {w}x{h} image, rows {rows[:10]}"])
+    b = np.clip(b, 0, 1)
+    return np.concatenate([b, b[:, 2:3] - b[:, 0:1], b[:, 3:4] - b[:, 1:2]], 1).astype(np.float32)
+
+
+def read_bua_tsv(path) -> Iterator[Tuple[str, np.ndarray, np.ndarray, Optional[np.ndarray]]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: TSV file not found")
+    csv.field_size_limit(sys.maxsize)
+    with open(path, newline="") as f:
+        for ln, row in enumerate(csv.reader(f, delimiter="\t"), 1):
+            if len(row) == len(TSV_FIELDS):
+                d = dict(zip(TSV_FIELDS, row))
+                iid, w, h, conf = d["image_id"], float(d["image_w"]), float(d["image_h"]), None
+            elif len(row) == len(LXMERT_FIELDS):
+                d = dict(zip(LXMERT_FIELDS, row))
+                iid, w, h = d["img_id"], float(d["img_w"]), float(d["img_h"])
+            else:
+                raise FormatError(path, [f"line {ln}: {len(row)} columns, expected {len(TSV_FIELDS)} "
+                                         f"({', '.join(TSV_FIELDS)}) or {len(LXMERT_FIELDS)} (LXMERT)"])
+            where = f"{path}: line {ln} (image {iid!r})"
+            n = int(d["num_boxes"])
+            boxes = _b64(d["boxes"], (n, 4), where)
+            feat = np.frombuffer(base64.b64decode(d["features"]), dtype=np.float32)
+            if n == 0 or feat.size % n:
+                raise FormatError(path, [f"line {ln} (image {iid!r}): {feat.size} feature values for {n} boxes"])
+            feat = feat.reshape(n, -1)
+            conf = _b64(d["objects_conf"], (n,), where) if len(row) == len(LXMERT_FIELDS) else None
+            nb = normalise_boxes(boxes, w, h, where)
+            if conf is not None:  # rows sorted by confidence, so the region caps keep a prefix
+                order = np.argsort(-conf, kind="stable")
+                feat, nb, conf = feat[order], nb[order], conf[order]
+            yield iid, feat, nb, conf
+
+
+def _regions_from(items, out, source: str, total: Optional[int] = None, progress: bool = True) -> Path:
+    it = iter(items)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ValueError(f"{out}: no images found in the input") from None
+    with RegionsWriter(out, feature_dim=first[1].shape[1], feature_source=source,
+                       with_conf=first[3] is not None) as w:
+        rows = _chain(first, it)
+        if progress:
+            rows = tqdm(rows, desc=f"regions {Path(out).name}", unit="img", total=total)
+        for iid, feat, nb, conf in rows:
+            if (conf is not None) != w.with_conf:
+                raise FormatError(out, [f"image {iid!r}: confidences present in some images only"])
+            w.add(iid, feat, nb, conf)
+    return Path(out)
+
+
+def convert_bua_tsv(tsvs: Sequence, out, source: str = "") -> Path:
+    items = (x for p in tsvs for x in read_bua_tsv(p))
+    return _regions_from(items, out, source or f"bottom-up-attention TSV {', '.join(Path(p).name for p in tsvs)}")
+
+
+def read_npz(path: Path) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """``(features, (m, 6) normalised boxes, conf or None)`` of one per-image ``.npz``.
+
+    Accepts UNITER's own ``features`` / ``norm_bb`` / ``conf`` keys, or the bottom-up
+    extractor's ``x`` / ``bbox`` (pixels) / ``image_w`` / ``image_h`` (optionally ``conf``).
+    """
+    with np.load(path, allow_pickle=False) as z:
+        d = {k: z[k] for k in z.files}
+    feat = d.get("features", d.get("x"))
+    if feat is None:
+        raise FormatError(path, [f"no features array ('features' or 'x'); has {sorted(d)}"])
+    feat = np.asarray(feat)
+    if feat.ndim == 2 and feat.shape[0] != feat.shape[1] and "bbox" in d and feat.shape[1] == d["bbox"].shape[0]:
+        feat = feat.T  # some extractors store (D, m)
+    if "norm_bb" in d:
+        nb = np.asarray(d["norm_bb"], dtype=np.float32)
+        if nb.shape[1] == 4:
+            nb = np.concatenate([nb, nb[:, 2:3] - nb[:, 0:1], nb[:, 3:4] - nb[:, 1:2]], 1)
+        nb = nb[:, :6]
+    elif ("bbox" in d or "boxes" in d) and "image_w" in d and "image_h" in d:
+        nb = normalise_boxes(d.get("bbox", d.get("boxes")), float(d["image_w"]), float(d["image_h"]), str(path))
+    else:
+        raise FormatError(path, [f"no boxes: expected 'norm_bb', or 'bbox' with 'image_w'/'image_h'; has {sorted(d)}"])
+    conf = d.get("conf")
+    if conf is not None:
+        conf = np.asarray(conf, dtype=np.float32).reshape(-1)
+        order = np.argsort(-conf, kind="stable")
+        feat, nb, conf = feat[order], nb[order], conf[order]
+    return feat, nb, conf
+
+
+def convert_npz_dir(folder, out, id_format: str = "{name}", source: str = "") -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: folder of .npz files not found")
+    files = sorted(folder.glob("*.npz"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no .npz files")
+    items = ((id_format.format(name=p.name, stem=p.stem), *read_npz(p)) for p in files)
+    return _regions_from(items, out, source or f"per-image npz files from {folder.name}", total=len(files))
+
+
+# ------------------------------------------------------------------ Karpathy captions
+
+
+def convert_karpathy(json_path, out, tokenizer: WordPieceTokenizer, image_id_format: str = "{stem}",
+                     restval_as: str = "train", regions=None) -> Path:
+    json_path = Path(json_path)
+    if not json_path.is_file():
+        raise FileNotFoundError(f"{json_path}: Karpathy captions json not found")
+    data = json.loads(json_path.read_text())
+    if "images" not in data:
+        raise FormatError(json_path, ["no 'images' list"])
+    cap_ids, img_ids, texts, toks, spl = [], [], [], [], []
+    for img in tqdm(data["images"], desc="captions", unit="img"):
+        fn = img["filename"]
+        iid = image_id_format.format(filename=fn, stem=Path(fn).stem, imgid=img.get("imgid"))
+        split = restval_as if img["split"] == "restval" else img["split"]
+        for s in img["sentences"]:
+            raw = s.get("raw", " ".join(s.get("tokens", [])))
+            cap_ids.append(str(s["sentid"]))
+            img_ids.append(iid)
+            texts.append(raw)
+            toks.append(tokenizer.encode(raw))
+            spl.append(split)
+    known = RegionsFile(regions).image_ids if regions else None
+    return write_captions(out, caption_ids=cap_ids, image_ids=img_ids, texts=texts, token_ids=toks, splits=spl,
+                          known_image_ids=known, **tokenizer.file_attrs())
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cacr.data.convert", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("uniter-img", help="official UNITER image LMDB -> regions file")
+    a.add_argument("db", help="LMDB folder, e.g. img_db/flickr30k/feat_th0.2_max100_min10")
+    a.add_argument("out")
+    a.add_argument("--nbb", help="nbb json (default: nbb_<...>.json beside the DB)")
+    a.add_argument("--compressed", choices=["auto", "yes", "no"], default="auto")
+    a = sub.add_parser("uniter-txt", help="official UNITER text LMDBs -> captions file")
+    a.add_argument("dbs", nargs="+", help="text DB folders, e.g. itm_flickr30k_train.db")
+    a.add_argument("--out", required=True)
+    a.add_argument("--tokenizer", required=True, help="vocab.txt of bert-base-cased, or the name")
+    a.add_argument("--splits", nargs="+", help="split of each DB (default: from the names)")
+    a.add_argument("--regions", help="regions file to check every caption's image against")
+    a = sub.add_parser("bua-tsv", help="bottom-up-attention TSV -> regions file")
+    a.add_argument("tsv", nargs="+")
+    a.add_argument("--out", required=True)
+    a = sub.add_parser("npz-dir", help="folder of per-image .npz -> regions file")
+    a.add_argument("folder")
+    a.add_argument("out")
+    a.add_argument("--id-format", default="{name}", help="image id from {name} (file name) or {stem}")
+    a = sub.add_parser("karpathy", help="dataset_flickr30k.json + tokenizer -> captions file")
+    a.add_argument("json")
+    a.add_argument("out")
+    a.add_argument("--tokenizer", required=True)
+    a.add_argument("--image-id-format", default="{stem}",
+                   help="image id from {filename}, {stem}, {imgid}; UNITER's DB: flickr30k_{stem:0>12}.npz")
+    a.add_argument("--regions", help="regions file to check every caption's image against")
+    a = sub.add_parser("winoground", help="check a regions file holds every Winoground example's images")
+    a.add_argument("examples")
+    a.add_argument("regions")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "uniter-img":
+            comp = None if args.compressed == "auto" else args.compressed == "yes"
+            out = convert_uniter_img(args.db, args.out, args.nbb, comp)
+        elif args.cmd == "uniter-txt":
+            out = convert_uniter_txt(args.dbs, args.out, WordPieceTokenizer.load(args.tokenizer), args.splits,
+                                     args.regions)
+        elif args.cmd == "bua-tsv":
+            out = convert_bua_tsv(args.tsv, args.out)
+        elif args.cmd == "npz-dir":
+            out = convert_npz_dir(args.folder, args.out, args.id_format)
+        elif args.cmd == "karpathy":
+            out = convert_karpathy(args.json, args.out, WordPieceTokenizer.load(args.tokenizer),
+                                   args.image_id_format, regions=args.regions)
+        else:
+            problems = winoground_problems(args.examples, args.regions)
+            for p in problems:
+                print(p)
+            if problems:
+                print(f"{len(problems)} missing image(s)", file=sys.stderr)
+                return 1
+            print(f"{args.examples}: every image is in {args.regions}")
+            return 0
+    except (FormatError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""A synthetic compositional world in the project's real file formats (the default data set).
+
+Scenes hold a few objects, each a (category, colour), on a 3 x 3 grid, among distractor
+regions. A region's feature is ``E_cat[c] + E_colour[k] + noise`` (distractors: a
+background class, not named in any caption); it carries no position, which is only in the
+box. Captions come from a small grammar, ``a <colour> <category> <relation> a <colour>
+<category>`` (three templates) with the relations ``left of``, ``right of``, ``above``, ``below`` (true by grid
+cell), five per image. The Winoground-format set (``examples.jsonl`` + regions with ids
+``ex_{id}_img_{k}``) holds
+
+- relation swaps (``collapsed_tag`` Relation): "a red mug left of a blue dog" against "a
+  blue dog left of a red mug"; image 1 is image 0 with the two objects' boxes exchanged;
+- attribute swaps (``collapsed_tag`` Object): "a red mug left of a blue dog" against "a
+  blue mug left of a red dog"; both images hold all four of red mug, blue dog, blue mug and
+  red dog, and image 1 exchanges the boxes of the red and blue mug and of the blue and red dog.
+
+In both kinds the two captions have the same multiset of tokens and the two images the
+same multiset of region feature rows, so neither a bag of words nor a bag of regions can
+solve a pair: only binding words to regions through the boxes can. Everything is
+deterministic from the seed and generated in seconds into a cache folder named after a
+hash of the parameters.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .formats import RegionsWriter, write_captions
+from .tokenizer import SPECIAL_TOKENS, WordPieceTokenizer
+
+GENERATOR_VERSION = 1
+CATEGORIES = ("mug", "dog", "cup", "ball", "cat", "car", "tree", "chair", "book", "lamp", "bird", "box")
+COLOURS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple")
+BACKGROUND = ("sky", "grass", "wall", "floor", "road", "water")  # distractor classes, never named
+RELATIONS = ("left of", "right of", "above", "below")
+TEMPLATES = ("{ia} {a} {r} {ib} {b}", "there is {ia} {a} {r} {ib} {b}", "the {a} is {r} the {b}")
+WORDS = ("a", "an", "the", "there", "is", "left", "right", "of", "above", "below")
+GRID = 3
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    seed: int = 0
+    img_dim: int = 64
+    vocab_size: int = 64
+    n_train: int = 2000
+    n_val: int = 200
+    n_test: int = 200
+    n_winoground: int = 400  # half relation swaps, half attribute swaps
+    min_objects: int = 2
+    max_objects: int = 4
+    min_distractors: int = 3
+    max_distractors: int = 6
+    noise: float = 0.5  # std of the per-region feature noise (embeddings have unit std)
+    captions_per_image: int = 5
+    twin_prob: float = 0.2  # chance a scene is followed by its twin with two objects' boxes exchanged
+
+    def key(self) -> str:
+        blob = json.dumps({"v": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class SyntheticPaths:
+    root: Path
+    regions: Path
+    captions: Path
+    vocab: Path
+    scenes: Path
+    winoground_examples: Path
+    winoground_regions: Path
+    winoground_scenes: Path
+
+    @classmethod
+    def under(cls, root) -> "SyntheticPaths":
+        root = Path(root)
+        return cls(root, root / "regions.h5", root / "captions.h5", root / "vocab.txt", root / "scenes.jsonl",
+                   root / "winoground" / "examples.jsonl", root / "winoground" / "regions.h5",
+                   root / "winoground" / "scenes.jsonl")
+
+
+def synthetic_vocab(vocab_size: int) -> List[str]:
+    """BERT-style vocabulary: specials, the grammar's words, then ``[unused*]`` up to ``vocab_size``."""
+    words = list(SPECIAL_TOKENS) + list(WORDS) + list(CATEGORIES) + list(COLOURS) + ["."]
+    if vocab_size < len(words):
+        raise ValueError(f"synthetic world: vocab_size={vocab_size} is below the {len(words)} tokens it needs")
+    return words + [f"[unused{i}]" for i in range(vocab_size - len(words))]
+
+
+# ------------------------------------------------------------------ scenes
+
+
+@dataclass
+class Region:
+    kind: str  # "object" or "distractor"
+    category: str
+    colour: str
+    cell: Optional[Tuple[int, int]]  # (row, col) for objects
+    box: np.ndarray  # (4,) x1 y1 x2 y2
+    feature: np.ndarray  # (D,)
+
+    def name(self) -> str:
+        return f"{self.colour} {self.category}"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "category": self.category, "colour": self.colour,
+                "box": [round(float(v), 6) for v in self.box]}
+
+
+def relation_holds(a: Region, b: Region, rel: str) -> bool:
+    (ra, ca), (rb, cb) = a.cell, b.cell
+    return {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[rel]
+
+
+class World:
+    """Feature embeddings and samplers shared by all scenes of one seed."""
+
+    def __init__(self, cfg: SyntheticConfig):
+        self.cfg = cfg
+        ss = np.random.SeedSequence(cfg.seed)
+        emb, self._streams = ss.spawn(2)
+        r = np.random.default_rng(emb)
+        D = cfg.img_dim
+        self.e_cat = r.standard_normal((len(CATEGORIES), D))
+        self.e_col = r.standard_normal((len(COLOURS), D))
+        self.e_bg = r.standard_normal((len(BACKGROUND), D))
+        self.e_bg_col = r.standard_normal((len(COLOURS), D)) * 0.5
+
+    def rng(self, name: str) -> np.random.Generator:
+        salt = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16)
+        return np.random.default_rng([self.cfg.seed, salt, GENERATOR_VERSION])
+
+    def object(self, r: np.random.Generator, cat: int, col: int, cell) -> Region:
+        row, colm = cell
+        w, h = r.uniform(0.12, 0.22, 2)
+        cx = (colm + 0.5) / GRID + r.uniform(-0.04, 0.04)
+        cy = (row + 0.5) / GRID + r.uniform(-0.04, 0.04)
+        box = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+        feat = self.e_cat[cat] + self.e_col[col] + self.cfg.noise * r.standard_normal(self.cfg.img_dim)
+        return Region("object", CATEGORIES[cat], COLOURS[col], (int(row), int(colm)), box, feat)
+
+    def distractor(self, r: np.random.Generator) -> Region:
+        k, col = int(r.integers(len(BACKGROUND))), int(r.integers(len(COLOURS)))
+        x1, y1 = r.uniform(0, 0.7, 2)
+        x2, y2 = x1 + r.uniform(0.1, 1 - x1), y1 + r.uniform(0.1, 1 - y1)
+        feat = self.e_bg[k] + self.e_bg_col[col] + self.cfg.noise * r.standard_normal(self.cfg.img_dim)
+        return Region("distractor", BACKGROUND[k], COLOURS[col], None,
+                      np.clip(np.array([x1, y1, x2, y2]), 0, 1), feat)
+
+    def distractors(self, r) -> List[Region]:
+        n = int(r.integers(self.cfg.min_distractors, self.cfg.max_distractors + 1))
+        return [self.distractor(r) for _ in range(n)]
+
+    def scene(self, r: np.random.Generator) -> List[Region]:
+        n = int(r.integers(self.cfg.min_objects, self.cfg.max_objects + 1))
+        cells = r.choice(GRID * GRID, n, replace=False)
+        kinds = r.choice(len(CATEGORIES) * len(COLOURS), n, replace=False)
+        objs = [self.object(r, int(k) // len(COLOURS), int(k) % len(COLOURS), divmod(int(c), GRID))
+                for k, c in zip(kinds, cells)]
+        return objs + self.distractors(r)
+
+
+def swap_boxes(regions: List[Region], i: int, j: int) -> List[Region]:
+    """A copy of the scene with regions ``i`` and ``j`` exchanging box and cell (features kept)."""
+    out = [Region(g.kind, g.category, g.colour, g.cell, g.box.copy(), g.feature) for g in regions]
+    out[i].box, out[j].box = regions[j].box.copy(), regions[i].box.copy()
+    out[i].cell, out[j].cell = regions[j].cell, regions[i].cell
+    return out
+
+
+def caption_for(a: Region, b: Region, rel: str, template: str) -> str:
+    art = lambda g: "an" if g.colour[0] in "aeiou" else "a"  # noqa: E731
+    return template.format(a=a.name(), b=b.name(), r=rel, ia=art(a), ib=art(b))
+
+
+def scene_captions(r: np.random.Generator, regions: List[Region], k: int) -> List[str]:
+    objs = [g for g in regions if g.kind == "object"]
+    facts = [(a, b, rel) for a in objs for b in objs if a is not b for rel in RELATIONS if relation_holds(a, b, rel)]
+    out: List[str] = []
+    seen = set()
+    for _ in range(50 * k):
+        a, b, rel = facts[int(r.integers(len(facts)))]
+        c = caption_for(a, b, rel, TEMPLATES[int(r.integers(len(TEMPLATES)))])
+        if c not in seen or len(seen) >= len(facts) * len(TEMPLATES):
+            seen.add(c)
+            out.append(c)
+        if len(out) == k:
+            break
+    return out
+
+
+def shuffled(r: np.random.Generator, regions: List[Region]) -> List[Region]:
+    return [regions[i] for i in r.permutation(len(regions))]
+
+
+def relation_swap_example(world: World, r: np.random.Generator):
+    objs = world.scene(r)
+    objs = [g for g in objs if g.kind == "object"][:2] + world.distractors(r)
+    a, b = objs[0], objs[1]
+    rels = [rel for rel in RELATIONS if relation_holds(a, b, rel)]
+    rel = rels[int(r.integers(len(rels)))]
+    img0 = objs
+    img1 = swap_boxes(objs, 0, 1)
+    template = TEMPLATES[0]
+    return img0, img1, caption_for(a, b, rel, template), caption_for(b, a, rel, template), rel
+
+
+def attribute_swap_example(world: World, r: np.random.Generator):
+    cat1, cat2 = r.choice(len(CATEGORIES), 2, replace=False)
+    col1, col2 = r.choice(len(COLOURS), 2, replace=False)
+    rel = RELATIONS[int(r.integers(len(RELATIONS)))]
+    probe = lambda cell: Region("object", "", "", cell, np.zeros(4), np.zeros(1))  # noqa: E731
+    while True:  # cells for A, B (A rel B) and A', B' (B' rel A')
+        cells = [divmod(int(c), GRID) for c in r.choice(GRID * GRID, 4, replace=False)]
+        pa, pb, pa2, pb2 = (probe(c) for c in cells)
+        if relation_holds(pa, pb, rel) and relation_holds(pb2, pa2, rel) and not relation_holds(pa2, pb2, rel):
+            break
+    A = world.object(r, int(cat1), int(col1), cells[0])
+    B = world.object(r, int(cat2), int(col2), cells[1])
+    A2 = world.object(r, int(cat1), int(col2), cells[2])
+    B2 = world.object(r, int(cat2), int(col1), cells[3])
+    img0 = [A, B, A2, B2] + world.distractors(r)
+    img1 = swap_boxes(swap_boxes(img0, 0, 2), 1, 3)
+    template = TEMPLATES[0]
+    return img0, img1, caption_for(A, B, rel, template), caption_for(A2, B2, rel, template), rel
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _boxes6(regions: List[Region]) -> np.ndarray:
+    b = np.stack([g.box for g in regions]).astype(np.float32)
+    return np.concatenate([b, b[:, 2:3] - b[:, 0:1], b[:, 3:4] - b[:, 1:2]], 1)
+
+
+def _write_regions(path: Path, scenes: Dict[str, List[Region]], cfg: SyntheticConfig, source: str) -> None:
+    with RegionsWriter(path, feature_dim=cfg.img_dim, feature_source=source) as w:
+        for image_id, regions in scenes.items():
+            w.add(image_id, np.stack([g.feature for g in regions]).astype(np.float16), _boxes6(regions))
+
+
+def _write_scenes(path: Path, scenes: Dict[str, List[Region]]) -> None:
+    with open(path, "w") as f:
+        for image_id, regions in scenes.items():
+            f.write(json.dumps({"image_id": image_id, "regions": [g.to_json() for g in regions]}) + "\n")
+
+
+def generate(cfg: SyntheticConfig, out_dir) -> SyntheticPaths:
+    """Generate the whole world into ``out_dir`` (which must not exist yet)."""
+    paths = SyntheticPaths.under(out_dir)
+    (paths.root / "winoground").mkdir(parents=True)
+    world = World(cfg)
+    tok = WordPieceTokenizer(synthetic_vocab(cfg.vocab_size), name="synthetic")
+    tok.save_vocab(paths.vocab)
+    source = (f"synthetic world v{GENERATOR_VERSION}: E_cat[c] + E_colour[k] + {cfg.noise} * N(0, I), "
+              f"dim {cfg.img_dim}, seed {cfg.seed}")
+
+    scenes: Dict[str, List[Region]] = {}
+    cap_ids, img_ids, texts, splits = [], [], [], []
+    for split, n in (("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test)):
+        r = world.rng(f"split:{split}")
+        prev = None
+        for i in range(n):
+            if prev is not None and r.random() < cfg.twin_prob:
+                objs = [k for k, g in enumerate(prev) if g.kind == "object"]
+                a, b = r.choice(objs, 2, replace=False)
+                regions = swap_boxes(prev, int(a), int(b))
+                prev = None  # no twin of a twin
+            else:
+                regions = world.scene(r)
+                prev = regions
+            image_id = f"syn_{split}_{i:05d}"
+            scenes[image_id] = shuffled(r, regions)
+            for k, c in enumerate(scene_captions(r, regions, cfg.captions_per_image)):
+                cap_ids.append(f"{image_id}_{k}")
+                img_ids.append(image_id)
+                texts.append(c)
+                splits.append(split)
+    _write_regions(paths.regions, scenes, cfg, source)
+    _write_scenes(paths.scenes, scenes)
+    write_captions(paths.captions, caption_ids=cap_ids, image_ids=img_ids, texts=texts,
+                   token_ids=[tok.encode(t) for t in texts], splits=splits, known_image_ids=scenes.keys(),
+                   **tok.file_attrs())
+
+    wscenes: Dict[str, List[Region]] = {}
+    r = world.rng("winoground")
+    with open(paths.winoground_examples, "w") as f:
+        for ex in range(cfg.n_winoground):
+            relation = ex % 2 == 0
+            img0, img1, c0, c1, rel = (relation_swap_example if relation else attribute_swap_example)(world, r)
+            wscenes[f"ex_{ex}_img_0"] = shuffled(r, img0)
+            wscenes[f"ex_{ex}_img_1"] = shuffled(r, img1)
+            f.write(json.dumps({
+                "id": ex, "image_0": f"ex_{ex}_img_0", "image_1": f"ex_{ex}_img_1",
+                "caption_0": c0, "caption_1": c1,
+                "tag": "Relation" if relation else "Object",
+                "secondary_tag": "", "num_main_preds": 1,
+                "collapsed_tag": "Relation" if relation else "Object",
+                "relation": rel,
+            }) + "\n")
+    _write_regions(paths.winoground_regions, wscenes, cfg, source)
+    _write_scenes(paths.winoground_scenes, wscenes)
+    with open(paths.root / "MANIFEST.json", "w") as f:
+        json.dump({"generator_version": GENERATOR_VERSION, **asdict(cfg)}, f, indent=1)
+    return paths
+
+
+def ensure_synthetic(cfg: SyntheticConfig = SyntheticConfig(), root="data/synthetic") -> SyntheticPaths:
+    """The world for ``cfg`` under ``root/<seed>-<hash>``, generated on first use.
+
+    Generation goes to a temporary folder renamed into place, so concurrent processes
+    (DDP ranks) never see a half-written world.
+    """
+    final = Path(root) / f"seed{cfg.seed}-{cfg.key()}"
+    paths = SyntheticPaths.under(final)
+    if (final / "MANIFEST.json").is_file():
+        return paths
+    tmp = Path(root) / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        generate(cfg, tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "MANIFEST.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return paths
+
+
+def load_scenes(path) -> Dict[str, List[dict]]:
+    """``image_id -> [{"kind", "category", "colour", "box"}]`` in the regions file's row order."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            d = json.loads(line)
+            out[d["image_id"]] = d["regions"]
+    return out

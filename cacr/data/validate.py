@@ -1,0 +1,79 @@
+"""``python -m cacr.data.validate FILE...``: list every problem of regions / captions files and
+Winoground ``examples.jsonl`` files, each with the item it concerns; exit 1 if there is any.
+
+Captions are checked against the images of the regions files given alongside (if any),
+and Winoground examples for the presence of both images in those regions files.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .datasets import read_winoground_examples
+from .formats import FormatError, RegionsFile, check_captions_file, check_regions_file, file_kind
+
+
+def validate(paths: Sequence) -> Dict[str, List[str]]:
+    """``path -> problems`` for every file (an empty list when a file is fine)."""
+    out: Dict[str, List[str]] = {}
+    kinds: Dict[str, str] = {}
+    for p in map(str, paths):
+        if not Path(p).is_file():
+            out[p] = ["file not found"]
+        elif p.endswith((".jsonl", ".json")):
+            kinds[p] = "winoground"
+        else:
+            try:
+                kinds[p] = file_kind(p)
+            except (FormatError, OSError) as e:
+                out[p] = [str(e)]
+    region_files = [p for p, k in kinds.items() if k == "regions"]
+    known: Optional[set] = None
+    for p in region_files:
+        out[p] = check_regions_file(p)
+        if not out[p]:
+            known = (known or set()) | set(RegionsFile(p, check=False).image_ids)
+    for p, k in kinds.items():
+        if k == "captions":
+            probs = check_captions_file(p)
+            if known is not None and not probs:
+                from .formats import read_captions
+
+                t = read_captions(p, check=False)
+                probs = [f"caption {c!r}: unknown image {i!r} (in none of {region_files})"
+                         for c, i in zip(t.caption_ids, t.image_ids) if i not in known]
+            out[p] = probs
+        elif k == "winoground":
+            try:
+                exs = read_winoground_examples(p)
+                out[p] = [] if known is None else [
+                    f"example {ex['id']!r}: image {ex[f]!r} ({f}) missing from {region_files}"
+                    for ex in exs for f in ("image_0", "image_1") if ex[f] not in known]
+            except FormatError as e:
+                out[p] = e.problems
+        elif k != "regions":
+            out[p] = [f"unknown file kind {k!r} (attribute kind should be 'regions' or 'captions')"]
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cacr.data.validate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="+")
+    args = ap.parse_args(argv)
+    results = validate(args.files)
+    bad = 0
+    for p, probs in results.items():
+        if probs:
+            bad += len(probs)
+            print(f"{p}: {len(probs)} problem(s)")
+            for q in probs:
+                print(f"  {q}")
+        else:
+            print(f"{p}: ok")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
