@@ -31,12 +31,16 @@ def all_pairs(nc, ni):
     return [(c, i) for c in range(nc) for i in range(ni)]
 
 
-@pytest.mark.parametrize("batch_size,layout", [(1, "compact"), (5, "compact"), (64, "compact"), (7, "padded")])
-def test_matches_one_pair_at_a_time(problem, batch_size, layout):
+@pytest.mark.parametrize("batch_size,layout,builder", [
+    (1, "compact", "store"), (5, "compact", "store"), (64, "compact", "store"), (7, "padded", "store"),
+    (5, "compact", "collate"), (7, "padded", "collate"),
+])
+def test_matches_one_pair_at_a_time(problem, batch_size, layout, builder):
     model, captions, images, ref = problem
     pairs = all_pairs(9, 7)
-    got = score_pairs(model.score, pairs, captions, images, batch_size=batch_size,
-                      collate_fn=UniterCollator(img_dim=16, layout=layout))
+    collate_fn = UniterCollator(img_dim=16, layout=layout) if builder == "collate" else None
+    got = score_pairs(model.score, pairs, captions, images, batch_size=batch_size, layout=layout,
+                      collate_fn=collate_fn)
     assert got.dtype == torch.float32 and got.shape == (63,)
     torch.testing.assert_close(got.view(9, 7), ref, atol=ATOL, rtol=0)
     assert ref.std() > 0.1  # the comparison is not between constants
@@ -95,7 +99,7 @@ def test_itm_head_and_workers(problem):
         ref = torch.stack([model.score(collate([PairExample(captions[c], *images[i])]), head="itm")[0]
                            for c, i in all_pairs(3, 7)])
     got = score_pairs(functools.partial(model.score, head="itm"), all_pairs(3, 7), captions, images,
-                      batch_size=4, num_workers=1)
+                      batch_size=4, num_workers=1, collate_fn=collate)
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
 
 
@@ -152,3 +156,11 @@ def test_errors(problem):
     with pytest.raises(ValueError, match=r"score_fn returned shape \(\)"):
         score_pairs(lambda b: model.score(b).sum(), [(0, 0), (1, 1)], captions, images)
     assert score_pairs(model.score, [], captions, images).shape == (0,)
+    with pytest.raises(ValueError, match="num_workers > 0 needs a collate_fn"):
+        score_pairs(model.score, [(0, 0)], captions, images, num_workers=2)
+    with pytest.raises(ValueError, match=r"captions\[0\]: expected 1-d token ids"):
+        score_pairs(model.score, [(0, 0)], [torch.tensor([2, 3])], images)
+    bad = (images[0][0].clone(), images[0][1])
+    bad[0][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"images\[0\]: expected \(m >= 1, img_dim\) finite"):
+        score_pairs(model.score, [(0, 0)], captions, [bad])

@@ -2,7 +2,8 @@
 
 A cross-encoder scores each pair with a full forward pass, so evaluation is dominated by
 how the pairs are batched. :func:`score_pairs` fetches every caption and every image
-once, orders the pairs by joint length (text tokens + regions, longest first) so that a
+once (packing them into a :class:`cacr.model.PairStore` on the device, from which each
+batch is cut with tensor ops), orders the pairs by joint length (text tokens + regions, longest first) so that a
 batch holds similar lengths and little padding, runs ``score_fn`` under
 ``torch.inference_mode`` (optionally in bf16 autocast) and returns the scores in the
 order of the pairs given. :func:`score_matrix` fills the captions x images matrix of a
@@ -18,14 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cacr.model.batch import PairExample, UniterBatch, collate
+from cacr.model.batch import PairExample, UniterBatch
+from cacr.model.pair_store import PairStore
 
 from .distributed import gather_shards, rank_and_world_size, shard_range
 
@@ -60,11 +62,11 @@ def _identity(x):
     return x
 
 
-class _SortedBatches(Dataset):
-    """Batch ``b`` = the pairs ``order[b*B:(b+1)*B]``, collated."""
+class _CollatedBatches(Dataset):
+    """Batch ``b`` = the pairs ``order[b*B:(b+1)*B]``, collated from the fetched items."""
 
-    def __init__(self, pairs, order, batch_size, captions, images, collate_fn):
-        self.pairs, self.order, self.batch_size = pairs, order, batch_size
+    def __init__(self, cap_pos, img_pos, order, batch_size, captions, images, collate_fn):
+        self.cap_pos, self.img_pos, self.order, self.batch_size = cap_pos, img_pos, order, batch_size
         self.captions, self.images, self.collate_fn = captions, images, collate_fn
 
     def __len__(self):
@@ -72,8 +74,15 @@ class _SortedBatches(Dataset):
 
     def __getitem__(self, b):
         idx = self.order[b * self.batch_size:(b + 1) * self.batch_size]
-        examples = [PairExample(self.captions[c], *self.images[i]) for c, i in self.pairs[idx].tolist()]
+        examples = [PairExample(self.captions[c], *self.images[i])
+                    for c, i in zip(self.cap_pos[idx].tolist(), self.img_pos[idx].tolist())]
         return idx, self.collate_fn(examples)
+
+
+def _store_batches(store: PairStore, cap_pos: Tensor, img_pos: Tensor, order: Tensor, batch_size: int):
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield idx, store.batch(cap_pos[idx], img_pos[idx])
 
 
 def score_pairs(
@@ -82,7 +91,8 @@ def score_pairs(
     captions: CaptionLookup,
     images: ImageLookup,
     *,
-    collate_fn: Callable[[Sequence[PairExample]], UniterBatch] = collate,
+    collate_fn: Optional[Callable[[Sequence[PairExample]], UniterBatch]] = None,
+    layout: str = "compact",
     batch_size: int = 256,
     device: Union[str, torch.device] = "cpu",
     bf16: bool = False,
@@ -94,16 +104,20 @@ def score_pairs(
     ``(P,)`` float32 scores in the order of ``pairs``.
 
     ``score_fn(batch) -> (B,)`` is e.g. ``functools.partial(model.score, head="rank")``; a
-    model it belongs to must be in eval mode. ``collate_fn`` builds the batch from
-    :class:`PairExample` s (e.g. a :class:`cacr.model.UniterCollator`); ``bf16`` runs the
-    scoring under bf16 autocast on ``device``; ``num_workers > 0`` collates in DataLoader
-    workers (the fetched captions and images are handed to them).
+    model it belongs to must be in eval mode. By default the fetched captions and images
+    are packed once into a :class:`cacr.model.PairStore` on ``device`` and every batch is
+    cut out of it with tensor ops (``layout`` picks the batch layout); with ``collate_fn``
+    (e.g. a :class:`cacr.model.UniterCollator`) batches are collated from
+    :class:`PairExample` s instead, in ``num_workers`` DataLoader workers if ``> 0``.
+    ``bf16`` runs the scoring under bf16 autocast on ``device``.
     """
     owner = _owner_module(score_fn)
     if owner is not None and owner.training:
         raise ValueError("score_pairs: the model is in training mode (dropout on); call model.eval() first")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers and collate_fn is None:
+        raise ValueError("num_workers > 0 needs a collate_fn (the default PairStore path builds batches on the device)")
     pairs = _as_pairs(pairs)
     P = pairs.shape[0]
     out = torch.empty(P, dtype=torch.float32)
@@ -111,37 +125,52 @@ def score_pairs(
         return out
     device = torch.device(device)
 
-    cap_cache: Dict[int, Tensor] = {}
-    for c in torch.unique(pairs[:, 0]).tolist():
+    cap_ids, cap_pos = torch.unique(pairs[:, 0], return_inverse=True)  # cap_pos: (P,) into cap_ids
+    img_ids, img_pos = torch.unique(pairs[:, 1], return_inverse=True)
+    cap_items = []
+    for c in cap_ids.tolist():
         ids = _fetch(captions, c)
-        cap_cache[c] = ids if isinstance(ids, Tensor) else torch.as_tensor(ids, dtype=torch.long)
-    img_cache: Dict[int, Tuple[Tensor, Tensor]] = {}
-    for i in torch.unique(pairs[:, 1]).tolist():
+        ids = ids if isinstance(ids, Tensor) else torch.as_tensor(ids, dtype=torch.long)
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.numel() < 3:
+            raise ValueError(f"captions[{c}]: expected 1-d token ids [CLS] w.. [SEP] with at least one word, "
+                             f"got {ids.dtype} of shape {tuple(ids.shape)}")
+        cap_items.append(ids)
+    img_items = []
+    for i in img_ids.tolist():
         item = _fetch(images, i)
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise ValueError(f"images[{i}]: expected (img_feat, img_pos_feat), got {type(item).__name__}")
-        img_cache[i] = (item[0], item[1])
+        feat, pos = item
+        if feat.dim() != 2 or feat.shape[0] == 0 or not torch.isfinite(feat).all() or not torch.isfinite(pos).all():
+            raise ValueError(f"images[{i}]: expected (m >= 1, img_dim) finite region features and finite boxes, "
+                             f"got features of shape {tuple(feat.shape)}")
+        img_items.append((feat, pos))
 
-    txt_len = torch.tensor([cap_cache[c].numel() for c in pairs[:, 0].tolist()])
-    num_bb = torch.tensor([img_cache[i][0].shape[0] for i in pairs[:, 1].tolist()])
+    txt_len = torch.tensor([c.numel() for c in cap_items])[cap_pos]  # (P,)
+    num_bb = torch.tensor([f.shape[0] for f, _ in img_items])[img_pos]  # (P,)
     order = torch.argsort(txt_len + num_bb, descending=True, stable=True)  # (P,)
 
-    batches = _SortedBatches(pairs, order, batch_size, cap_cache, img_cache, collate_fn)
-    if num_workers > 0:
-        loader = DataLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers,
-                            collate_fn=_identity, pin_memory=device.type == "cuda")
+    if collate_fn is None:
+        store = PairStore.from_examples(cap_items, img_items, layout=layout).to(device)
+        loader = _store_batches(store, cap_pos, img_pos, order, batch_size)
     else:
-        loader = (batches[b] for b in range(len(batches)))
+        batches = _CollatedBatches(cap_pos, img_pos, order, batch_size, cap_items, img_items, collate_fn)
+        if num_workers > 0:
+            loader = DataLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers,
+                                collate_fn=_identity, pin_memory=device.type == "cuda")
+        else:
+            loader = (batches[b] for b in range(len(batches)))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     bar = tqdm(total=P, desc=desc, unit="pair", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    out = torch.empty(P, dtype=torch.float32, device=device)  # filled on the device: no sync per batch
     with torch.inference_mode(), autocast, bar:
         for idx, batch in loader:
             s = score_fn(batch.to(device, non_blocking=True))
             if s.shape != (len(idx),):
                 raise ValueError(f"score_fn returned shape {tuple(s.shape)} for a batch of {len(idx)} pairs")
-            out[idx] = s.float().cpu()
+            out[idx.to(device, non_blocking=True)] = s.float()
             bar.update(len(idx))
-    return out
+    return out.cpu()
 
 
 def _count(lookup, n: Optional[int], what: str) -> int:
