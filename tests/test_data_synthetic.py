@@ -1,0 +1,133 @@
+"""The synthetic compositional world: deterministic, true captions, swap pairs a bag model cannot solve."""
+import json
+from collections import Counter
+from dataclasses import fields
+
+import h5py
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from cacr.data.datamodule import CONFIG_KEYS
+from cacr.data.formats import RegionsFile, check_captions_file, check_regions_file, read_captions
+from cacr.data.synthetic import SyntheticConfig, ensure_synthetic, load_scenes, synthetic_vocab
+from cacr.data.tokenizer import WordPieceTokenizer
+
+from .conftest import REPO
+
+SMALL = SyntheticConfig(seed=3, n_train=120, n_val=20, n_test=20, n_winoground=40)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return ensure_synthetic(SMALL, tmp_path_factory.mktemp("syn"))
+
+
+def centre(box):
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
+def holds(caption: str, scene) -> bool:
+    """Slow twin of the grammar: parse ``... <col> <cat> <rel> ... <col> <cat>`` and test it on box centres."""
+    words = caption.split()
+    for rel in ("left of", "right of", "above", "below"):
+        if f" {rel} " in caption:
+            left, right = caption.split(f" {rel} ")
+            break
+    a, b = left.removesuffix(" is").split()[-2:], right.split()[-2:]
+    find = lambda cc: [g for g in scene if g["kind"] == "object" and [g["colour"], g["category"]] == cc]  # noqa
+    (ga,), (gb,) = find(a), find(b)
+    (xa, ya), (xb, yb) = centre(ga["box"]), centre(gb["box"])
+    assert len(words) >= 5
+    return {"left of": xa < xb - 0.15, "right of": xa > xb + 0.15, "above": ya < yb - 0.15,
+            "below": ya > yb + 0.15}[rel]
+
+
+def test_files_valid_and_complete(world):
+    assert check_regions_file(world.regions) == []
+    assert check_regions_file(world.winoground_regions) == []
+    assert check_captions_file(world.captions, regions_path=world.regions) == []
+    t = read_captions(world.captions)
+    assert Counter(t.splits) == {"train": 600, "val": 100, "test": 100}
+    assert all(v == 5 for v in Counter(t.image_ids).values())
+    assert len(t.vocab) == SMALL.vocab_size == len(WordPieceTokenizer.from_vocab_file(world.vocab))
+    rf = RegionsFile(world.regions)
+    assert rf.feature_dim == SMALL.img_dim and len(rf) == 160
+    assert (rf.counts >= SMALL.min_objects + SMALL.min_distractors).all()
+
+
+def test_every_caption_is_true_of_its_scene(world):
+    t = read_captions(world.captions)
+    scenes = load_scenes(world.scenes)
+    tok = WordPieceTokenizer.from_vocab_file(world.vocab)
+    for i in range(len(t)):
+        assert holds(t.texts[i], scenes[t.image_ids[i]]), t.texts[i]
+        assert t.tokens(i).tolist() == tok.encode(t.texts[i])
+        assert tok.unk_id not in t.tokens(i).tolist()
+
+
+def test_scenes_match_region_rows(world):
+    rf = RegionsFile(world.regions)
+    scenes = load_scenes(world.scenes)
+    for i in (0, 7, 100):
+        _, b, _ = rf.get(i)
+        np.testing.assert_allclose(b[:, :4], np.array([g["box"] for g in scenes[rf.image_ids[i]]]), atol=1e-5)
+
+
+def _sorted_rows(a):
+    return a[np.lexsort(a.T[::-1])]
+
+
+def test_winoground_swap_pairs(world):
+    rf = RegionsFile(world.winoground_regions)
+    scenes = load_scenes(world.winoground_scenes)
+    tok = WordPieceTokenizer.from_vocab_file(world.vocab)
+    examples = [json.loads(x) for x in open(world.winoground_examples)]
+    assert len(examples) == 40
+    assert Counter(e["collapsed_tag"] for e in examples) == {"Relation": 20, "Object": 20}
+    for e in examples:
+        assert set(e) >= {"id", "image_0", "image_1", "caption_0", "caption_1", "tag", "secondary_tag",
+                          "num_main_preds", "collapsed_tag"}
+        assert e["image_0"] == f"ex_{e['id']}_img_0" and e["image_1"] == f"ex_{e['id']}_img_1"
+        c0, c1 = e["caption_0"], e["caption_1"]
+        assert c0 != c1 and Counter(tok.encode(c0)) == Counter(tok.encode(c1))  # bag of words: same
+        f0, b0, _ = rf.get(rf.index(e["image_0"]))
+        f1, b1, _ = rf.get(rf.index(e["image_1"]))
+        np.testing.assert_array_equal(_sorted_rows(f0), _sorted_rows(f1))  # bag of regions: same
+        assert not np.array_equal(_sorted_rows(np.concatenate([f0, b0.astype(np.float16)], 1)),
+                                  _sorted_rows(np.concatenate([f1, b1.astype(np.float16)], 1)))
+        s0, s1 = scenes[e["image_0"]], scenes[e["image_1"]]
+        assert holds(c0, s0) and holds(c1, s1) and not holds(c0, s1) and not holds(c1, s0), e
+
+
+def test_deterministic_from_seed(world, tmp_path):
+    again = ensure_synthetic(SMALL, tmp_path)
+    for a, b in ((world.regions, again.regions), (world.captions, again.captions)):
+        with h5py.File(a) as fa, h5py.File(b) as fb:
+            assert set(fa) == set(fb)
+            for k in fa:
+                np.testing.assert_array_equal(fa[k][:], fb[k][:])
+    assert world.winoground_examples.read_text() == again.winoground_examples.read_text()
+    other = ensure_synthetic(SyntheticConfig(**{**SMALL.__dict__, "seed": 4}), tmp_path)
+    assert other.root != again.root
+    assert not np.array_equal(RegionsFile(other.regions).get(0)[0], RegionsFile(again.regions).get(0)[0])
+
+
+def test_cached_world_is_reused(world):
+    before = world.regions.stat().st_mtime_ns
+    assert ensure_synthetic(SMALL, world.root.parent) == world
+    assert world.regions.stat().st_mtime_ns == before
+
+
+def test_vocab_too_small():
+    with pytest.raises(ValueError, match="vocab_size=10"):
+        synthetic_vocab(10)
+
+
+def test_data_configs_share_keys_and_match_the_code():
+    syn = OmegaConf.to_container(OmegaConf.load(REPO / "conf/data/synthetic.yaml"))
+    f30k = OmegaConf.to_container(OmegaConf.load(REPO / "conf/data/flickr30k.yaml"))
+    assert list(syn) == list(f30k) == list(CONFIG_KEYS)
+    assert (f30k["vocab_size"], f30k["img_dim"]) == (28996, 2048)
+    assert set(syn["synthetic"]) == {f.name for f in fields(SyntheticConfig)} - {"img_dim", "vocab_size"}
+    assert syn["vocab_size"] >= len([t for t in synthetic_vocab(syn["vocab_size"]) if not t.startswith("[unused")])
