@@ -231,10 +231,11 @@ def build_split(name: str, captions: CaptionsTable, regions: RegionSource, split
     for i in rows:
         txt2img.append(img_of.setdefault(captions.image_ids[i], len(img_of)))
     image_ids = list(img_of)
-    missing = [s for s in image_ids if _missing(regions, s)]
+    missing = {s for s in image_ids if _missing(regions, s)}
     if missing:
-        raise FormatError(captions.path, [f"caption of image {s!r}: unknown image (not in the regions file)"
-                                          for s in missing])
+        raise FormatError(captions.path, [f"caption {captions.caption_ids[i]!r}: unknown image "
+                                          f"{captions.image_ids[i]!r} (not in the regions file)"
+                                          for i in rows if captions.image_ids[i] in missing])
     cls_id, sep_id = captions.cls_id, captions.sep_id
     texts = [torch.tensor([cls_id, *captions.tokens(i).tolist(), sep_id], dtype=torch.long) for i in rows]
     return RetrievalSplit(name=split, caption_ids=[captions.caption_ids[i] for i in rows], texts=texts,

@@ -1,0 +1,228 @@
+"""Region sources, caps, negative sampling, DDP sharding, the datamodule on the synthetic world."""
+import logging
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from cacr.data.datamodule import RetrievalDataModule
+from cacr.data.datasets import (AllPairs, IndexedCollator, LazyRegions, PositivePairs, RegionCaps, RegionStore,
+                                TrainPools, build_split, shard_rows)
+from cacr.data.formats import FormatError, RegionsWriter, read_captions, write_captions
+from cacr.model import UniterBatch, UniterCollator
+
+from .conftest import FIXTURES, REPO
+from .test_data_formats import TOK, random_images, write_regions
+
+SMALL = dict(seed=5, n_train=60, n_val=12, n_test=10, n_winoground=8)
+
+
+def test_caps_match_slow_loop():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 140, 50)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    conf = rng.uniform(0, 0.6, offsets[-1]).astype(np.float32)
+    caps = RegionCaps(0.2, 10, 100)
+    slow = [min(max(10, min(100, int((conf[a:b] > 0.2).sum()))), b - a) for a, b in zip(offsets[:-1], offsets[1:])]
+    np.testing.assert_array_equal(caps.kept_counts(offsets, conf), slow)
+    np.testing.assert_array_equal(caps.kept_counts(offsets, None), counts)
+
+
+def test_store_gather_and_lazy_match_file_with_caps(tmp_path):
+    rng = np.random.default_rng(1)
+    images = random_images(rng, n=12, conf=True)
+    p = write_regions(tmp_path / "r.h5", images, conf=True)
+    caps = RegionCaps(0.5, 2, 4)
+    store, lazy = RegionStore.from_file(p, caps), LazyRegions(p, caps)
+    for i, (iid, f, b, c) in enumerate(images):
+        n = min(max(2, min(4, int((c > 0.5).sum()))), len(f))
+        for src in (store, lazy):
+            gf, gb = src.get(src.index(iid))
+            np.testing.assert_array_equal(gf.numpy(), f[:n])
+            np.testing.assert_array_equal(gb.numpy(), b[:n])
+    idx = torch.tensor([3, 0, 11, 3, 7])
+    feat, box, num = store.gather(idx)  # (k, M, D)
+    assert feat.shape == (5, int(num.max()), 5) and feat.dtype == torch.float16
+    for r, i in enumerate(idx.tolist()):
+        gf, gb = store.get(i)
+        assert num[r] == len(gf)
+        torch.testing.assert_close(feat[r, :len(gf)], gf, rtol=0, atol=0)
+        torch.testing.assert_close(box[r, :len(gf)], gb, rtol=0, atol=0)
+        assert (feat[r, len(gf):] == 0).all() and (box[r, len(gf):] == 0).all()
+    # no caps: every row
+    assert (RegionStore.from_file(p, None).num_regions == [len(i[1]) for i in images]).all()
+
+
+def test_caps_on_official_sample(tmp_path):
+    from cacr.data.convert import convert_uniter_img
+
+    p = convert_uniter_img(FIXTURES / "uniter_db_sample/img_db/flickr30k/feat_th0.2_max100_min10", tmp_path / "r.h5")
+    store = RegionStore.from_file(p, RegionCaps())
+    # the official nbb already applied th 0.2 / min 10 / max 100, so applying it again keeps every row
+    assert dict(zip(store.image_ids, store.num_regions.tolist())) == {
+        "flickr30k_000830354086.npz": 21, "flickr30k_000796694334.npz": 34, "flickr30k_000175703994.npz": 15,
+        "flickr30k_000925218732.npz": 10, "flickr30k_000432114396.npz": 12, "flickr30k_000175415953.npz": 35}
+    assert RegionStore.from_file(p, RegionCaps(0.25, 3, 100)).num_regions.tolist() != store.num_regions.tolist()
+
+
+def test_lazy_regions_pickle_into_dataloader_workers(tmp_path):
+    images = random_images(np.random.default_rng(2), n=9)
+    p = write_regions(tmp_path / "r.h5", images)
+    lazy = LazyRegions(p, None)
+    lazy.get(0)
+    lazy2 = pickle.loads(pickle.dumps(lazy))
+    loader = DataLoader(list(range(9)), batch_size=3, num_workers=2,
+                        collate_fn=lambda ix: [lazy2.get(i)[0].sum().item() for i in ix])
+    got = [x for b in loader for x in b]
+    assert got == pytest.approx([float(torch.from_numpy(i[1]).sum()) for i in images], rel=1e-3)
+
+
+@pytest.fixture
+def tiny_split(tmp_path):
+    """7 images, captions with 1..3 per image, one caption over max_txt_len."""
+    images = random_images(np.random.default_rng(3), n=7)
+    p = write_regions(tmp_path / "r.h5", images)
+    per = [1, 3, 2, 1, 2, 3, 1]
+    cap_img = [f"img_{j}" for j, k in enumerate(per) for _ in range(k)]
+    toks = [[5, 6]] * len(cap_img)
+    toks[4] = [5] * 9  # long
+    c = write_captions(tmp_path / "c.h5", caption_ids=[f"c{i}" for i in range(len(cap_img))], image_ids=cap_img,
+                       texts=["a dog"] * len(cap_img), token_ids=toks, splits=["train"] * len(cap_img), **TOK)
+    return build_split("t", read_captions(c), RegionStore.from_file(p, None), "train")
+
+
+def test_split_texts_have_specials_and_links(tiny_split):
+    s = tiny_split
+    assert s.num_images == 7 and s.num_texts == 13
+    assert s.texts[0].tolist() == [2, 5, 6, 3]
+    assert s.img2txts[1] == [1, 2, 3]
+    ex = s.pair(2, 1)
+    assert ex.input_ids.tolist() == [2, 5, 6, 3] and ex.img_feat.shape[1] == 5 and ex.img_pos_feat.shape[1] == 6
+
+
+def test_negative_samplers_never_draw_a_true_match(tiny_split, caplog):
+    with caplog.at_level(logging.INFO):
+        pools = TrainPools(tiny_split, max_txt_len=8)
+    assert pools.num_dropped == 1 and "dropped 1 of 13" in caplog.text
+    assert 4 not in pools.positives.tolist()
+    g = torch.Generator().manual_seed(0)
+    txt = pools.positives.repeat(20)
+    neg_img = pools.sample_negative_images(txt, 6, g)  # (B, 6): all other images
+    assert neg_img.shape == (len(txt), 6)
+    assert (neg_img != pools.txt2img[txt][:, None]).all()
+    assert all(len(set(r)) == 6 for r in neg_img.tolist())
+    img = torch.arange(7).repeat(30)
+    k = 13 - 1 - 3  # kept captions minus the most any image owns
+    neg_txt = pools.sample_negative_texts(img, k, g)
+    assert (pools.txt2img[neg_txt] != img[:, None]).all()
+    assert not (neg_txt == 4).any()  # dropped captions are never negatives
+    assert all(len(set(r)) == k for r in neg_txt.tolist())
+    # uniform: each allowed caption is drawn about equally often for image 0
+    few = pools.sample_negative_texts(torch.zeros(6000, dtype=torch.long), 1, g).flatten()
+    freq = torch.bincount(few, minlength=13).float()
+    allowed = [t for t in pools.positives.tolist() if pools.txt2img[t] != 0]
+    assert (freq[allowed] > 6000 / len(allowed) * 0.8).all() and freq.sum() == freq[allowed].sum()
+    with pytest.raises(ValueError, match="only 9 are available"):
+        pools.sample_negative_texts(img, 10, g)
+    with pytest.raises(ValueError, match="has only 6"):
+        pools.sample_negative_images(txt, 7, g)
+
+
+@pytest.mark.parametrize("n, world", [(0, 3), (5, 8), (13, 4), (5000, 3), (7, 1)])
+def test_shard_rows_cover_each_row_once(n, world):
+    rows = [r for rank in range(world) for r in shard_rows(n, rank, world)]
+    assert rows == list(range(n))
+
+
+def test_all_pairs_shards_cover_every_pair_once(tiny_split):
+    seen = []
+    collate = IndexedCollator(UniterCollator(img_dim=5))
+    for rank in range(3):
+        ds = AllPairs(tiny_split, shard_rows(tiny_split.num_texts, rank, 3))
+        for b in DataLoader(ds, batch_size=10, collate_fn=collate):
+            assert isinstance(b.batch, UniterBatch) and len(b.batch) == len(b.txt_index)
+            seen += list(zip(b.txt_index.tolist(), b.img_index.tolist()))
+    assert sorted(seen) == [(t, j) for t in range(13) for j in range(7)]
+
+
+def test_unknown_image_in_split(tmp_path):
+    p = write_regions(tmp_path / "r.h5", random_images(np.random.default_rng(4), n=1))
+    c = write_captions(tmp_path / "c.h5", caption_ids=["c0"], image_ids=["img_9"], texts=["a"], token_ids=[[5]],
+                       splits=["train"], **TOK)
+    with pytest.raises(FormatError, match="unknown image 'img_9'"):
+        build_split("t", read_captions(c), RegionStore.from_file(p), "train")
+
+
+def _dm(tmp_path, **over):
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf/data/synthetic.yaml"))
+    cfg.update(root=str(tmp_path / "syn"), val_max_images=5, batch_size=4, eval_batch_size=16)
+    cfg["synthetic"].update(SMALL)
+    cfg.update(over)
+    return RetrievalDataModule.from_config(cfg)
+
+
+def test_datamodule_on_synthetic_world(tmp_path):
+    dm = _dm(tmp_path)
+    dm.prepare_data()
+    dm.setup("fit")
+    tr = dm.split("train")
+    assert tr.num_images == 60 and tr.num_texts == 300
+    b = next(iter(dm.train_dataloader()))
+    assert len(b.batch) == 4 and b.batch.img_feat.shape[-1] == 64
+    for n in range(4):  # each row is the caption with its own image
+        t, j = int(b.txt_index[n]), int(b.img_index[n])
+        assert tr.txt2img[t] == j
+        L = int(b.batch.txt_lens[n])
+        assert b.batch.input_ids[n, :L].tolist() == tr.texts[t].tolist()
+    val = dm.split("val")
+    assert val.num_images == 5 and val.num_texts == 25
+    assert sum(len(x.txt_index) for x in dm.val_dataloader()) == 25 * 5
+    assert sum(len(x.txt_index) for x in dm.test_dataloader()) == 50 * 10
+    wb = list(dm.winoground_dataloader())
+    pairs = sorted((int(t), int(i)) for x in wb for t, i in zip(x.txt_index, x.img_index))
+    assert pairs == sorted((2 * e + c, 2 * e + i) for e in range(8) for c in (0, 1) for i in (0, 1))
+    # the mining path: candidates gathered from the store copy
+    g = torch.Generator().manual_seed(0)
+    cand = dm.train_pools.sample_negative_images(b.txt_index, 39, g)
+    feat, box, num = dm.mining_regions.gather(tr.image_rows[cand.flatten()])
+    assert feat.shape[0] == 4 * 39 and (num > 0).all()
+
+
+def test_datamodule_lazy_with_workers_and_errors(tmp_path):
+    dm = _dm(tmp_path, in_memory=False, num_workers=2)
+    dm.setup()
+    batches = list(dm.val_dataloader())
+    assert sum(len(x.txt_index) for x in batches) == 125
+    with pytest.raises(ValueError, match="unknown keys \\['bogus'\\]"):
+        RetrievalDataModule.from_config({**OmegaConf.to_container(OmegaConf.load(REPO / "conf/data/synthetic.yaml")),
+                                         "bogus": 1})
+    bad = _dm(tmp_path, source="files", regions=str(tmp_path / "none.h5"), captions=str(tmp_path / "none.h5"))
+    with pytest.raises(FileNotFoundError, match="data.regions: .*none.h5 not found"):
+        bad.setup()
+    wrong = _dm(tmp_path, source="files", regions=str(dm.paths["regions"]), captions=str(dm.paths["captions"]),
+                img_dim=32)
+    with pytest.raises(ValueError, match="width 64, data.img_dim is 32"):
+        wrong.setup()
+
+
+def test_winoground_missing_image_is_an_error(tmp_path):
+    dm = _dm(tmp_path)
+    dm.setup()
+    lines = dm.paths["winoground_examples"].read_text().splitlines()
+    ex = tmp_path / "examples.jsonl"
+    ex.write_text("\n".join(lines + [lines[0].replace('"id": 0', '"id": 99').replace("ex_0_img_1", "ex_99_img_1")]))
+    bad = _dm(tmp_path, source="files", regions=str(dm.paths["regions"]), captions=str(dm.paths["captions"]),
+              winoground_examples=str(ex), winoground_regions=str(dm.paths["winoground_regions"]))
+    with pytest.raises(FormatError, match="example 99: image 'ex_99_img_1'"):
+        bad.setup()
+
+
+def test_positive_pairs_dataset(tiny_split):
+    ds = PositivePairs(TrainPools(tiny_split, 60))
+    assert len(ds) == 13
+    it = ds[5]
+    assert tiny_split.txt2img[it.txt_index] == it.img_index
+    assert it.example.input_ids.tolist() == tiny_split.texts[it.txt_index].tolist()
