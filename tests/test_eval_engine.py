@@ -1,5 +1,6 @@
 """Pair-scoring engine vs one-pair-at-a-time scoring with a tiny random UNITER."""
 import functools
+import subprocess
 import sys
 from pathlib import Path
 
@@ -164,3 +165,11 @@ def test_errors(problem):
     bad[0][0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"images\[0\]: expected \(m >= 1, img_dim\) finite"):
         score_pairs(model.score, [(0, 0)], captions, [bad])
+
+
+def test_imports_neither_data_nor_training():
+    code = ("import sys, cacr.evaluation; bad = [m for m in sys.modules if m.startswith(('cacr.data', "
+            "'cacr.module', 'cacr.train', 'lightning', 'pytorch_lightning'))]; print(bad); assert not bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1], timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -21,7 +21,7 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.in
            torch.int16, torch.int8, torch.uint8, torch.bool)
 
 
-def is_distributed(group=None) -> bool:
+def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
