@@ -226,3 +226,21 @@ def test_positive_pairs_dataset(tiny_split):
     it = ds[5]
     assert tiny_split.txt2img[it.txt_index] == it.img_index
     assert it.example.input_ids.tolist() == tiny_split.texts[it.txt_index].tolist()
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_pair_store_batches_equal_collate(tmp_path, in_memory):
+    from cacr.model import collate
+
+    dm = _dm(tmp_path, in_memory=in_memory)
+    dm.setup()
+    s = dm.split("val")
+    store = dm.pair_store("val", layout="padded")  # compact PairStore batches carry extra tail padding
+    assert torch.equal(dm.txt2img("val"), s.txt2img)
+    g = torch.Generator().manual_seed(1)
+    cap = torch.randint(s.num_texts, (9,), generator=g)
+    img = torch.randint(s.num_images, (9,), generator=g)
+    fast = store.batch(cap, img)
+    slow = collate(s.pairs(cap, img), layout="padded")
+    for name in ("input_ids", "img_feat", "img_pos_feat", "attn_mask", "txt_lens", "num_bbs", "region_index"):
+        torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=0, atol=0, msg=name)

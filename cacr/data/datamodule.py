@@ -16,9 +16,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from cacr.model import UniterCollator
+from cacr.model import PairStore, UniterCollator, boxes_to_7d
 
-from .datasets import (AllPairs, IndexedCollator, PositivePairs, RegionCaps, RetrievalSplit, TrainPools,
+from .datasets import (AllPairs, IndexedCollator, PositivePairs, RegionCaps, RegionStore, RetrievalSplit, TrainPools,
                        WinogroundPairs, WinogroundSet, build_split, open_regions, shard_rows)
 from .formats import read_captions
 from .synthetic import SyntheticConfig, ensure_synthetic
@@ -145,6 +145,36 @@ class RetrievalDataModule(pl.LightningDataModule):
                              f"({self.split_names[role]!r} not among the captions' splits)")
         s = self.splits[role]
         return s.subset(self.val_max_images) if role == "val" else s
+
+    def txt2img(self, role: str) -> torch.Tensor:
+        """``(N_txt,)`` long: the image index (within the split) of every caption of ``role``."""
+        return self.split(role).txt2img
+
+    def pair_store(self, role: str, layout: str = "compact") -> PairStore:
+        """Every caption and image of ``role`` as padded tensors (``cacr.model.PairStore``, on the CPU).
+
+        Images are padded to the split's largest region count: for Flickr30k's training
+        split (29k images, up to 100 regions of 2048 fp16) that is about 12 GB.
+        """
+        s = self.split(role)
+        T = max(t.numel() for t in s.texts)
+        ids = torch.zeros(s.num_texts, T, dtype=torch.long)
+        for i, t in enumerate(s.texts):
+            ids[i, : t.numel()] = t
+        txt_lens = torch.tensor([t.numel() for t in s.texts], dtype=torch.long)
+        if isinstance(self.regions, RegionStore):
+            feat, box, num = self.regions.gather(s.image_rows)  # (N, M, D), (N, M, 6), (N,)
+        else:
+            imgs = [s.image(j) for j in range(s.num_images)]
+            num = torch.tensor([f.shape[0] for f, _ in imgs], dtype=torch.long)
+            M = int(num.max())
+            feat = torch.zeros(s.num_images, M, self.img_dim, dtype=torch.float16)
+            box = torch.zeros(s.num_images, M, 6)
+            for j, (f, b) in enumerate(imgs):
+                feat[j, : len(f)], box[j, : len(f)] = f, b
+        N, M, _ = box.shape
+        pos = boxes_to_7d(box.reshape(N * M, -1)).view(N, M, 7)  # zero rows stay zero
+        return PairStore(ids, txt_lens, feat, pos, num, layout=layout)
 
     def _rank(self):
         t = getattr(self, "trainer", None)

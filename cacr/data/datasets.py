@@ -85,38 +85,59 @@ class LazyRegions:
 
     def get(self, i: int) -> Tuple[Tensor, Tensor]:
         """``(features (m, D) fp16, boxes (m, 6) fp32)`` of image ``i``."""
-        f = self.file._handle()
+        feat, box, _ = self.file.datasets()
         a = int(self.file.offsets[i])
         b = a + int(self.num_regions[i])
-        return torch.from_numpy(f["features"][a:b]), torch.from_numpy(f["boxes"][a:b])
+        return torch.from_numpy(feat[a:b]), torch.from_numpy(box[a:b])
 
 
 class RegionStore:
     """All (capped) regions of a file in memory as flat tensors, optionally on a GPU.
 
     ``get(i)`` returns views; ``gather(idx)`` builds padded ``(k, M, D)`` blocks for many
-    images with one index operation (the region fetch of a mining step).
+    images with one ``index_select`` (the region fetch of a mining step): the flat tensors
+    carry one extra all-zero row that padding positions read.
     """
 
-    def __init__(self, image_ids: List[str], features: Tensor, boxes: Tensor, offsets: Tensor):
+    def __init__(self, image_ids: List[str], features_padded: Tensor, boxes_padded: Tensor, offsets: Tensor):
+        R = int(offsets[-1])
+        if features_padded.shape[0] != R + 1 or boxes_padded.shape[0] != R + 1:
+            raise ValueError(f"region store: expected {R + 1} rows (R regions + a zero row), "
+                             f"got {features_padded.shape[0]} and {boxes_padded.shape[0]}")
         self.image_ids = image_ids
-        self.features = features  # (R, D) fp16
-        self.boxes = boxes  # (R, 6) fp32
+        self._feat = features_padded  # (R+1, D) fp16, last row zeros
+        self._box = boxes_padded  # (R+1, 6) fp32, last row zeros
         self.offsets = offsets  # (N+1,) long
         self.num_regions = (offsets[1:] - offsets[:-1]).cpu().numpy()
         self._counts = offsets[1:] - offsets[:-1]
         self._index = {s: i for i, s in enumerate(image_ids)}
-        self.feature_dim = features.shape[1]
+        self.feature_dim = features_padded.shape[1]
+
+    @property
+    def features(self) -> Tensor:
+        return self._feat[:-1]  # (R, D)
+
+    @property
+    def boxes(self) -> Tensor:
+        return self._box[:-1]  # (R, 6)
 
     @classmethod
     def from_file(cls, file: Union[RegionsFile, str, Path], caps: Optional[RegionCaps] = RegionCaps(),
                   device="cpu") -> "RegionStore":
         file = file if isinstance(file, RegionsFile) else RegionsFile(file)
-        feat, box, conf = file.read_all()
+        fds, bds, cds = file.datasets()
+        R, D = fds.shape
+        feat = np.empty((R + 1, D), dtype=np.float16)
+        box = np.empty((R + 1, bds.shape[1]), dtype=np.float32)
+        if R:
+            fds.read_direct(feat, np.s_[0:R], np.s_[0:R])
+            bds.read_direct(box, np.s_[0:R], np.s_[0:R])
+        feat[R], box[R] = 0, 0
+        conf = cds[:] if cds is not None else None
         file.close()
         kept = (caps or RegionCaps()).kept_counts(file.offsets, conf if caps else None)
         if (kept != file.counts).any():
-            rows = np.concatenate([np.arange(a, a + k) for a, k in zip(file.offsets[:-1], kept)])
+            rows = np.concatenate([np.arange(a, a + k) for a, k in zip(file.offsets[:-1], kept)] + [[R]])
             feat, box = feat[rows], box[rows]
         offsets = np.zeros(len(kept) + 1, dtype=np.int64)
         np.cumsum(kept, out=offsets[1:])
@@ -124,11 +145,11 @@ class RegionStore:
                    torch.from_numpy(offsets).to(device))
 
     def to(self, device) -> "RegionStore":
-        return RegionStore(self.image_ids, self.features.to(device), self.boxes.to(device), self.offsets.to(device))
+        return RegionStore(self.image_ids, self._feat.to(device), self._box.to(device), self.offsets.to(device))
 
     @property
     def device(self) -> torch.device:
-        return self.features.device
+        return self._feat.device
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -141,7 +162,7 @@ class RegionStore:
 
     def get(self, i: int) -> Tuple[Tensor, Tensor]:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return self.features[a:b], self.boxes[a:b]
+        return self._feat[a:b], self._box[a:b]
 
     def gather(self, idx: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """``(features (k, M, D), boxes (k, M, 6), num_regions (k,))`` for images ``idx``, zero padded."""
@@ -150,10 +171,10 @@ class RegionStore:
         num = self._counts[idx]  # (k,)
         M = int(num.max()) if idx.numel() else 0
         ar = torch.arange(M, device=idx.device)
-        valid = ar[None, :] < num[:, None]  # (k, M)
-        rows = torch.where(valid, start[:, None] + ar[None, :], 0)  # (k, M)
-        feat = self.features[rows] * valid[..., None].to(self.features.dtype)  # (k, M, D)
-        box = self.boxes[rows] * valid[..., None].to(self.boxes.dtype)  # (k, M, 6)
+        pad_row = self._feat.shape[0] - 1
+        rows = torch.where(ar[None, :] < num[:, None], start[:, None] + ar[None, :], pad_row)  # (k, M)
+        feat = self._feat.index_select(0, rows.flatten()).view(len(idx), M, -1)  # (k, M, D)
+        box = self._box.index_select(0, rows.flatten()).view(len(idx), M, -1)  # (k, M, 6)
         return feat, box, num
 
 

@@ -429,6 +429,7 @@ class RegionsFile:
                 raise FormatError(self.path, problems)
         self._index = {s: i for i, s in enumerate(self.image_ids)}
         self._f = None
+        self._ds = None
         self._pid = None
 
     def __len__(self) -> int:
@@ -436,7 +437,7 @@ class RegionsFile:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_f"] = None
+        state["_f"] = state["_ds"] = None
         state["_pid"] = None
         return state
 
@@ -444,12 +445,20 @@ class RegionsFile:
         if self._f is None or self._pid != os.getpid():
             self._f = h5py.File(self.path, "r")
             self._pid = os.getpid()
+            # dataset objects are cached: looking one up by name costs more than a small read
+            self._ds = (self._f["features"], self._f["boxes"], self._f["conf"] if self.has_conf else None)
         return self._f
+
+    def datasets(self):
+        """``(features, boxes, conf or None)`` h5py datasets, opened in this process."""
+        self._handle()
+        return self._ds
 
     def close(self) -> None:
         if self._f is not None and self._pid == os.getpid():
             self._f.close()
         self._f = None
+        self._ds = None
 
     def index(self, image_id: str) -> int:
         try:
@@ -463,9 +472,9 @@ class RegionsFile:
 
     def get(self, i: int):
         """``(features (m, D) fp16, boxes (m, 6) fp32, conf (m,) fp32 or None)`` of image ``i``."""
-        f = self._handle()
+        feat, box, conf = self.datasets()
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return f["features"][a:b], f["boxes"][a:b], (f["conf"][a:b] if self.has_conf else None)
+        return feat[a:b], box[a:b], (conf[a:b] if conf is not None else None)
 
     def read_all(self):
         """``(features (R, D), boxes (R, 6), conf (R,) or None)`` of every row."""
