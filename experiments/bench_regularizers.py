@@ -26,7 +26,7 @@ import time
 import torch
 
 from cacr.model import PairExample, UniterConfig, UniterForImageTextRetrieval, collate
-from cacr.regularizers import Regularizer, RelationBlocks, cacr_loss, iais_loss, relation_blocks
+from cacr.regularizers import Regularizer, cacr_loss, iais_loss, relation_blocks
 
 WORDS, REGIONS, POSITIVES = 20, 36, 8
 LOSSES = {
