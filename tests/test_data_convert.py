@@ -223,3 +223,13 @@ def test_winoground_completeness_check(tmp_path, capsys):
     assert "example 1: image 'ex_1_img_1' (image_1) missing" in capsys.readouterr().out
     (tmp_path / "examples.jsonl").write_text(json.dumps(lines[0]))
     assert main(["winoground", str(tmp_path / "examples.jsonl"), str(tmp_path / "r.h5")]) == 0
+
+
+def test_cli_uniter_pair(tmp_path, bert_like_vocab, capsys):
+    assert main(["uniter-img", str(IMG_DB), str(tmp_path / "r.h5")]) == 0
+    assert main(["uniter-txt", str(TXT_DB), "--out", str(tmp_path / "c.h5"), "--tokenizer", str(bert_like_vocab),
+                 "--regions", str(tmp_path / "r.h5")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert len(read_captions(tmp_path / "c.h5", regions_path=tmp_path / "r.h5")) == 30
+    assert main(["uniter-img", str(tmp_path / "nope"), str(tmp_path / "x.h5")]) == 1
+    assert "nope" in capsys.readouterr().err

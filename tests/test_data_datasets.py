@@ -244,3 +244,18 @@ def test_pair_store_batches_equal_collate(tmp_path, in_memory):
     slow = collate(s.pairs(cap, img), layout="padded")
     for name in ("input_ids", "img_feat", "img_pos_feat", "attn_mask", "txt_lens", "num_bbs", "region_index"):
         torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_datamodule_pickles_after_setup_for_ddp_spawn(tmp_path, in_memory):
+    dm = _dm(tmp_path, in_memory=in_memory)
+    dm.setup()
+    clone = pickle.loads(pickle.dumps(dm))
+    a = next(iter(dm.val_dataloader()))
+    b = next(iter(clone.val_dataloader()))
+    assert torch.equal(a.batch.img_feat, b.batch.img_feat) and torch.equal(a.txt_index, b.txt_index)
+    store = clone.mining_regions
+    if in_memory:
+        moved = store.to("cpu")
+        for x, y in zip(moved.gather(torch.tensor([0, 2])), store.gather(torch.tensor([0, 2]))):
+            assert torch.equal(x, y)
