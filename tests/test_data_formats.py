@@ -91,6 +91,7 @@ def test_reader_pickles_and_works_in_worker_processes(tmp_path):
     (lambda f, b: (f, b + np.array([0, 0, 2, 0, 2, 0], np.float32)), "outside \\[0, 1\\]"),
     (lambda f, b: (f, b[:, [2, 1, 0, 3, 4, 5]] * np.array([1, 1, 1, 1, -1, 1], np.float32)), "x2 < x1"),
     (lambda f, b: (f, b[:, :5]), "boxes of shape"),
+    (lambda f, b: (f, b * np.array([[0]] + [[1]] * (len(b) - 1), np.float32)), "all-zero boxes"),
 ])
 def test_writer_rejects_bad_images_naming_them(tmp_path, bad, message):
     iid, f, b, _ = random_images(np.random.default_rng(2), n=1)[0]

@@ -13,6 +13,7 @@ negatives: ``k = 31``; a mining pool: ``k = 399``), batched over positives.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -213,7 +214,7 @@ class RetrievalSplit:
     def num_images(self) -> int:
         return len(self.image_ids)
 
-    @property
+    @functools.cached_property
     def img2txts(self) -> List[List[int]]:
         out: List[List[int]] = [[] for _ in range(self.num_images)]
         for t, j in enumerate(self.txt2img.tolist()):

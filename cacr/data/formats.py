@@ -235,6 +235,9 @@ def region_problems(image_id: str, features: np.ndarray, boxes: np.ndarray, conf
             flipped = finite & ((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]))
             wh = finite & ((np.abs(b[:, 4] - (b[:, 2] - b[:, 0])) > 2e-3)
                            | (np.abs(b[:, 5] - (b[:, 3] - b[:, 1])) > 2e-3))
+            zero = finite & (b[:, :4] == 0).all(axis=1)
+        if zero.any():
+            out.append(f"{where}: all-zero boxes (padding rows?), rows {(np.flatnonzero(zero) + start_row).tolist()[:10]}")
         if outside.any():
             out.append(f"{where}: box corners outside [0, 1], rows {(np.flatnonzero(outside) + start_row).tolist()[:10]}")
         if flipped.any():
