@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from cacr.data.datamodule import RetrievalDataModule
 from cacr.data.datasets import (AllPairs, IndexedCollator, LazyRegions, PositivePairs, RegionCaps, RegionStore,
                                 TrainPools, build_split, shard_rows)
-from cacr.data.formats import FormatError, RegionsWriter, read_captions, write_captions
+from cacr.data.formats import FormatError, read_captions, write_captions
 from cacr.model import UniterBatch, UniterCollator
 
 from .conftest import FIXTURES, REPO

@@ -6,7 +6,6 @@ import sys
 import h5py
 import numpy as np
 import pytest
-import torch
 
 from cacr.data.formats import (FormatError, RegionsFile, RegionsWriter, check_captions_file, check_regions_file,
                                read_captions, write_captions)

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from cacr.model import PairExample, UniterBatch, UniterCollator
 
-from .formats import CaptionsTable, FormatError, RegionsFile, read_captions
+from .formats import CaptionsTable, FormatError, RegionsFile
 
 log = logging.getLogger(__name__)
 
