@@ -1,12 +1,22 @@
 """Fine-tune UNITER for image-text matching with CACR, IAIS or no regularizer.
 
-Not built yet: the training pipeline (LightningModule, datamodule, Hydra configs) lands
-with the training issue. This entry point says so instead of pretending to train.
+    python train.py                                   # CACR on the synthetic world, CPU
+    python train.py loss=iais_singular seed=1
+    python train.py experiment=cacr_base trainer=gpu  # the paper's setting (real data)
+    python train.py -m loss=cacr,iais_singular,none seed=0,1,2
+
+All logic lives in cacr.train.run; see conf/train.yaml for every option.
 """
-import sys
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from cacr.train import main_entry
+
+    main_entry(cfg)
+
 
 if __name__ == "__main__":
-    sys.exit(
-        "train.py: training is not built yet (needs the data module, the LightningModule and "
-        "conf/train.yaml). Available now: the UNITER model in cacr.model; see README.md."
-    )
+    main()

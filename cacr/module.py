@@ -1,0 +1,210 @@
+"""The LightningModule: UNITER image-text retrieval fine-tuning with hard negatives (FACTS 2)
+plus one relation-alignment regularizer (CACR, IAIS or none; FACTS 3.4).
+
+A training batch holds ``B`` positive pairs and, for each, ``K`` candidate negative images
+(for its caption) and ``K`` candidate negative captions (for its image), none a true match.
+With mining on, every candidate pair is scored without gradient in eval mode and the ``k``
+highest-scoring negatives of each direction are kept (official: 31 of 399); otherwise the
+first ``k`` candidates (already random) are used. The model is then trained on
+``B + 2Bk`` pairs: the positives once, each against its ``k`` hard images ("t" groups) and
+``k`` hard captions ("i" groups), with the hinge ranking loss on sigmoid scores
+
+    L_rank = mean(clamp(margin + s_neg - s_pos, min=0)),
+
+and the regularizer on the positives' last-layer relation blocks only:
+
+    L = L_rank + lambda * w(t) * L_reg,   w(t) from the global step, so a resumed run continues.
+
+Everything in the step is batched over positives; no host synchronisation is needed.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Dict, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from cacr.evaluation.evaluators import evaluate_retrieval, evaluate_winoground
+from cacr.model import PairStore, UniterForImageTextRetrieval
+from cacr.regularizers import Regularizer
+
+
+def ranking_loss(pos: Tensor, neg: Tensor, margin: float) -> Tensor:
+    """Hinge on sigmoid scores: ``pos`` (B,) and ``neg`` (B, ..., k) logits."""
+    s_pos = pos.float().sigmoid().view(pos.shape[0], *([1] * (neg.dim() - 1)))
+    return (margin + neg.float().sigmoid() - s_pos).clamp(min=0).mean()
+
+
+def warmup_linear_decay(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor: linear warmup to 1 over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+class RetrievalModule(pl.LightningModule):
+    def __init__(
+        self,
+        model: UniterForImageTextRetrieval,
+        regularizer: Regularizer,
+        *,
+        lr: float = 5e-5,
+        betas=(0.9, 0.98),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 500,
+        margin: float = 0.2,
+        num_negatives: int = 31,
+        mining: bool = True,
+        mining_batch_size: int = 1024,
+        eval_batch_size: int = 1024,
+        eval_bf16: bool = False,
+        seed: int = 42,
+        score_head: str = "rank",
+    ):
+        super().__init__()
+        self.model = model
+        self.regularizer = regularizer
+        self.save_hyperparameters(ignore=["model", "regularizer"])
+        # Enough to rebuild the model and name the regularizer from a .ckpt alone.
+        self.hparams["model_config"] = model.config.to_dict()
+        self.hparams["regularizer"] = dict(vars(regularizer))
+        self.stores: Dict[str, PairStore] = {}
+        self._t0: Optional[float] = None
+
+    # ------------------------------------------------------------------ data from the datamodule
+    def store(self, split: str) -> PairStore:
+        if split not in self.stores:
+            dm = self.trainer.datamodule
+            self.stores[split] = dm.pair_store(split).to(self.device)
+        return self.stores[split]
+
+    @property
+    def total_steps(self) -> int:
+        steps = self.trainer.max_steps
+        if steps is None or steps < 0:
+            raise ValueError("trainer.max_steps must be set: the LR and regularizer schedules are defined by it")
+        return steps
+
+    # ------------------------------------------------------------------ training
+    @torch.no_grad()
+    def mine(self, store: PairStore, cap: Tensor, img: Tensor, neg_img: Tensor, neg_cap: Tensor, k: int,
+             bounds: Dict[str, int]):
+        """The ``k`` highest-scoring candidates of each direction, scored in eval mode."""
+        B, K = neg_img.shape
+        caps = torch.cat([cap.repeat_interleave(K), neg_cap.flatten()])  # (2BK,)
+        imgs = torch.cat([neg_img.flatten(), img.repeat_interleave(K)])
+        was_training = self.model.training
+        self.model.eval()
+        scores = []
+        for s in range(0, caps.numel(), self.hparams.mining_batch_size):
+            e = s + self.hparams.mining_batch_size
+            scores.append(self.model.score(store.batch(caps[s:e], imgs[s:e], **bounds)))
+        self.model.train(was_training)
+        scores = torch.cat(scores).view(2, B, K)
+        top = scores.topk(k, dim=-1).indices  # (2, B, k)
+        return neg_img.gather(1, top[0]), neg_cap.gather(1, top[1])
+
+    def training_step(self, batch: Dict[str, Any], batch_idx: int):
+        step = self.global_step
+        # Dropout draws from a generator seeded by (seed, step, rank): a resumed run repeats them.
+        torch.manual_seed(self.hparams.seed * 1_000_003 + step * self.trainer.world_size + self.global_rank)
+        store = self.store("train")
+        cap, img, neg_img, neg_cap = batch["cap_idx"], batch["img_idx"], batch["neg_img"], batch["neg_cap"]
+        bounds = {"max_txt_len": int(batch["max_txt_len"]), "max_regions": int(batch["max_regions"])}
+        B, K = neg_img.shape
+        k = min(self.hparams.num_negatives, K)
+        if self.hparams.mining and K > k:
+            hard_img, hard_cap = self.mine(store, cap, img, neg_img, neg_cap, k, bounds)
+        else:
+            hard_img, hard_cap = neg_img[:, :k], neg_cap[:, :k]
+
+        caps = torch.cat([cap, cap.repeat_interleave(k), hard_cap.flatten()])  # (B + 2Bk,)
+        imgs = torch.cat([img, hard_img.flatten(), img.repeat_interleave(k)])
+        pairs = store.batch(caps, imgs, **bounds)
+        reg = self.regularizer
+        out = self.model(pairs, score_rows=torch.arange(B, device=self.device) if reg.enabled else None)
+        logits = out.rank_logits
+        rank = ranking_loss(logits[:B], logits[B:].view(2, B, k).transpose(0, 1), self.hparams.margin)
+
+        w = reg.weight_at(step, self.total_steps)
+        loss = rank
+        log = {"train/rank_loss": rank, "train/reg_weight": w}
+        if reg.enabled:
+            blocks = reg.blocks(out.last_scores, pairs.word_index[:B], pairs.word_mask[:B],
+                                pairs.region_index[:B], pairs.region_mask[:B])
+            parts = reg(*blocks)
+            loss = rank + w * parts.loss
+            log.update({"train/reg_loss": parts.loss, "train/reg_loss_L": parts.loss_L,
+                        "train/reg_loss_V": parts.loss_V})
+        log["train/loss"] = loss
+        log["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        now = time.perf_counter()
+        if self._t0 is not None:
+            dt = now - self._t0
+            log["train/positives_per_s"] = B / dt
+            log["train/pairs_per_s"] = (B + 2 * B * k + (2 * B * K if self.hparams.mining and K > k else 0)) / dt
+        self._t0 = now
+        self.log_dict(log, prog_bar=False, batch_size=B)
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=B)
+        return loss
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if name.endswith(".bias") or "LayerNorm." in name or "layer_norm." in name else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps,
+        )
+        total, warmup = self.total_steps, self.hparams.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_linear_decay(s, warmup, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, fn, *args, **kwargs):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return fn(self.model, *args, head=self.hparams.score_head, batch_size=self.hparams.eval_batch_size,
+                      device=self.device, bf16=self.hparams.eval_bf16 and self.device.type == "cuda", **kwargs)
+        finally:
+            self.model.train(was_training)
+
+    def validation_step(self, batch, batch_idx):
+        # The val loader holds one item per rank; the evaluation itself runs once per
+        # validation in on_validation_epoch_end, over the whole (capped) validation split.
+        return None
+
+    def on_validation_epoch_end(self):
+        metrics = self._evaluate(evaluate_retrieval, self.trainer.datamodule.split("val"))
+        # Every rank computed the same gathered metrics: no reduction needed.
+        self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, rank_zero_only=False)
+
+    def final_evaluation(self, test: bool = True, winoground: bool = True, n_boot: int = 1000,
+                         output_dir=None) -> Dict[str, Any]:
+        """Test-split retrieval and the data's Winoground-format set, as reported in results.json."""
+        dm = self.trainer.datamodule
+        out: Dict[str, Any] = {}
+        if test and "test" in dm.splits:
+            out["retrieval"] = self._evaluate(evaluate_retrieval, dm.split("test"), progress=True)
+        if winoground and dm.winoground is not None:
+            scores, res = self._evaluate(evaluate_winoground, dm.winoground, progress=True, n_boot=n_boot,
+                                         seed=self.hparams.seed)
+            out["winoground"] = res
+            if output_dir is not None and self.trainer.is_global_zero:
+                from cacr.evaluation.evaluators import winoground_examples
+                from cacr.evaluation.scorefile import write_score_file
+
+                write_score_file(output_dir / "winoground_scores.jsonl", winoground_examples(dm.winoground.examples),
+                                 scores)
+        return out
+
+    def on_train_start(self):
+        self._t0 = None

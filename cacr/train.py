@@ -1,0 +1,165 @@
+"""``run(cfg)``: one training job from a composed ``conf/train.yaml`` (what ``train.py`` calls).
+
+Builds the data module, the model (optionally from a checkpoint), the regularizer and the
+LightningModule, fits with step-based validation (best checkpoint by R-sum), then evaluates
+the best checkpoint on the test split (retrieval) and on the data's Winoground-format set,
+writes ``results.json`` in the run directory and returns its contents.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, explained in one message."""
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    if cfg.get("run_dir"):
+        return Path(str(cfg.run_dir))
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except (ImportError, ValueError):
+        return Path.cwd()
+
+
+def _check_paths(cfg: DictConfig) -> None:
+    from cacr.data.datamodule import resolve_path
+
+    for key in ("ckpt_path",):
+        p = cfg.get(key)
+        if p and not resolve_path(p).is_file():
+            raise ConfigError(f"{key}={p}: checkpoint not found")
+    p = cfg.model.get("checkpoint")
+    if p and not resolve_path(p).is_file():
+        raise ConfigError(f"model.checkpoint={p}: checkpoint not found")
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> List[Any]:
+    kind = cfg.logger.kind
+    if kind == "none":
+        return []
+    if kind == "csv":
+        from pytorch_lightning.loggers import CSVLogger
+
+        return [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    if kind == "wandb":
+        from pytorch_lightning.loggers import WandbLogger
+
+        mode = "offline" if cfg.logger.offline else "online"
+        group = cfg.logger.group or os.environ.get("CACR_SWEEP_GROUP")
+        return [WandbLogger(project=cfg.logger.project, save_dir=str(run_dir), offline=cfg.logger.offline,
+                            group=group, tags=list(cfg.logger.tags), name=run_dir.name,
+                            config=OmegaConf.to_container(cfg, resolve=True),
+                            settings=_wandb_settings(mode))]
+    raise ConfigError(f"logger.kind={kind!r}: expected csv, wandb or none")
+
+
+def _wandb_settings(mode: str):
+    import wandb
+
+    # Never hang on a missing network: give up quickly and fall back to offline.
+    return wandb.Settings(mode=mode, init_timeout=30, silent=True)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks, loggers) -> pl.Trainer:
+    tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return pl.Trainer(
+        **tcfg,
+        default_root_dir=str(run_dir),
+        callbacks=callbacks,
+        logger=loggers or False,
+        use_distributed_sampler=False,  # the data module shards rows itself (exactly once)
+    )
+
+
+def run(cfg: DictConfig) -> Dict[str, Any]:
+    from hydra.utils import instantiate
+
+    from cacr.model import UniterCollator
+    from cacr.module import RetrievalModule
+    from cacr.train_data import TrainingDataModule
+
+    run_dir = _run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_paths(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    model = instantiate(cfg.model)
+    collator = UniterCollator(img_dim=model.config.img_dim,
+                              max_txt_positions=model.config.max_position_embeddings)
+    dm = TrainingDataModule.from_config(cfg.data, collator=collator, num_candidates=cfg.train.num_candidates)
+    regularizer = instantiate(cfg.loss)
+    module = RetrievalModule(model, regularizer, **OmegaConf.to_container(cfg.module, resolve=True),
+                             seed=cfg.seed)
+
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    ckpt_dir = run_dir / "checkpoints"
+    best = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best-step{step}", monitor="val/rsum", mode="max",
+                           save_top_k=1, save_last=True, auto_insert_metric_name=False)
+    loggers = build_loggers(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, [best], loggers)
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+
+    best_path = best.best_model_path or best.last_model_path
+    results: Dict[str, Any] = {"best_checkpoint": best_path, "run_dir": str(run_dir)}
+    if best_path:
+        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    results.update(module.final_evaluation(test=cfg.eval.test, winoground=cfg.eval.winoground,
+                                           n_boot=cfg.eval.n_boot, output_dir=run_dir))
+    if trainer.is_global_zero:
+        from cacr.evaluation.scorefile import write_results_json
+
+        write_results_json(run_dir / "results.json", results)
+    for lg in loggers:
+        if hasattr(lg, "experiment") and cfg.logger.kind == "wandb":
+            import wandb
+
+            wandb.finish()
+    return results
+
+
+def _fmt(x) -> str:
+    return f"{x:.2f}" if isinstance(x, float) else str(x)
+
+
+def main_entry(cfg: DictConfig) -> Dict[str, Any]:
+    """``train.py``'s body: run, print the summary, and turn config mistakes into one clear line."""
+    import sys
+
+    try:
+        results = run(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        sys.exit(f"train.py: {e}")
+    import pytorch_lightning as _pl  # noqa: F401
+
+    from pytorch_lightning.utilities import rank_zero_only
+
+    @rank_zero_only
+    def report():
+        r = results.get("retrieval")
+        if r:
+            print("test retrieval: " + "  ".join(f"{k}={_fmt(r[k])}" for k in
+                                                  ("ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10", "rsum")))
+        w = results.get("winoground")
+        if w:
+            print(f"winoground (n={w['n']}): text={_fmt(w['text'])}  image={_fmt(w['image'])}  group={_fmt(w['group'])}")
+        print(f"best checkpoint: {results.get('best_checkpoint')}")
+        print(Path(results["run_dir"]) / "results.json")
+
+    report()
+    return results

@@ -1,0 +1,142 @@
+"""Step-indexed training batches: which positives and negative candidates optimizer step ``s``
+sees on rank ``r`` is a pure function of ``(seed, s, r, world size)``.
+
+A run resumed at global step ``s`` (``ckpt_path=...``) therefore continues with exactly the
+batches the uninterrupted run would have seen, on any number of processes for the global
+order of positives. The positives of one step are the next ``batch_size * world_size``
+training captions of a stream of per-epoch permutations (seeded by ``(seed, epoch)``);
+rank ``r`` takes every ``world_size``-th of them. Negative candidates are drawn with a
+generator seeded by ``(seed, step, rank)``.
+
+Items are index batches only (a few hundred integers); features are gathered on the
+device from a :class:`cacr.model.PairStore` by the training module.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from cacr.data.datamodule import RetrievalDataModule
+
+
+class StepRange(Sampler):
+    """Yields the steps ``start, ..., total - 1``."""
+
+    def __init__(self, start: int, total: int):
+        self.start, self.total = int(start), int(total)
+
+    def __iter__(self):
+        return iter(range(self.start, self.total))
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+
+def _mix(*xs: int) -> int:
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (int(x) + 0x632BE59BD9B4E019 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class TrainBatches(Dataset):
+    """Item ``s``: the batch of step ``s`` for this rank, a dict of CPU tensors and ints:
+
+    ``cap_idx`` (B,), ``img_idx`` (B,): the positives (caption and its image, split indices);
+    ``neg_img`` (B, K): candidate images for each caption, never its own;
+    ``neg_cap`` (B, K): candidate captions for each image, never one of its own;
+    ``max_txt_len``, ``max_regions``: widths covering every caption and image named, so the
+    module can build any batch of these pairs without a device synchronisation.
+    """
+
+    def __init__(self, pools, *, batch_size: int, num_candidates: int, seed: int,
+                 txt_lens: Tensor, num_bbs: Tensor, rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"train.batch_size must be >= 1, got {batch_size}")
+        self.pools = pools
+        self.batch_size = batch_size
+        self.num_candidates = num_candidates
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.txt_lens = txt_lens.long().cpu()
+        self.num_bbs = num_bbs.long().cpu()
+        self.positives = pools.positives.long().cpu()  # (P,) caption indices
+        if len(self.positives) < batch_size * world_size:
+            raise ValueError(f"{len(self.positives)} training captions cannot fill a global batch of "
+                             f"{batch_size} x {world_size} processes")
+        self._perm_cache: Dict[int, Tensor] = {}
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perm_cache:
+            if len(self._perm_cache) > 2:
+                self._perm_cache.clear()
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            self._perm_cache[epoch] = torch.randperm(len(self.positives), generator=g)
+        return self._perm_cache[epoch]
+
+    def positions(self, step: int) -> Tensor:
+        """Indices into ``positives`` of the global batch of ``step`` (all ranks)."""
+        P, G = len(self.positives), self.batch_size * self.world_size
+        flat = torch.arange(step * G, (step + 1) * G)
+        epochs, offsets = flat // P, flat % P
+        return torch.stack([self._perm(int(e))[int(o)] for e, o in zip(epochs, offsets)]) \
+            if int(epochs[0]) != int(epochs[-1]) else self._perm(int(epochs[0]))[offsets]
+
+    def __len__(self) -> int:
+        return 2**62  # indexed by step; the sampler bounds it
+
+    def __getitem__(self, step: int):
+        pos = self.positions(step)[self.rank::self.world_size]
+        cap = self.positives[pos]
+        img = self.pools.txt2img[cap]
+        g = torch.Generator().manual_seed(_mix(self.seed, step, self.rank, 7))
+        neg_img = self.pools.sample_negative_images(cap, self.num_candidates, generator=g)
+        neg_cap = self.pools.sample_negative_texts(img, self.num_candidates, generator=g)
+        return {
+            "cap_idx": cap,
+            "img_idx": img,
+            "neg_img": neg_img,
+            "neg_cap": neg_cap,
+            "max_txt_len": int(self.txt_lens[torch.cat([cap, neg_cap.flatten()])].max()),
+            "max_regions": int(self.num_bbs[torch.cat([img, neg_img.flatten()])].max()),
+            "step": step,
+        }
+
+
+
+class TrainingDataModule(RetrievalDataModule):
+    """The data module with the loaders that :class:`cacr.module.RetrievalModule` consumes:
+    step-indexed index batches for training, and a one-item loader per rank for validation
+    (the module scores the whole validation split at the end of the validation loop, rows
+    sharded exactly across ranks by the evaluator)."""
+
+    def __init__(self, *args, num_candidates: int = 31, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_candidates = num_candidates
+
+    @classmethod
+    def from_config(cls, cfg, collator=None, num_candidates: int = 31) -> "TrainingDataModule":
+        dm = super().from_config(cfg, collator=collator)
+        dm.num_candidates = num_candidates
+        return dm
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_pools is None:
+            raise ValueError(f"data {self.name!r}: no training split")
+        trainer = self.trainer
+        if trainer is None or trainer.max_steps is None or trainer.max_steps < 0:
+            raise ValueError("training needs trainer.max_steps (train.max_steps) to lay out its batches")
+        split = self.split("train")
+        txt_lens = torch.tensor([t.numel() for t in split.texts])
+        num_bbs = torch.as_tensor(self.regions.num_regions)[split.image_rows]
+        batches = TrainBatches(self.train_pools, batch_size=self.batch_size, num_candidates=self.num_candidates,
+                               seed=self.seed, txt_lens=txt_lens, num_bbs=num_bbs,
+                               rank=trainer.global_rank, world_size=trainer.world_size)
+        return DataLoader(batches, batch_size=None, sampler=StepRange(trainer.global_step, trainer.max_steps),
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader([0], batch_size=None)
