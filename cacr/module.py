@@ -108,10 +108,8 @@ class RetrievalModule(pl.LightningModule):
         top = scores.topk(k, dim=-1).indices  # (2, B, k)
         return neg_img.gather(1, top[0]), neg_cap.gather(1, top[1])
 
-    def training_step(self, batch: Dict[str, Any], batch_idx: int):
-        step = self.global_step
-        # Dropout draws from a generator seeded by (seed, step, rank): a resumed run repeats them.
-        torch.manual_seed(self.hparams.seed * 1_000_003 + step * self.trainer.world_size + self.global_rank)
+    def compute_losses(self, batch: Dict[str, Any], step: int, total_steps: int) -> Dict[str, Tensor]:
+        """The training losses of one batch (see the module docstring); no logging, no trainer needed."""
         store = self.store("train")
         cap, img, neg_img, neg_cap = batch["cap_idx"], batch["img_idx"], batch["neg_img"], batch["neg_cap"]
         bounds = {"max_txt_len": int(batch["max_txt_len"]), "max_regions": int(batch["max_regions"])}
@@ -126,31 +124,37 @@ class RetrievalModule(pl.LightningModule):
         imgs = torch.cat([img, hard_img.flatten(), img.repeat_interleave(k)])
         pairs = store.batch(caps, imgs, **bounds)
         reg = self.regularizer
-        out = self.model(pairs, score_rows=torch.arange(B, device=self.device) if reg.enabled else None)
+        out = self.model(pairs, score_rows=torch.arange(B, device=caps.device) if reg.enabled else None)
         logits = out.rank_logits
         rank = ranking_loss(logits[:B], logits[B:].view(2, B, k).transpose(0, 1), self.hparams.margin)
-
-        w = reg.weight_at(step, self.total_steps)
-        loss = rank
-        log = {"train/rank_loss": rank, "train/reg_weight": w}
+        w = reg.weight_at(step, total_steps)
+        losses = {"rank_loss": rank, "reg_weight": torch.tensor(w), "loss": rank}
         if reg.enabled:
             blocks = reg.blocks(out.last_scores, pairs.word_index[:B], pairs.word_mask[:B],
                                 pairs.region_index[:B], pairs.region_mask[:B])
             parts = reg(*blocks)
-            loss = rank + w * parts.loss
-            log.update({"train/reg_loss": parts.loss, "train/reg_loss_L": parts.loss_L,
-                        "train/reg_loss_V": parts.loss_V})
-        log["train/loss"] = loss
+            losses.update(loss=rank + w * parts.loss, reg_loss=parts.loss, reg_loss_L=parts.loss_L,
+                          reg_loss_V=parts.loss_V)
+        n_mined = 2 * B * K if self.hparams.mining and K > k else 0
+        losses["pairs"] = torch.tensor(float(B + 2 * B * k + n_mined))
+        return losses
+
+    def training_step(self, batch: Dict[str, Any], batch_idx: int):
+        step = self.global_step
+        # Dropout draws from a generator seeded by (seed, step, rank): a resumed run repeats them.
+        torch.manual_seed(self.hparams.seed * 1_000_003 + step * self.trainer.world_size + self.global_rank)
+        losses = self.compute_losses(batch, step, self.total_steps)
+        B = batch["cap_idx"].shape[0]
+        log = {f"train/{k}": v for k, v in losses.items() if k != "pairs"}
         log["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         now = time.perf_counter()
         if self._t0 is not None:
-            dt = now - self._t0
-            log["train/positives_per_s"] = B / dt
-            log["train/pairs_per_s"] = (B + 2 * B * k + (2 * B * K if self.hparams.mining and K > k else 0)) / dt
+            log["train/positives_per_s"] = B / (now - self._t0)
+            log["train/pairs_per_s"] = float(losses["pairs"]) / (now - self._t0)
         self._t0 = now
-        self.log_dict(log, prog_bar=False, batch_size=B)
-        self.log("loss", loss, prog_bar=True, logger=False, batch_size=B)
-        return loss
+        self.log_dict(log, batch_size=B)
+        self.log("loss", losses["loss"], prog_bar=True, logger=False, batch_size=B)
+        return losses["loss"]
 
     def configure_optimizers(self):
         decay, no_decay = [], []

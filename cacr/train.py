@@ -85,7 +85,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks, loggers) -> pl.Trai
     )
 
 
-def run(cfg: DictConfig) -> Dict[str, Any]:
+def run(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Dict[str, Any]:
     from hydra.utils import instantiate
 
     from cacr.model import UniterCollator
@@ -111,7 +111,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     best = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best-step{step}", monitor="val/rsum", mode="max",
                            save_top_k=1, save_last=True, auto_insert_metric_name=False)
     loggers = build_loggers(cfg, run_dir)
-    trainer = build_trainer(cfg, run_dir, [best], loggers)
+    trainer = build_trainer(cfg, run_dir, [best, *(extra_callbacks or [])], loggers)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
 
     best_path = best.best_model_path or best.last_model_path
