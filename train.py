@@ -10,6 +10,10 @@ All logic lives in cacr.train.run; see conf/train.yaml for every option.
 import hydra
 from omegaconf import DictConfig
 
+from cacr.train import register_resolvers
+
+register_resolvers()  # before Hydra resolves the run and sweep directory names
+
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:

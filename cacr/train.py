@@ -20,6 +20,22 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
+def job_dirname(overrides: str, limit: int = 96) -> str:
+    """A sweep job's directory name from its overrides: no slashes, and at most ``limit``
+    characters (longer names keep their start and a hash of the whole)."""
+    import hashlib
+
+    name = overrides.replace("/", "_") or "default"
+    if len(name) > limit:
+        name = name[: limit - 9] + "-" + hashlib.sha1(overrides.encode()).hexdigest()[:8]
+    return name
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("cacr.dirname"):
+        OmegaConf.register_new_resolver("cacr.dirname", job_dirname)
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run, explained in one message."""
 
