@@ -34,6 +34,8 @@ def job_dirname(overrides: str, limit: int = 96) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("cacr.dirname"):
         OmegaConf.register_new_resolver("cacr.dirname", job_dirname)
+    if not OmegaConf.has_resolver("cacr.first"):  # the first argument that is not null
+        OmegaConf.register_new_resolver("cacr.first", lambda *xs: next((x for x in xs if x is not None), None))
 
 
 class ConfigError(ValueError):
