@@ -259,3 +259,18 @@ def test_datamodule_pickles_after_setup_for_ddp_spawn(tmp_path, in_memory):
         moved = store.to("cpu")
         for x, y in zip(moved.gather(torch.tensor([0, 2])), store.gather(torch.tensor([0, 2]))):
             assert torch.equal(x, y)
+
+
+def test_winoground_store_matches_pairs(tmp_path):
+    from cacr.data.datasets import WinogroundPairs
+    from cacr.model import collate
+
+    dm = _dm(tmp_path)
+    dm.setup()
+    store = dm.winoground_store(layout="padded")
+    ds = WinogroundPairs(dm.winoground)
+    items = [ds[n] for n in range(len(ds))]
+    fast = store.batch(torch.tensor([it.txt_index for it in items]), torch.tensor([it.img_index for it in items]))
+    slow = collate([it.example for it in items], layout="padded")
+    for name in ("input_ids", "img_feat", "img_pos_feat", "attn_mask", "txt_lens", "num_bbs"):
+        torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=0, atol=0, msg=name)

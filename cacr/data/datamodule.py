@@ -151,30 +151,24 @@ class RetrievalDataModule(pl.LightningDataModule):
         return self.split(role).txt2img
 
     def pair_store(self, role: str, layout: str = "compact") -> PairStore:
-        """Every caption and image of ``role`` as padded tensors (``cacr.model.PairStore``, on the CPU).
+        """Every caption and image of ``role`` as padded tensors (``cacr.model.PairStore``, on the CPU);
+        caption ``t`` / image ``j`` are the split's indices.
 
         Images are padded to the split's largest region count: for Flickr30k's training
         split (29k images, up to 100 regions of 2048 fp16) that is about 12 GB.
         """
         s = self.split(role)
-        T = max(t.numel() for t in s.texts)
-        ids = torch.zeros(s.num_texts, T, dtype=torch.long)
-        for i, t in enumerate(s.texts):
-            ids[i, : t.numel()] = t
-        txt_lens = torch.tensor([t.numel() for t in s.texts], dtype=torch.long)
-        if isinstance(self.regions, RegionStore):
-            feat, box, num = self.regions.gather(s.image_rows)  # (N, M, D), (N, M, 6), (N,)
-        else:
-            imgs = [s.image(j) for j in range(s.num_images)]
-            num = torch.tensor([f.shape[0] for f, _ in imgs], dtype=torch.long)
-            M = int(num.max())
-            feat = torch.zeros(s.num_images, M, self.img_dim, dtype=torch.float16)
-            box = torch.zeros(s.num_images, M, 6)
-            for j, (f, b) in enumerate(imgs):
-                feat[j, : len(f)], box[j, : len(f)] = f, b
-        N, M, _ = box.shape
-        pos = boxes_to_7d(box.reshape(N * M, -1)).view(N, M, 7)  # zero rows stay zero
-        return PairStore(ids, txt_lens, feat, pos, num, layout=layout)
+        return _padded_store(s.texts, s.regions, s.image_rows, layout)
+
+    def winoground_store(self, layout: str = "compact") -> PairStore:
+        """The Winoground-format set as a ``PairStore``: caption ``2e + c`` is example ``e``'s
+        ``caption_c`` and image ``2e + i`` its ``image_i`` (as in ``WinogroundPairs``)."""
+        if self.winoground is None:
+            raise ValueError(f"data {self.name!r}: no Winoground-format set configured")
+        w = self.winoground
+        texts = [t for pair in w.texts for t in pair]
+        rows = torch.tensor([w.regions.index(ex[f"image_{i}"]) for ex in w.examples for i in (0, 1)])
+        return _padded_store(texts, w.regions, rows, layout)
 
     def _rank(self):
         t = getattr(self, "trainer", None)
@@ -217,3 +211,23 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state) -> None:
         self.seed = state["seed"]
+
+
+def _padded_store(texts, regions, image_rows: torch.Tensor, layout: str) -> PairStore:
+    T = max(t.numel() for t in texts)
+    ids = torch.zeros(len(texts), T, dtype=torch.long)
+    for i, t in enumerate(texts):
+        ids[i, : t.numel()] = t
+    txt_lens = torch.tensor([t.numel() for t in texts], dtype=torch.long)
+    if isinstance(regions, RegionStore):
+        feat, box, num = regions.gather(image_rows)  # (N, M, D), (N, M, 6), (N,)
+    else:
+        imgs = [regions.get(int(r)) for r in image_rows]
+        num = torch.tensor([f.shape[0] for f, _ in imgs], dtype=torch.long)
+        feat = torch.zeros(len(imgs), int(num.max()), regions.feature_dim, dtype=torch.float16)
+        box = torch.zeros(len(imgs), int(num.max()), 6)
+        for j, (f, b) in enumerate(imgs):
+            feat[j, : len(f)], box[j, : len(f)] = f, b
+    N, M, _ = box.shape
+    pos = boxes_to_7d(box.reshape(N * M, -1)).view(N, M, 7)  # zero rows stay zero
+    return PairStore(ids, txt_lens, feat, pos, num, layout=layout)
