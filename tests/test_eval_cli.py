@@ -121,6 +121,40 @@ def test_winoground_checkpoint_matches_slow_twin(world, ckpt, tmp_path, head, ca
     assert printed.startswith(table)
 
 
+def test_winoground_official_file_through_model_group(world, tmp_path):
+    """model=<option> model.checkpoint=<official-style .pt> with the zero-shot ITM head: a
+    pre-training state dict (``bert.`` keys, ``gamma``/``beta``, fp16, no rank_output)."""
+    paths, data = world
+    small = ["model.config.hidden_size=32", "model.config.num_hidden_layers=2", "model.config.num_attention_heads=2",
+             "model.config.intermediate_size=64", "model.config.initializer_range=0.3"]
+    torch.manual_seed(1)
+    model = build_uniter(tiny_config())
+    official = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("rank_output."):
+            continue
+        k = "bert." + k[len("uniter."):] if k.startswith("uniter.") else k
+        k = k[: -len(".weight")] + ".gamma" if "LayerNorm.weight" in k else k
+        k = k[: -len(".bias")] + ".beta" if "LayerNorm.bias" in k else k
+        official[k] = v.half()
+    torch.save(official, tmp_path / "uniter-tiny.pt")
+    out = tmp_path / "out"
+    cfg = make_cfg("winoground", data + small + ["model=uniter_tiny", f"model.checkpoint={tmp_path / 'uniter-tiny.pt'}",
+                                                 "head=itm", f"output={out}", "n_boot=10", "progress=false",
+                                                 "device=cpu"])
+    res = cli.run_winoground(cfg)
+    assert res["model"] == "uniter-tiny" and res["head"] == "itm"
+    examples = read_winoground_examples(paths.winoground_examples)
+    scores = read_score_file(out / "winoground_scores.jsonl", examples)
+    reference = build_uniter(tiny_config())
+    load_checkpoint(reference, {k: v.float() for k, v in official.items()})
+    wino = WinogroundSet(paths.winoground_examples, paths.winoground_regions,
+                         WordPieceTokenizer.from_vocab_file(paths.vocab))
+    pairs = [wino.pair(e, c, i) for e in range(len(wino)) for c in (0, 1) for i in (0, 1)]
+    torch.testing.assert_close(scores.float(), slow_score(reference.eval(), pairs, "itm").view(-1, 2, 2),
+                               atol=1e-5, rtol=0)
+
+
 def test_winoground_data_layer_inputs_match_datamodule(world):
     """The command line reads the same Winoground texts and test split as training's datamodule."""
     from cacr.data.datamodule import RetrievalDataModule
