@@ -15,7 +15,6 @@ the command lines never import Lightning.
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -26,8 +25,6 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 HEADS = ("rank", "itm")
 SPLIT_ROLES = ("train", "val", "test")
