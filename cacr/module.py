@@ -38,6 +38,15 @@ def ranking_loss(pos: Tensor, neg: Tensor, margin: float) -> Tensor:
     return (margin + neg.float().sigmoid() - s_pos).clamp(min=0).mean()
 
 
+def softmax_ranking_loss(pos: Tensor, neg: Tensor) -> Tensor:
+    """Cross-entropy of the positive against its group of negatives, on logits: ``pos`` (B,),
+    ``neg`` (B, ..., k). Unlike the sigmoid hinge it cannot be satisfied by saturating every
+    score, so it also trains a model from scratch (the synthetic world)."""
+    pos = pos.float().view(pos.shape[0], *([1] * (neg.dim() - 1))).expand(*neg.shape[:-1], 1)
+    logits = torch.cat([pos, neg.float()], dim=-1).flatten(0, -2)  # (groups, 1 + k)
+    return torch.nn.functional.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long))
+
+
 def warmup_linear_decay(step: int, warmup_steps: int, total_steps: int) -> float:
     """Learning-rate factor: linear warmup to 1 over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
     if warmup_steps > 0 and step < warmup_steps:
@@ -57,6 +66,7 @@ class RetrievalModule(pl.LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 500,
         margin: float = 0.2,
+        ranking: str = "hinge",
         num_negatives: int = 31,
         mining: bool = True,
         mining_batch_size: int = 1024,
@@ -66,6 +76,8 @@ class RetrievalModule(pl.LightningModule):
         score_head: str = "rank",
     ):
         super().__init__()
+        if ranking not in ("hinge", "softmax"):
+            raise ValueError(f"module.ranking must be 'hinge' (official) or 'softmax', got {ranking!r}")
         self.model = model
         self.regularizer = regularizer
         self.save_hyperparameters(ignore=["model", "regularizer"])
@@ -126,7 +138,11 @@ class RetrievalModule(pl.LightningModule):
         reg = self.regularizer
         out = self.model(pairs, score_rows=torch.arange(B, device=caps.device) if reg.enabled else None)
         logits = out.rank_logits
-        rank = ranking_loss(logits[:B], logits[B:].view(2, B, k).transpose(0, 1), self.hparams.margin)
+        neg = logits[B:].view(2, B, k).transpose(0, 1)  # (B, 2, k): "t" and "i" groups
+        if self.hparams.ranking == "hinge":
+            rank = ranking_loss(logits[:B], neg, self.hparams.margin)
+        else:
+            rank = softmax_ranking_loss(logits[:B], neg)
         w = reg.weight_at(step, total_steps)
         losses = {"rank_loss": rank, "reg_weight": torch.tensor(w), "loss": rank}
         if reg.enabled:

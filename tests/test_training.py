@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from cacr.model import collate
-from cacr.module import RetrievalModule, ranking_loss, warmup_linear_decay
+from cacr.module import RetrievalModule, ranking_loss, softmax_ranking_loss, warmup_linear_decay
 from cacr.train import run
 from cacr.train_data import TrainBatches, TrainingDataModule
 
@@ -41,6 +41,13 @@ def test_ranking_loss_matches_a_loop():
             for j in range(3):
                 want.append(max(0.0, 0.2 + torch.sigmoid(neg[b, d, j]).item() - torch.sigmoid(pos[b]).item()))
     assert ranking_loss(pos, neg, 0.2).item() == pytest.approx(sum(want) / len(want), abs=1e-6)
+
+
+def test_softmax_ranking_loss_matches_a_loop():
+    g = torch.Generator().manual_seed(1)
+    pos, neg = torch.randn(4, generator=g), torch.randn(4, 2, 3, generator=g)
+    want = [-torch.log_softmax(torch.cat([pos[b:b + 1], neg[b, d]]), 0)[0] for b in range(4) for d in range(2)]
+    assert softmax_ranking_loss(pos, neg).item() == pytest.approx(torch.stack(want).mean().item(), abs=1e-6)
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
