@@ -54,7 +54,7 @@ def _run_dir(cfg: DictConfig) -> Path:
 
 
 def _check_paths(cfg: DictConfig) -> None:
-    from cacr.data.datamodule import resolve_path
+    from cacr.paths import resolve_path
 
     for key in ("ckpt_path",):
         p = cfg.get(key)
@@ -76,20 +76,41 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> List[Any]:
     if kind == "wandb":
         from pytorch_lightning.loggers import WandbLogger
 
-        mode = "offline" if cfg.logger.offline else "online"
-        group = cfg.logger.group or os.environ.get("CACR_SWEEP_GROUP")
-        return [WandbLogger(project=cfg.logger.project, save_dir=str(run_dir), offline=cfg.logger.offline,
-                            group=group, tags=list(cfg.logger.tags), name=run_dir.name,
-                            config=OmegaConf.to_container(cfg, resolve=True),
-                            settings=_wandb_settings(mode))]
+        return [WandbLogger(experiment=_wandb_run(cfg, run_dir))]
     raise ConfigError(f"logger.kind={kind!r}: expected csv, wandb or none")
 
 
-def _wandb_settings(mode: str):
+def _sweep_name() -> Optional[str]:
+    """The sweep directory's name for a Hydra multirun job (its wandb group), else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        return Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+    except (ImportError, ValueError):
+        return None
+
+
+def _wandb_run(cfg: DictConfig, run_dir: Path):
+    """One wandb run per job (rank 0 only: Lightning's loggers log from rank 0). Online mode
+    that cannot reach the server within ``init_timeout`` falls back to offline mode
+    (``wandb sync`` uploads it later): a run never hangs or fails for lack of network."""
     import wandb
 
-    # Never hang on a missing network: give up quickly and fall back to offline.
-    return wandb.Settings(mode=mode, init_timeout=30, silent=True)
+    from pytorch_lightning.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return None
+    kwargs = dict(project=cfg.logger.project, dir=str(run_dir), name=run_dir.name,
+                  group=cfg.logger.group or _sweep_name(), tags=list(cfg.logger.tags),
+                  config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
+    if not cfg.logger.offline:
+        try:
+            return wandb.init(mode="online", settings=wandb.Settings(init_timeout=30), **kwargs)
+        except Exception as e:  # noqa: BLE001 - any failure to go online means: log offline
+            log.warning("wandb could not start online (%s: %s); logging offline to %s", type(e).__name__, e, run_dir)
+    return wandb.init(mode="offline", **kwargs)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks, loggers) -> pl.Trainer:
@@ -130,25 +151,41 @@ def run(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Dict[st
                            save_top_k=1, save_last=True, auto_insert_metric_name=False)
     loggers = build_loggers(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, [best, *(extra_callbacks or [])], loggers)
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
 
-    best_path = best.best_model_path or best.last_model_path
-    results: Dict[str, Any] = {"best_checkpoint": best_path, "run_dir": str(run_dir)}
-    if best_path:
-        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
-    results.update(module.final_evaluation(test=cfg.eval.test, winoground=cfg.eval.winoground,
-                                           n_boot=cfg.eval.n_boot, output_dir=run_dir))
-    if trainer.is_global_zero:
-        from cacr.evaluation.scorefile import write_results_json
+        best_path = best.best_model_path or best.last_model_path
+        results: Dict[str, Any] = {"best_checkpoint": best_path, "run_dir": str(run_dir)}
+        if best_path:
+            state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+            module.load_state_dict(state)
+        results.update(module.final_evaluation(test=cfg.eval.test, winoground=cfg.eval.winoground,
+                                               n_boot=cfg.eval.n_boot, output_dir=run_dir))
+        if trainer.is_global_zero:
+            from cacr.evaluation.scorefile import write_results_json
 
-        write_results_json(run_dir / "results.json", results)
-    for lg in loggers:
-        if hasattr(lg, "experiment") and cfg.logger.kind == "wandb":
+            write_results_json(run_dir / "results.json", results)
+            if cfg.logger.kind == "wandb":
+                import wandb
+
+                if wandb.run is not None:
+                    wandb.run.summary.update(_flat(results))
+    finally:
+        if cfg.logger.kind == "wandb":
             import wandb
 
             wandb.finish()
     return results
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float, str)):
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _fmt(x) -> str:

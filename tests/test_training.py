@@ -186,6 +186,7 @@ def test_every_experiment_config_composes_and_builds(name):
     assert model.config.hidden_size in (768, 1024)
     assert cfg.module.num_negatives == 31 and cfg.train.num_candidates == 399 and cfg.module.lr == 5e-5
     assert cfg.trainer.precision == "bf16-mixed" and cfg.data.name == "flickr30k"
+    assert cfg.module.ranking == "hinge" and cfg.module.mining is True
 
 
 def test_config_errors_are_one_line(tmp_path):

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from cacr.model import PairStore, UniterCollator, boxes_to_7d
+from cacr.paths import resolve_path
 
 from .datasets import (AllPairs, IndexedCollator, PositivePairs, RegionCaps, RegionStore, RetrievalSplit, TrainPools,
                        WinogroundPairs, WinogroundSet, build_split, open_regions, shard_rows)
@@ -30,20 +31,6 @@ CONFIG_KEYS = ("name", "source", "root", "regions", "captions", "tokenizer", "wi
                "winoground_regions", "vocab_size", "img_dim", "train_split", "val_split", "test_split",
                "conf_th", "min_bb", "max_bb", "max_txt_len", "batch_size", "eval_batch_size", "num_workers",
                "in_memory", "store_device", "val_max_images", "seed", "synthetic")
-
-
-def resolve_path(p) -> Optional[Path]:
-    """A config path; relative paths are taken from the launch directory (Hydra changes cwd)."""
-    if p is None:
-        return None
-    p = Path(str(p)).expanduser()
-    if p.is_absolute():
-        return p
-    try:
-        from hydra.utils import get_original_cwd
-        return Path(get_original_cwd()) / p
-    except (ImportError, ValueError):
-        return Path.cwd() / p
 
 
 class RetrievalDataModule(pl.LightningDataModule):

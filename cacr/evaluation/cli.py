@@ -26,6 +26,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from cacr.paths import resolve_path
+
 HEADS = ("rank", "itm")
 SPLIT_ROLES = ("train", "val", "test")
 
@@ -35,21 +37,6 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------- paths, output
-
-
-def resolve_path(p) -> Optional[Path]:
-    """A path from the command line, relative to the launch directory."""
-    if p is None:
-        return None
-    p = Path(str(p)).expanduser()
-    if p.is_absolute():
-        return p
-    try:
-        from hydra.utils import get_original_cwd
-
-        return Path(get_original_cwd()) / p
-    except (ImportError, ValueError):
-        return Path.cwd() / p
 
 
 def existing_file(p, what: str) -> Path:
