@@ -19,13 +19,12 @@ Everything in the step is batched over positives; no host synchronisation is nee
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Dict, Optional
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from cacr.evaluation.evaluators import evaluate_retrieval, evaluate_winoground
 from cacr.model import PairStore, UniterForImageTextRetrieval

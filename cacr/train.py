@@ -7,9 +7,7 @@ writes ``results.json`` in the run directory and returns its contents.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -200,8 +198,6 @@ def main_entry(cfg: DictConfig) -> Dict[str, Any]:
         results = run(cfg)
     except (ConfigError, FileNotFoundError) as e:
         sys.exit(f"train.py: {e}")
-    import pytorch_lightning as _pl  # noqa: F401
-
     from pytorch_lightning.utilities import rank_zero_only
 
     @rank_zero_only

@@ -13,7 +13,7 @@ device from a :class:`cacr.model.PairStore` by the training module.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch import Tensor

@@ -126,7 +126,7 @@ def test_batch_index_tensors_point_at_each_examples_words_and_regions():
         joint_src = torch.cat([batch.input_ids, -1 - torch.arange(batch.img_feat.shape[1]).expand(len(examples), -1)], 1)
         joint = joint_src if batch.gather_index is None else torch.gather(joint_src, 1, batch.gather_index)
         for b, ex in enumerate(examples):
-            t, m = ex.input_ids.numel(), ex.img_feat.shape[0]
+            m = ex.img_feat.shape[0]
             assert joint[b][batch.attn_mask[b]].tolist() == ex.input_ids.tolist() + [-1 - r for r in range(m)]
             words = joint[b, batch.word_index[b][batch.word_mask[b]]]
             assert words.tolist() == ex.input_ids[1:-1].tolist()

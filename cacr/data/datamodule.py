@@ -9,7 +9,6 @@ with ``use_distributed_sampler=False``: evaluation then sees every pair exactly 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import pytorch_lightning as pl

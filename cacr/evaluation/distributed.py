@@ -11,7 +11,7 @@ Everything works without an initialised process group (one process, world size 1
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Tuple
 
 import torch
 import torch.distributed as dist

@@ -9,7 +9,6 @@ import functools
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-import torch
 from torch import nn
 
 from .engine import score_matrix, score_winoground
