@@ -146,13 +146,18 @@ def run(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Dict[st
 
     ckpt_dir = run_dir / "checkpoints"
     best = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best-step{step}", monitor="val/rsum", mode="max",
-                           save_top_k=1, save_last=True, auto_insert_metric_name=False)
+                           save_top_k=1, auto_insert_metric_name=False)
+    # last.ckpt: the latest state, written every validation interval and at the end of
+    # training whatever the metric did (ModelCheckpoint's save_last only follows new bests).
+    last = ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1,
+                           every_n_train_steps=int(cfg.eval.val_every_n_steps), save_on_train_epoch_end=True,
+                           enable_version_counter=False)
     loggers = build_loggers(cfg, run_dir)
-    trainer = build_trainer(cfg, run_dir, [best, *(extra_callbacks or [])], loggers)
+    trainer = build_trainer(cfg, run_dir, [best, last, *(extra_callbacks or [])], loggers)
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
 
-        best_path = best.best_model_path or best.last_model_path
+        best_path = best.best_model_path or last.best_model_path
         results: Dict[str, Any] = {"best_checkpoint": best_path, "run_dir": str(run_dir)}
         if best_path:
             state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]

@@ -168,7 +168,7 @@ def test_resume_continues_exactly(tmp_path):
     resumed = run(compose_train(tmp_path / "cut", *common, f"ckpt_path={last}", f"run_dir={tmp_path / 'resumed'}"))
     a = torch.load(tmp_path / "full" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 6
+    assert (a["global_step"], b["global_step"]) == (6, 6)
     for k in a["state_dict"]:
         assert torch.allclose(a["state_dict"][k], b["state_dict"][k], atol=1e-6), k
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"]
