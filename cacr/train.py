@@ -54,13 +54,9 @@ def _run_dir(cfg: DictConfig) -> Path:
 def _check_paths(cfg: DictConfig) -> None:
     from cacr.paths import resolve_path
 
-    for key in ("ckpt_path",):
-        p = cfg.get(key)
+    for key, p in (("ckpt_path", cfg.get("ckpt_path")), ("model.checkpoint", cfg.model.get("checkpoint"))):
         if p and not resolve_path(p).is_file():
             raise ConfigError(f"{key}={p}: checkpoint not found")
-    p = cfg.model.get("checkpoint")
-    if p and not resolve_path(p).is_file():
-        raise ConfigError(f"model.checkpoint={p}: checkpoint not found")
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> List[Any]:
