@@ -101,22 +101,53 @@ class RetrievalModule(pl.LightningModule):
         return steps
 
     # ------------------------------------------------------------------ training
+    @staticmethod
+    def mining_pairs(batch: Dict[str, Any]):
+        """The ``2BK`` candidate pairs of a batch: ``caps``, ``imgs`` (2BK,), "t" direction first."""
+        cap, img, neg_img, neg_cap = batch["cap_idx"], batch["img_idx"], batch["neg_img"], batch["neg_cap"]
+        K = neg_img.shape[1]
+        return (torch.cat([cap.repeat_interleave(K), neg_cap.flatten()]),
+                torch.cat([neg_img.flatten(), img.repeat_interleave(K)]))
+
+    def add_mining_plan(self, batch: Dict[str, Any], store: PairStore) -> Dict[str, Any]:
+        """Sort the batch's candidate pairs by length and cut them into mining batches with
+        exact widths, on the host while the indices are still there (Lightning calls this
+        before moving the batch): mining then pads each batch to its own longest pair, not to
+        the data's, and still never synchronises with the device."""
+        if self.hparams.mining and batch["neg_img"].shape[1] > self.hparams.num_negatives:
+            caps, imgs = self.mining_pairs(batch)
+            batch["mine_order"], batch["mine_chunks"] = store.length_plan(caps, imgs, self.hparams.mining_batch_size)
+        return batch
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer.training and isinstance(batch, dict) and "neg_img" in batch:
+            batch = self.add_mining_plan(batch, self.store("train"))  # the plan reads the lengths kept on the host
+        return batch
+
     @torch.no_grad()
-    def mine(self, store: PairStore, cap: Tensor, img: Tensor, neg_img: Tensor, neg_cap: Tensor, k: int,
-             bounds: Dict[str, int]):
-        """The ``k`` highest-scoring candidates of each direction, scored in eval mode."""
+    def mine(self, store: PairStore, batch: Dict[str, Any], k: int, bounds: Dict[str, int]):
+        """The ``k`` highest-scoring candidates of each direction, scored in eval mode, in the
+        batch's mining plan if it has one (:meth:`add_mining_plan`), else in fixed-size
+        batches padded to ``bounds``."""
+        neg_img, neg_cap = batch["neg_img"], batch["neg_cap"]
         B, K = neg_img.shape
-        caps = torch.cat([cap.repeat_interleave(K), neg_cap.flatten()])  # (2BK,)
-        imgs = torch.cat([neg_img.flatten(), img.repeat_interleave(K)])
+        caps, imgs = self.mining_pairs(batch)  # (2BK,)
         was_training = self.model.training
         self.model.eval()
-        scores = []
-        for s in range(0, caps.numel(), self.hparams.mining_batch_size):
-            e = s + self.hparams.mining_batch_size
-            scores.append(self.model.score(store.batch(caps[s:e], imgs[s:e], **bounds)))
+        if "mine_chunks" in batch:
+            order = batch["mine_order"].to(caps.device, non_blocking=True)
+            caps, imgs = caps[order], imgs[order]
+            chunks = batch["mine_chunks"]
+        else:
+            n = self.hparams.mining_batch_size
+            chunks = [(s, min(s + n, caps.numel()), bounds["max_txt_len"], bounds["max_regions"])
+                      for s in range(0, caps.numel(), n)]
+        scores = torch.cat([self.model.score(store.batch(caps[s:e], imgs[s:e], max_txt_len=lt, max_regions=lv))
+                            for s, e, lt, lv in chunks]).float()
+        if "mine_chunks" in batch:
+            scores = torch.empty_like(scores).index_copy_(0, order, scores)  # back to the batch's order
         self.model.train(was_training)
-        scores = torch.cat(scores).view(2, B, K)
-        top = scores.topk(k, dim=-1).indices  # (2, B, k)
+        top = scores.view(2, B, K).topk(k, dim=-1).indices  # (2, B, k)
         return neg_img.gather(1, top[0]), neg_cap.gather(1, top[1])
 
     def compute_losses(self, batch: Dict[str, Any], step: int, total_steps: int) -> Dict[str, Tensor]:
@@ -127,7 +158,7 @@ class RetrievalModule(pl.LightningModule):
         B, K = neg_img.shape
         k = min(self.hparams.num_negatives, K)
         if self.hparams.mining and K > k:
-            hard_img, hard_cap = self.mine(store, cap, img, neg_img, neg_cap, k, bounds)
+            hard_img, hard_cap = self.mine(store, batch, k, bounds)
         else:
             hard_img, hard_cap = neg_img[:, :k], neg_cap[:, :k]
 

@@ -46,3 +46,25 @@ def test_store_rejects_mismatched_tensors():
     with pytest.raises(ValueError, match="img_pos_feat"):
         PairStore(torch.zeros(2, 4, dtype=torch.long), torch.tensor([3, 4]), torch.zeros(3, 5, 8),
                   torch.zeros(3, 5, 6), torch.tensor([1, 2, 3]))
+
+
+def test_length_plan_sorts_pairs_and_bounds_each_chunk_exactly():
+    gen = torch.Generator().manual_seed(1)
+    caps = [torch.randint(1, 50, (int(n),), generator=gen) for n in torch.randint(3, 12, (9,), generator=gen)]
+    imgs = [(torch.randn(int(m), 4, generator=gen), torch.rand(int(m), 4, generator=gen))
+            for m in torch.randint(1, 8, (7,), generator=gen)]
+    store = PairStore.from_examples(caps, imgs)
+    c = torch.randint(0, 9, (23,), generator=gen)
+    i = torch.randint(0, 7, (23,), generator=gen)
+    order, chunks = store.length_plan(c, i, batch_size=5)
+    assert sorted(order.tolist()) == list(range(23))
+    joint = torch.tensor([caps[a].numel() + imgs[b][0].shape[0] for a, b in zip(c[order].tolist(), i[order].tolist())])
+    assert (joint[:-1] >= joint[1:]).all()
+    assert [(s, e) for s, e, _, _ in chunks] == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]
+    for s, e, lt, lv in chunks:
+        idx = order[s:e]
+        assert lt == max(caps[a].numel() for a in c[idx].tolist())
+        assert lv == max(imgs[b][0].shape[0] for b in i[idx].tolist())
+        exact = store.batch(c[idx], i[idx])  # widths from the host lengths
+        planned = store.batch(c[idx], i[idx], max_txt_len=lt, max_regions=lv)
+        assert planned.input_ids.shape == exact.input_ids.shape and planned.img_feat.shape == exact.img_feat.shape

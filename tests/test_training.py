@@ -96,17 +96,22 @@ def test_ranks_split_the_global_batch(tiny_dm):
         assert sorted(both.tolist()) == sorted(one[step]["cap_idx"].tolist())
 
 
-def test_batched_training_step_equals_a_loop_over_positives(tiny_dm):
-    """Mining, the packed training batch and both losses, against one positive at a time through collate."""
+@pytest.mark.parametrize("plan", [False, True], ids=["padded-mining", "length-planned-mining"])
+def test_batched_training_step_equals_a_loop_over_positives(tiny_dm, plan):
+    """Mining (in fixed batches padded to the bounds, or in the length-sorted plan made on the
+    host), the packed training batch and both losses, against one positive at a time through collate."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["model.config.hidden_dropout_prob=0", "model.config.attention_probs_dropout_prob=0",
                                           "model.config.hidden_size=32", "model.config.num_hidden_layers=2",
                                           "model.config.intermediate_size=64"])
     model = instantiate(cfg.model)
     reg = instantiate(cfg.loss, schedule="constant")
-    module = RetrievalModule(model, reg, num_negatives=2, mining=True)
+    module = RetrievalModule(model, reg, num_negatives=2, mining=True, mining_batch_size=5)
     module.stores["train"] = tiny_dm.pair_store("train")
     batch = _batches(tiny_dm)[3]
+    if plan:
+        batch = module.add_mining_plan(dict(batch), module.stores["train"])
+        assert len(batch["mine_chunks"]) == 10  # 48 candidate pairs in batches of 5
     got = {k: float(v) for k, v in module.compute_losses(batch, step=4, total_steps=10).items()}
     assert got["pairs"] == 4 + 2 * 4 * 2 + 2 * 4 * 6
 
@@ -135,9 +140,20 @@ def test_batched_training_step_equals_a_loop_over_positives(tiny_dm):
 
 
 @pytest.mark.parametrize("loss", ["none", "cacr", "iais_singular", "iais_distributed"])
-def test_a_short_run_for_every_loss(tmp_path, loss):
-    cfg = compose_train(tmp_path, f"loss={loss}", "train.max_steps=2", "eval.val_every_n_steps=2")
+def test_a_short_run_for_every_loss(tmp_path, loss, monkeypatch):
+    mining = loss in ("cacr", "iais_distributed")
+    planned = []
+    original = RetrievalModule.mine
+
+    def spy(self, store, batch, *args):
+        planned.append("mine_chunks" in batch)
+        return original(self, store, batch, *args)
+
+    monkeypatch.setattr(RetrievalModule, "mine", spy)
+    cfg = compose_train(tmp_path, f"loss={loss}", "train.max_steps=2", "eval.val_every_n_steps=2",
+                        f"module.mining={str(mining).lower()}")
     results = run(cfg)
+    assert planned == ([True, True] if mining else [])  # Lightning's batch hook made the mining plan
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["best_checkpoint"].endswith(".ckpt") and Path(saved["best_checkpoint"]).is_file()
     for k in ("ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10", "rsum"):

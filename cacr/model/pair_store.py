@@ -82,6 +82,24 @@ class PairStore:
         return PairStore(self.input_ids.to(device), self.txt_lens_cpu, self.img_feat.to(device),
                          self.img_pos_feat.to(device), self.num_bbs_cpu, layout=self.layout)
 
+    def length_plan(self, cap_idx: Tensor, img_idx: Tensor, batch_size: int):
+        """Batches of similar lengths for the pairs ``(cap_idx[k], img_idx[k])`` (CPU indices):
+        returns ``order`` (P,), the pairs sorted by joint length (longest first), and
+        ``chunks``, one ``(start, end, max_txt_len, max_regions)`` per batch of ``order``.
+        Computed on the host from the lengths kept there, so that the batches can then be
+        cut from device indices with exact bounds and no synchronisation."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        t = self.txt_lens_cpu[cap_idx.cpu()]
+        m = self.num_bbs_cpu[img_idx.cpu()]
+        order = torch.argsort(t + m, descending=True, stable=True)  # (P,)
+        t, m = t[order], m[order]
+        chunks = []
+        for s in range(0, len(order), batch_size):
+            e = min(s + batch_size, len(order))
+            chunks.append((s, e, int(t[s:e].max()), int(m[s:e].max())))
+        return order, chunks
+
     def batch(self, cap_idx: Tensor, img_idx: Tensor, *, max_txt_len: Optional[int] = None,
               max_regions: Optional[int] = None) -> UniterBatch:
         """The batch of pairs ``(cap_idx[k], img_idx[k])``; both (P,) long tensors."""
