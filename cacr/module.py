@@ -109,25 +109,28 @@ class RetrievalModule(pl.LightningModule):
         return (torch.cat([cap.repeat_interleave(K), neg_cap.flatten()]),
                 torch.cat([neg_img.flatten(), img.repeat_interleave(K)]))
 
-    def add_mining_plan(self, batch: Dict[str, Any], store: PairStore) -> Dict[str, Any]:
-        """Sort the batch's candidate pairs by length and cut them into mining batches with
-        exact widths, on the host while the indices are still there (Lightning calls this
-        before moving the batch): mining then pads each batch to its own longest pair, not to
-        the data's, and still never synchronises with the device."""
+    def prepare_batch(self, batch: Dict[str, Any], store: PairStore) -> Dict[str, Any]:
+        """Host-side work on a training batch while its indices are still on the CPU
+        (Lightning calls this before moving the batch): the width bounds become Python ints,
+        and with mining the candidate pairs are sorted by length and cut into mining batches
+        with exact widths, so that mining pads each batch to its own longest pair rather than
+        to the data's. The step on the device then never synchronises with the host."""
+        batch = dict(batch)
+        batch["max_txt_len"], batch["max_regions"] = int(batch["max_txt_len"]), int(batch["max_regions"])
         if self.hparams.mining and batch["neg_img"].shape[1] > self.hparams.num_negatives:
             caps, imgs = self.mining_pairs(batch)
             batch["mine_order"], batch["mine_chunks"] = store.length_plan(caps, imgs, self.hparams.mining_batch_size)
         return batch
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        if self.trainer.training and isinstance(batch, dict) and "neg_img" in batch:
-            batch = self.add_mining_plan(batch, self.store("train"))  # the plan reads the lengths kept on the host
+        if isinstance(batch, dict) and "neg_img" in batch:
+            batch = self.prepare_batch(batch, self.store("train"))  # the plan reads the lengths kept on the host
         return batch
 
     @torch.no_grad()
     def mine(self, store: PairStore, batch: Dict[str, Any], k: int, bounds: Dict[str, int]):
         """The ``k`` highest-scoring candidates of each direction, scored in eval mode, in the
-        batch's mining plan if it has one (:meth:`add_mining_plan`), else in fixed-size
+        batch's mining plan if it has one (:meth:`prepare_batch`), else in fixed-size
         batches padded to ``bounds``."""
         neg_img, neg_cap = batch["neg_img"], batch["neg_cap"]
         B, K = neg_img.shape

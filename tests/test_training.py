@@ -110,7 +110,7 @@ def test_batched_training_step_equals_a_loop_over_positives(tiny_dm, plan):
     module.stores["train"] = tiny_dm.pair_store("train")
     batch = _batches(tiny_dm)[3]
     if plan:
-        batch = module.add_mining_plan(dict(batch), module.stores["train"])
+        batch = module.prepare_batch(batch, module.stores["train"])
         assert len(batch["mine_chunks"]) == 10  # 48 candidate pairs in batches of 5
     got = {k: float(v) for k, v in module.compute_losses(batch, step=4, total_steps=10).items()}
     assert got["pairs"] == 4 + 2 * 4 * 2 + 2 * 4 * 6

@@ -1,0 +1,416 @@
+"""Speed and memory of UNITER-base retrieval evaluation and hard-negative training, each
+against a plain reference kept in this file, on whatever device it runs; prints a table and
+writes JSON.
+
+Inputs follow a Flickr-like length mix: captions of 8..40 word pieces (plus [CLS]/[SEP]),
+images of 10..100 regions of 2048-d features (fp16, as the official feature databases),
+both uniform. Weights are random (speed does not depend on them).
+
+1. Device rate: the dense matmul rate the device reaches here (bf16 on a GPU, fp32 on a
+   CPU, which is also timed in bf16 to show why it is not used there). Every utilisation
+   below is achieved model FLOP/s over this measured rate.
+2. Evaluation: ``cacr.evaluation.score_pairs`` (pairs sorted by joint length, batches cut
+   from a PairStore on the device, compact layout, fused attention, bf16 autocast on a
+   GPU) against the reference: the public code's approach, one caption against chunks of
+   images, each batch padded to its longest caption and longest image, explicit
+   attention, fp32. Useful FLOPs are counted on the real lengths, so padding is waste.
+   Also the largest score difference and the R@1 agreement (same best image per caption).
+3. Training: one hard-negative step (mining ``2 B K`` candidates without gradient in eval
+   mode, training on ``B + 2Bk`` pairs with backward, the regularizer on the positives,
+   grad clip, AdamW) through ``RetrievalModule.compute_losses``, against the reference
+   step (padded layout, explicit attention, fp32, the regularizer one example at a time).
+   The regularizer's share is its own forward+backward time over the step time.
+
+Run: ``python experiments/benchmark.py [--device cuda] [--json out.json]``; the CPU
+defaults are small (UNITER-base scores ~10 pairs/s on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_regularizers import LOSSES, loop_loss  # noqa: E402
+
+from cacr.evaluation import score_pairs  # noqa: E402
+from cacr.model import PairExample, PairStore, UniterConfig, UniterForImageTextRetrieval, collate  # noqa: E402
+from cacr.module import RetrievalModule, ranking_loss  # noqa: E402
+from cacr.regularizers import Regularizer  # noqa: E402
+
+CLS, SEP = 101, 102
+MIN_WORDS, MAX_WORDS, MIN_REGIONS, MAX_REGIONS, IMG_DIM = 8, 40, 10, 100, 2048
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def flickr_like(n_cap: int, n_img: int, gen: torch.Generator):
+    """Random captions ``[CLS] w.. [SEP]`` and images ``(fp16 features, 4-d boxes)`` of the length mix."""
+    caps = []
+    for t in torch.randint(MIN_WORDS, MAX_WORDS + 1, (n_cap,), generator=gen).tolist():
+        caps.append(torch.cat([torch.tensor([CLS]), torch.randint(1000, 28000, (t,), generator=gen),
+                               torch.tensor([SEP])]))
+    imgs = []
+    for m in torch.randint(MIN_REGIONS, MAX_REGIONS + 1, (n_img,), generator=gen).tolist():
+        xy = torch.rand(m, 2, generator=gen) * 0.7
+        wh = torch.rand(m, 2, generator=gen) * 0.3 + 0.01
+        feat = torch.rand(m, IMG_DIM, generator=gen).to(torch.float16)
+        imgs.append((feat, torch.cat([xy, xy + wh], dim=1)))
+    return caps, imgs
+
+
+def pair_flops(cfg: UniterConfig, t, m):
+    """Forward FLOPs of one pair (t text tokens incl. [CLS]/[SEP], m regions): the matmuls of
+    the region embedding and of every layer (QKV + output projection, FFN, QK^T and PV)."""
+    H, F_, D = cfg.hidden_size, cfg.intermediate_size, cfg.img_dim
+    L = t + m
+    per_layer = 8 * L * H * H + 4 * L * H * F_ + 4 * L * L * H
+    return 2 * m * D * H + 2 * m * 7 * H + cfg.num_hidden_layers * per_layer
+
+
+def matmul_rate(device, dtype, n=None, reps=10):
+    """Achieved FLOP/s of a square matmul of size n (8192 on a GPU, 2048 on a CPU)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    for _ in range(2):
+        a @ b
+    reps = reps if device.type == "cuda" else max(2, reps // 4)
+    dt, _ = timed(lambda: [a @ b for _ in range(reps)], device)
+    return 2 * n**3 * reps / dt
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+def reference_scores(model, pairs, caps, imgs, chunk, device):
+    """The public code's evaluation: each caption against chunks of images, padded batches,
+    explicit attention (the model passed is in eager mode), fp32, under no_grad."""
+    out = torch.empty(len(pairs))
+    with torch.no_grad():
+        for s in range(0, len(pairs), chunk):
+            rows = pairs[s:s + chunk].tolist()
+            batch = collate([PairExample(caps[c], imgs[i][0].float(), imgs[i][1]) for c, i in rows],
+                            layout="padded", img_dim=IMG_DIM).to(device)
+            out[s:s + len(rows)] = model.score(batch).float().cpu()
+    return out
+
+
+def r1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of rows (captions) whose best column (image) is the same in both score matrices."""
+    return float((a.argmax(1) == b.argmax(1)).float().mean())
+
+
+def bench_eval(model, device, n_cap, n_img, ref_cap, batch_size, ref_chunk, gen):
+    cfg = model.config
+    caps, imgs = flickr_like(n_cap, n_img, gen)
+    t_len = torch.tensor([c.numel() for c in caps])
+    m_len = torch.tensor([f.shape[0] for f, _ in imgs])
+    pairs = torch.stack(torch.meshgrid(torch.arange(n_cap), torch.arange(n_img), indexing="ij"), -1).view(-1, 2)
+    flops = pair_flops(cfg, t_len[pairs[:, 0]].double(), m_len[pairs[:, 1]].double()).sum().item()
+    gpu = device.type == "cuda"
+    fast = model.eval()
+    fast.set_attn_impl("sdpa")
+    res = {"pairs": len(pairs), "captions": n_cap, "images": n_img, "flops_per_pair": flops / len(pairs)}
+
+    def run_fast(bf16, ps=pairs):
+        return score_pairs(lambda b: fast.score(b), ps, caps, imgs, batch_size=batch_size, device=device, bf16=bf16)
+
+    variants = [("project_bf16", True), ("project_fp32", False)] if gpu else [("project_fp32", False)]
+    scores = {}
+    for name, bf16 in variants:
+        run_fast(bf16, pairs[: min(len(pairs), 2 * batch_size)])  # warm-up
+        reset_peak(device)
+        dt, s = timed(lambda: run_fast(bf16), device)
+        scores[name] = s.view(n_cap, n_img)
+        res[name] = {"seconds": dt, "pairs_per_s": len(pairs) / dt, "flop_per_s": flops / dt, "peak_gib": peak_gib(device)}
+
+    ref = copy.deepcopy(model).eval()
+    ref.set_attn_impl("eager")
+    ref_pairs = pairs[: ref_cap * n_img]
+    ref_flops = pair_flops(cfg, t_len[ref_pairs[:, 0]].double(), m_len[ref_pairs[:, 1]].double()).sum().item()
+    reference_scores(ref, ref_pairs[:ref_chunk], caps, imgs, ref_chunk, device)  # warm-up
+    reset_peak(device)
+    dt, s_ref = timed(lambda: reference_scores(ref, ref_pairs, caps, imgs, ref_chunk, device), device)
+    s_ref = s_ref.view(ref_cap, n_img)
+    res["reference_fp32_eager_padded"] = {"seconds": dt, "pairs": len(ref_pairs), "pairs_per_s": len(ref_pairs) / dt,
+                                          "flop_per_s": ref_flops / dt, "peak_gib": peak_gib(device)}
+    fp32 = scores["project_fp32"][:ref_cap]
+    res["fidelity"] = {"fp32_vs_reference_max_abs": float((fp32 - s_ref).abs().max()),
+                       "score_std": float(s_ref.std())}
+    if gpu:
+        b, f = scores["project_bf16"], scores["project_fp32"]
+        res["fidelity"].update(bf16_vs_fp32_max_abs=float((b - f).abs().max()), bf16_vs_fp32_r1_agreement=r1_agreement(b, f),
+                               fp32_score_std=float(f.std()))
+    del ref
+    return res
+
+
+# ---------------------------------------------------------------------------------------- training
+def training_inputs(n_items, B, K, gen):
+    """B positives (caption c with image c) and K random candidate negatives per direction."""
+    cap = torch.randperm(n_items, generator=gen)[:B]
+    neg = torch.randint(0, n_items - 1, (2, B, K), generator=gen)
+    neg = neg + (neg >= cap[None, :, None]).long()  # never the positive itself
+    return {"cap_idx": cap, "img_idx": cap.clone(), "neg_img": neg[0], "neg_cap": neg[1],
+            "max_txt_len": torch.tensor(MAX_WORDS + 2), "max_regions": torch.tensor(MAX_REGIONS)}
+
+
+def make_optimizer(model, lr=5e-5):
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+
+
+def project_step(module, opt, batch, device, bf16):
+    """What Lightning does with a training batch: host-side preparation (mining plan), the move
+    to the device, the losses under autocast, backward, clip, AdamW."""
+    batch = module.prepare_batch(batch, module.stores["train"])
+    batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    opt.zero_grad(set_to_none=True)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else torch.autocast(device.type, enabled=False)
+    with ctx:
+        losses = module.compute_losses(batch, step=100, total_steps=1000)
+    losses["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(module.model.parameters(), 2.0)
+    opt.step()
+    return losses
+
+
+def reference_step(model, opt, store, batch, k, reg_name, mining_chunk):
+    """The public code's step: padded batches (each padded to its longest item, lengths read on
+    the host), explicit attention, fp32, the regularizer one example at a time."""
+    cap, img, neg_img, neg_cap = batch["cap_idx"], batch["img_idx"], batch["neg_img"], batch["neg_cap"]
+    B, K = neg_img.shape
+    caps = torch.cat([cap.repeat_interleave(K), neg_cap.flatten()])
+    imgs = torch.cat([neg_img.flatten(), img.repeat_interleave(K)])
+    model.eval()
+    with torch.no_grad():
+        sc = torch.cat([model.score(store.batch(caps[s:s + mining_chunk], imgs[s:s + mining_chunk]))
+                        for s in range(0, len(caps), mining_chunk)]).view(2, B, K)
+    top = sc.topk(k, dim=-1).indices.cpu()
+    hard_img, hard_cap = neg_img.gather(1, top[0]), neg_cap.gather(1, top[1])
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    pairs = store.batch(torch.cat([cap, cap.repeat_interleave(k), hard_cap.flatten()]),
+                        torch.cat([img, hard_img.flatten(), img.repeat_interleave(k)]))
+    out = model(pairs, score_rows=torch.arange(B, device=pairs.input_ids.device) if reg_name != "none" else None)
+    loss = ranking_loss(out.rank_logits[:B], out.rank_logits[B:].view(2, B, k).transpose(0, 1), 0.2)
+    if reg_name != "none":
+        loss = loss + loop_loss(LOSSES[reg_name], out.last_scores, pairs.word_index[:B], pairs.word_mask[:B],
+                                pairs.region_index[:B], pairs.region_mask[:B])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+    opt.step()
+    return loss
+
+
+def regularizer_time(model, store, batch, reg_name, device, reps):
+    """The regularizer's own forward+backward on the positives: last-layer scores recomputed
+    from Q and K (as the model does for ``score_rows``), relation blocks, loss."""
+    B = batch["cap_idx"].shape[0]
+    pairs = store.batch(batch["cap_idx"].to(device), batch["img_idx"].to(device),
+                        max_txt_len=MAX_WORDS + 2, max_regions=MAX_REGIONS)
+    cfg = model.config
+    h, d = cfg.num_attention_heads, cfg.head_dim
+    L = pairs.attn_mask.shape[1]
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(B, h, L, d, device=device, generator=gen, requires_grad=True)
+    k = torch.randn(B, h, L, d, device=device, generator=gen, requires_grad=True)
+    reg = Regularizer(reg_name)
+    idx = (pairs.word_index, pairs.word_mask, pairs.region_index, pairs.region_mask)
+
+    def one():
+        q.grad = k.grad = None
+        s = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, h, L, L)
+        reg(*reg.blocks(s, *idx)).loss.backward()
+
+    one()
+    times = [timed(one, device)[0] for _ in range(reps)]
+    return statistics.median(times)
+
+
+def bench_train(model, device, n_items, B, K, k, reps, ref_reps, mining_batch, gen):
+    cfg = model.config
+    gpu = device.type == "cuda"
+    caps, imgs = flickr_like(n_items, n_items, gen)
+    t_len = torch.tensor([c.numel() for c in caps])
+    m_len = torch.tensor([f.shape[0] for f, _ in imgs])
+    store = PairStore.from_examples(caps, imgs, feat_dtype=torch.float16 if gpu else torch.float32).to(device)
+    batches = [training_inputs(n_items, B, K, gen) for _ in range(reps + 2)]
+
+    def step_flops(b):
+        """Mining forward FLOPs + 3x the forward FLOPs of the trained pairs (forward + backward)."""
+        cap, img, ni, nc = b["cap_idx"], b["img_idx"], b["neg_img"], b["neg_cap"]
+        mine = pair_flops(cfg, t_len[cap].repeat_interleave(K).double(), m_len[ni.flatten()].double()).sum()
+        mine += pair_flops(cfg, t_len[nc.flatten()].double(), m_len[img].repeat_interleave(K).double()).sum()
+        # the trained negatives are the mined ones: count them at the candidates' mean cost
+        pos = pair_flops(cfg, t_len[cap].double(), m_len[img].double()).sum()
+        per_neg = mine / (2 * B * K)
+        return float(mine + 3 * (pos + 2 * B * k * per_neg))
+
+    res = {"positives": B, "candidates": K, "hard_negatives": k,
+           "pairs_per_step": B + 2 * B * k + 2 * B * K}
+    for reg_name in ("cacr", "none"):
+        module = RetrievalModule(model, Regularizer(reg_name), num_negatives=k, mining=True,
+                                 mining_batch_size=mining_batch, ranking="hinge").to(device)
+        module.stores["train"] = store
+        opt = make_optimizer(module.model)
+        model.set_attn_impl("sdpa")
+        project_step(module, opt, batches[0], device, gpu)
+        reset_peak(device)
+        times = []
+        for b in batches[1:1 + reps]:
+            times.append(timed(lambda: project_step(module, opt, b, device, gpu), device)[0])
+        dt = statistics.median(times)
+        fl = statistics.mean(step_flops(b) for b in batches[1:1 + reps])
+        res[f"project_{reg_name}"] = {"seconds_per_step": dt, "positives_per_s": B / dt,
+                                      "pairs_per_s": res["pairs_per_step"] / dt, "flop_per_s": fl / dt,
+                                      "peak_gib": peak_gib(device)}
+        del opt
+    res["regularizer_seconds"] = {name: regularizer_time(model, store, batches[0], name, device, 10)
+                                  for name in ("cacr", "iais_singular", "iais_distributed")}
+    res["regularizer_share"] = {name: t / res["project_cacr"]["seconds_per_step"]
+                                for name, t in res["regularizer_seconds"].items()}
+
+    ref = copy.deepcopy(model).float()
+    ref.set_attn_impl("eager")
+    ref_store = PairStore(store.input_ids, store.txt_lens_cpu, store.img_feat.float(), store.img_pos_feat,
+                          store.num_bbs_cpu, layout="padded")
+    opt = make_optimizer(ref)
+    reference_step(ref, opt, ref_store, batches[0], k, "cacr", mining_batch)
+    reset_peak(device)
+    times = [timed(lambda: reference_step(ref, opt, ref_store, b, k, "cacr", mining_batch), device)[0]
+             for b in batches[1:1 + ref_reps]]
+    dt = statistics.median(times)
+    fl = statistics.mean(step_flops(b) for b in batches[1:1 + ref_reps])
+    res["reference_cacr"] = {"seconds_per_step": dt, "positives_per_s": B / dt,
+                             "pairs_per_s": res["pairs_per_step"] / dt, "flop_per_s": fl / dt,
+                             "peak_gib": peak_gib(device)}
+    return res
+
+
+# ---------------------------------------------------------------------------------------- report
+def describe_device(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}")
+
+
+def report(r):
+    rate = r["device_rate"]
+    peak = rate["model_dtype_flop_per_s"]
+    lines = [f"device: {r['device']}",
+             "matmul rate: " + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in rate.items()
+                                         if k.endswith("_flop_per_s") and k != "model_dtype_flop_per_s"),
+             f"utilisation below = achieved model FLOP/s / {rate['model_dtype']} matmul rate ({peak / 1e12:.3g} TFLOP/s)"]
+    if "eval" in r:
+        e = r["eval"]
+        lines += ["", f"Evaluation, UNITER-base, {e['captions']} captions x {e['images']} images "
+                      f"({e['flops_per_pair'] / 1e9:.1f} GFLOP per pair on average)",
+                  f"{'path':<30}{'pairs/s':>10}{'util':>8}{'peak GiB':>10}{'x ref':>8}"]
+        base = e["reference_fp32_eager_padded"]["pairs_per_s"]
+        for name in ("project_bf16", "project_fp32", "reference_fp32_eager_padded"):
+            if name in e:
+                x = e[name]
+                mem = "-" if x["peak_gib"] is None else f"{x['peak_gib']:.2f}"
+                lines.append(f"{name:<30}{x['pairs_per_s']:>10.1f}{100 * x['flop_per_s'] / peak:>7.1f}%"
+                             f"{mem:>10}{x['pairs_per_s'] / base:>7.2f}x")
+        best = e.get("project_bf16", e["project_fp32"])["pairs_per_s"]
+        lines.append(f"full Flickr30k test ranking (5000 x 1000 pairs) at this rate: {5e6 / best / 60:.1f} min")
+        lines.append("fidelity: " + ", ".join(f"{k} {v:.3g}" for k, v in e["fidelity"].items()))
+    if "train" in r:
+        t = r["train"]
+        lines += ["", f"Training step, UNITER-base: {t['positives']} positives, {t['candidates']} candidates mined per "
+                      f"direction, {t['hard_negatives']} hard negatives kept ({t['pairs_per_step']} pairs scored)",
+                  f"{'path':<20}{'s/step':>9}{'pos/s':>9}{'pairs/s':>10}{'util':>8}{'peak GiB':>10}{'x ref':>8}"]
+        base = t["reference_cacr"]["seconds_per_step"]
+        for name in ("project_cacr", "project_none", "reference_cacr"):
+            x = t[name]
+            mem = "-" if x["peak_gib"] is None else f"{x['peak_gib']:.2f}"
+            lines.append(f"{name:<20}{x['seconds_per_step']:>9.3f}{x['positives_per_s']:>9.2f}{x['pairs_per_s']:>10.1f}"
+                         f"{100 * x['flop_per_s'] / peak:>7.1f}%{mem:>10}{base / x['seconds_per_step']:>7.2f}x")
+        lines.append("regularizer fwd+bwd: " + ", ".join(
+            f"{k} {1e3 * v:.2f} ms ({100 * t['regularizer_share'][k]:.2f}% of the CACR step)"
+            for k, v in t["regularizer_seconds"].items()))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--parts", default="eval,train")
+    ap.add_argument("--captions", type=int, default=None, help="eval captions (default 100 GPU, 2 CPU)")
+    ap.add_argument("--images", type=int, default=None, help="eval images (default 1000 GPU, 32 CPU)")
+    ap.add_argument("--ref-captions", type=int, default=None, help="captions the reference scores (default 10 GPU, 1 CPU)")
+    ap.add_argument("--batch-size", type=int, default=None, help="eval pairs per batch (default 1024 GPU, 32 CPU)")
+    ap.add_argument("--positives", type=int, default=None, help="training positives per step (default 4 GPU, 1 CPU)")
+    ap.add_argument("--candidates", type=int, default=None, help="mined candidates per direction (default 399 GPU, 7 CPU)")
+    ap.add_argument("--hard", type=int, default=None, help="hard negatives kept (default 31 GPU, 3 CPU)")
+    ap.add_argument("--reps", type=int, default=None, help="timed training steps (default 5 GPU, 2 CPU)")
+    ap.add_argument("--layers", type=int, default=12, help="encoder layers (12 = UNITER-base; fewer for a quick check)")
+    ap.add_argument("--json", default=None, help="write the figures here")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    pick = lambda v, g, c: v if v is not None else (g if gpu else c)  # noqa: E731
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+
+    r = {"device": describe_device(device), "date": time.strftime("%Y-%m-%d")}
+    rate = {"model_dtype": "bf16" if gpu else "fp32"}
+    rate["fp32_flop_per_s"] = matmul_rate(device, torch.float32)
+    rate["bf16_flop_per_s"] = matmul_rate(device, torch.bfloat16, n=None if gpu else 512)
+    rate["model_dtype_flop_per_s"] = rate["bf16_flop_per_s" if gpu else "fp32_flop_per_s"]
+    r["device_rate"] = rate
+    model = UniterForImageTextRetrieval(UniterConfig(num_hidden_layers=args.layers, img_dim=IMG_DIM)).to(device)
+    parts = {p.strip() for p in args.parts.split(",")}
+    if "eval" in parts:
+        r["eval"] = bench_eval(model, device, pick(args.captions, 100, 2), pick(args.images, 1000, 32),
+                               pick(args.ref_captions, 10, 1), pick(args.batch_size, 1024, 32),
+                               pick(args.batch_size, 400, 32), gen)
+    if "train" in parts:
+        r["train"] = bench_train(model, device, 2000 if gpu else 64, pick(args.positives, 4, 1),
+                                 pick(args.candidates, 399, 7), pick(args.hard, 31, 3), pick(args.reps, 5, 2),
+                                 2 if gpu else 1, 1024 if gpu else 32, gen)
+    text = report(r)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.json).with_suffix(".tmp")
+        tmp.write_text(json.dumps(r, indent=1))
+        tmp.replace(args.json)
+    return r
+
+
+if __name__ == "__main__":
+    main()
