@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rel-threshold", type=float, default=0.5,
                    help="other boxes drawn in red: attention >= this fraction of the word's maximum")
     p.add_argument("--max-others", type=int, default=3, help="at most this many red boxes per word")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA if visible) | cpu | cuda | cuda:N")
     p.add_argument("--wandb", action="store_true",
                    help="log the PNGs to the active wandb run, or to a new offline run in --out")
     p.add_argument("--wandb-project", default="cacr")

@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalisation", choices=("block", "joint"), default="block")
     p.add_argument("--max-examples", type=int, default=None, help="only the first N examples")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA if visible) | cpu | cuda | cuda:N")
     p.add_argument("--wandb", action="store_true",
                    help="log the scatter plot to the active wandb run, or to a new offline run in --out")
     p.add_argument("--wandb-project", default="cacr")

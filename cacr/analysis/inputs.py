@@ -76,7 +76,7 @@ def compose_config(ckpt: Optional[str], overrides: Sequence[str]) -> DictConfig:
         raise ValueError(f"configuration: {e}") from None
 
 
-def open_sources(ckpt: Optional[str], overrides: Sequence[str], device: str = "cpu") -> Sources:
+def open_sources(ckpt: Optional[str], overrides: Sequence[str], device: str = "auto") -> Sources:
     from cacr.evaluation.cli import build_model, check_head, data_files, load_tokenizer, select_device
 
     cfg = compose_config(ckpt, overrides)
