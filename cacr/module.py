@@ -143,10 +143,12 @@ class RetrievalModule(pl.LightningModule):
             chunks = batch["mine_chunks"]
         else:
             n = self.hparams.mining_batch_size
-            chunks = [(s, min(s + n, caps.numel()), bounds["max_txt_len"], bounds["max_regions"])
+            lj = bounds["max_txt_len"] + bounds["max_regions"]
+            chunks = [(s, min(s + n, caps.numel()), bounds["max_txt_len"], bounds["max_regions"], lj)
                       for s in range(0, caps.numel(), n)]
-        scores = torch.cat([self.model.score(store.batch(caps[s:e], imgs[s:e], max_txt_len=lt, max_regions=lv))
-                            for s, e, lt, lv in chunks]).float()
+        scores = torch.cat([self.model.score(store.batch(caps[s:e], imgs[s:e], max_txt_len=lt, max_regions=lv,
+                                                         max_len=lj))
+                            for s, e, lt, lv, lj in chunks]).float()
         if "mine_chunks" in batch:
             scores = torch.empty_like(scores).index_copy_(0, order, scores)  # back to the batch's order
         self.model.train(was_training)

@@ -60,11 +60,27 @@ def test_length_plan_sorts_pairs_and_bounds_each_chunk_exactly():
     assert sorted(order.tolist()) == list(range(23))
     joint = torch.tensor([caps[a].numel() + imgs[b][0].shape[0] for a, b in zip(c[order].tolist(), i[order].tolist())])
     assert (joint[:-1] >= joint[1:]).all()
-    assert [(s, e) for s, e, _, _ in chunks] == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]
-    for s, e, lt, lv in chunks:
+    assert [(s, e) for s, e, *_ in chunks] == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]
+    for s, e, lt, lv, lj in chunks:
         idx = order[s:e]
         assert lt == max(caps[a].numel() for a in c[idx].tolist())
         assert lv == max(imgs[b][0].shape[0] for b in i[idx].tolist())
+        assert lj == int(joint[s:e].max())
         exact = store.batch(c[idx], i[idx])  # widths from the host lengths
-        planned = store.batch(c[idx], i[idx], max_txt_len=lt, max_regions=lv)
-        assert planned.input_ids.shape == exact.input_ids.shape and planned.img_feat.shape == exact.img_feat.shape
+        planned = store.batch(c[idx], i[idx], max_txt_len=lt, max_regions=lv, max_len=lj)
+        for got in (exact, planned):
+            assert got.input_ids.shape[1] == lt and got.img_feat.shape[1] == lv and got.attn_mask.shape[1] == lj
+
+
+@pytest.mark.parametrize("bounds", [{}, {"max_txt_len": 30, "max_regions": 20}], ids=["exact", "loose"])
+def test_compact_batches_of_any_width_score_alike(bounds):
+    """The compact layout's width: exact (max t + m, from the host) or the sync-free bound Lt + Lv."""
+    examples = random_examples(12, seed=4, max_t=15, max_m=12)
+    store = PairStore.from_examples([e.input_ids for e in examples], [(e.img_feat, e.img_pos_feat) for e in examples])
+    idx = torch.arange(12)
+    batch = store.batch(idx, idx, **bounds)
+    joint = max(e.input_ids.numel() + e.img_feat.shape[0] for e in examples)
+    assert batch.attn_mask.shape[1] == (joint if not bounds else batch.input_ids.shape[1] + batch.img_feat.shape[1])
+    model = tiny_model()
+    with torch.no_grad():
+        assert torch.allclose(model.score(batch), model.score(collate(examples)), atol=1e-5)

@@ -85,7 +85,8 @@ class PairStore:
     def length_plan(self, cap_idx: Tensor, img_idx: Tensor, batch_size: int):
         """Batches of similar lengths for the pairs ``(cap_idx[k], img_idx[k])`` (CPU indices):
         returns ``order`` (P,), the pairs sorted by joint length (longest first), and
-        ``chunks``, one ``(start, end, max_txt_len, max_regions)`` per batch of ``order``.
+        ``chunks``, one ``(start, end, max_txt_len, max_regions, max_len)`` per batch of
+        ``order`` (``max_len``: the longest joint length ``t + m``, the compact layout's width).
         Computed on the host from the lengths kept there, so that the batches can then be
         cut from device indices with exact bounds and no synchronisation."""
         if batch_size < 1:
@@ -97,19 +98,28 @@ class PairStore:
         chunks = []
         for s in range(0, len(order), batch_size):
             e = min(s + batch_size, len(order))
-            chunks.append((s, e, int(t[s:e].max()), int(m[s:e].max())))
+            chunks.append((s, e, int(t[s:e].max()), int(m[s:e].max()), int((t[s:e] + m[s:e]).max())))
         return order, chunks
 
     def batch(self, cap_idx: Tensor, img_idx: Tensor, *, max_txt_len: Optional[int] = None,
-              max_regions: Optional[int] = None) -> UniterBatch:
-        """The batch of pairs ``(cap_idx[k], img_idx[k])``; both (P,) long tensors."""
+              max_regions: Optional[int] = None, max_len: Optional[int] = None) -> UniterBatch:
+        """The batch of pairs ``(cap_idx[k], img_idx[k])``; both (P,) long tensors.
+
+        Widths not given are read from the lengths kept on the host (exact, but a sync for
+        device indices): ``max_txt_len`` and ``max_regions`` bound the text and region parts,
+        ``max_len`` the joint length ``t + m`` of the compact layout (default: exact when the
+        lengths are read from the host, else ``max_txt_len + max_regions``)."""
         if cap_idx.shape != img_idx.shape or cap_idx.dim() != 1:
             raise ValueError(f"cap_idx and img_idx must be 1-d of equal length, got {tuple(cap_idx.shape)} "
                              f"and {tuple(img_idx.shape)}")
-        if max_txt_len is None:
-            max_txt_len = int(self.txt_lens_cpu[cap_idx.cpu()].max())
-        if max_regions is None:
-            max_regions = int(self.num_bbs_cpu[img_idx.cpu()].max())
+        if max_txt_len is None or max_regions is None:
+            t_host, m_host = self.txt_lens_cpu[cap_idx.cpu()], self.num_bbs_cpu[img_idx.cpu()]
+            if max_txt_len is None:
+                max_txt_len = int(t_host.max())
+            if max_regions is None:
+                max_regions = int(m_host.max())
+            if max_len is None:
+                max_len = int((t_host + m_host).max())
         Lt, Lv = max_txt_len, max_regions
         dev = self.input_ids.device
         cap_idx, img_idx = cap_idx.to(dev, non_blocking=True), img_idx.to(dev, non_blocking=True)
@@ -119,24 +129,25 @@ class PairStore:
         img_pos_feat = self.img_pos_feat[img_idx, :Lv]  # (P, Lv, 7)
         t = self.txt_lens[cap_idx]  # (P,)
         m = self.num_bbs[img_idx]
-        return pair_batch_from_padded(input_ids, t, img_feat, img_pos_feat, m, layout=self.layout)
+        return pair_batch_from_padded(input_ids, t, img_feat, img_pos_feat, m, layout=self.layout, max_len=max_len)
 
 
 def pair_batch_from_padded(input_ids: Tensor, txt_lens: Tensor, img_feat: Tensor, img_pos_feat: Tensor,
-                           num_bbs: Tensor, *, layout: str = "compact") -> UniterBatch:
+                           num_bbs: Tensor, *, layout: str = "compact", max_len: Optional[int] = None) -> UniterBatch:
     """:class:`UniterBatch` from already padded tensors, with tensor ops only (no host sync).
 
     ``Lt`` and ``Lv`` (the widths of ``input_ids`` and ``img_feat``) must cover every item.
 
-    The joint length of the compact layout is bounded by ``Lt + Lv`` (the exact maximum of
-    ``t + m`` would need a sync); extra tail columns are padding and change no output.
+    The compact layout is ``max_len`` wide (it must cover every ``t + m``; the caller knows
+    it from host-side lengths), else ``Lt + Lv``, which needs no sync; extra tail columns
+    are padding and change no output.
     """
     P, Lt = input_ids.shape
     Lv = img_feat.shape[1]
     dev = input_ids.device
     t, m = txt_lens, num_bbs
     if layout == "compact":
-        L = Lt + Lv
+        L = Lt + Lv if max_len is None else min(max_len, Lt + Lv)
         ar = torch.arange(L, device=dev)[None, :]
         gather_index = torch.where(ar < t[:, None], ar, Lt + ar - t[:, None]).clamp(max=Lt + Lv - 1)
         attn_mask = ar < (t + m)[:, None]
