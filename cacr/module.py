@@ -73,6 +73,7 @@ class RetrievalModule(pl.LightningModule):
         eval_bf16: bool = False,
         seed: int = 42,
         score_head: str = "rank",
+        compile_scoring: bool = False,
     ):
         super().__init__()
         if ranking not in ("hinge", "softmax"):
@@ -146,8 +147,8 @@ class RetrievalModule(pl.LightningModule):
             lj = bounds["max_txt_len"] + bounds["max_regions"]
             chunks = [(s, min(s + n, caps.numel()), bounds["max_txt_len"], bounds["max_regions"], lj)
                       for s in range(0, caps.numel(), n)]
-        scores = torch.cat([self.model.score(store.batch(caps[s:e], imgs[s:e], max_txt_len=lt, max_regions=lv,
-                                                         max_len=lj))
+        score = self.model.scorer(compile=self.hparams.compile_scoring)
+        scores = torch.cat([score(store.batch(caps[s:e], imgs[s:e], max_txt_len=lt, max_regions=lv, max_len=lj))
                             for s, e, lt, lv, lj in chunks]).float()
         if "mine_chunks" in batch:
             scores = torch.empty_like(scores).index_copy_(0, order, scores)  # back to the batch's order
@@ -238,7 +239,8 @@ class RetrievalModule(pl.LightningModule):
         return None
 
     def on_validation_epoch_end(self):
-        metrics = self._evaluate(evaluate_retrieval, self.trainer.datamodule.split("val"))
+        metrics = self._evaluate(evaluate_retrieval, self.trainer.datamodule.split("val"),
+                                 compile=self.hparams.compile_scoring)
         # Every rank computed the same gathered metrics: no reduction needed.
         self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, rank_zero_only=False)
 
@@ -248,7 +250,8 @@ class RetrievalModule(pl.LightningModule):
         dm = self.trainer.datamodule
         out: Dict[str, Any] = {}
         if test and "test" in dm.splits:
-            out["retrieval"] = self._evaluate(evaluate_retrieval, dm.split("test"), progress=True)
+            out["retrieval"] = self._evaluate(evaluate_retrieval, dm.split("test"), progress=True,
+                                              compile=self.hparams.compile_scoring)
         if winoground and dm.winoground is not None:
             scores, res = self._evaluate(evaluate_winoground, dm.winoground, progress=True, n_boot=n_boot,
                                          seed=self.hparams.seed)

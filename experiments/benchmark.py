@@ -143,7 +143,7 @@ def bench_eval(model, device, n_cap, n_img, ref_cap, batch_size, ref_chunk, gen,
     fast.set_attn_impl("sdpa")
     res = {"pairs": len(pairs), "captions": n_cap, "images": n_img, "flops_per_pair": flops / len(pairs)}
 
-    compiled = torch.compile(fast.score, dynamic=True) if compile_ else None
+    compiled = fast.scorer(compile=True) if compile_ else None
 
     def run_fast(bf16, ps=pairs, fn=fast.score):
         return score_pairs(lambda b: fn(b), ps, caps, imgs, batch_size=batch_size, device=device, bf16=bf16)
@@ -271,7 +271,7 @@ def regularizer_time(model, store, batch, reg_name, device, reps):
     return statistics.median(times)
 
 
-def bench_train(model, device, n_items, B, K, k, reps, ref_reps, mining_batch, gen):
+def bench_train(model, device, n_items, B, K, k, reps, ref_reps, mining_batch, gen, compile_=False):
     cfg = model.config
     gpu = device.type == "cuda"
     caps, imgs = flickr_like(n_items, n_items, gen)
@@ -292,22 +292,23 @@ def bench_train(model, device, n_items, B, K, k, reps, ref_reps, mining_batch, g
 
     res = {"positives": B, "candidates": K, "hard_negatives": k,
            "pairs_per_step": B + 2 * B * k + 2 * B * K}
-    for reg_name in ("cacr", "none"):
+    variants = [("cacr", False), ("none", False)] + ([("cacr", True)] if compile_ else [])
+    for reg_name, comp in variants:
+        name = f"project_{reg_name}" + ("_compiled" if comp else "")
         module = RetrievalModule(model, Regularizer(reg_name), num_negatives=k, mining=True,
-                                 mining_batch_size=mining_batch, ranking="hinge").to(device)
+                                 mining_batch_size=mining_batch, ranking="hinge", compile_scoring=comp).to(device)
         module.stores["train"] = store
         opt = make_optimizer(module.model)
         model.set_attn_impl("sdpa")
-        project_step(module, opt, batches[0], device, gpu)
+        t_warm, _ = timed(lambda: project_step(module, opt, batches[0], device, gpu), device)
         reset_peak(device)
         times = []
         for b in batches[1:1 + reps]:
             times.append(timed(lambda: project_step(module, opt, b, device, gpu), device)[0])
         dt = statistics.median(times)
         fl = statistics.mean(step_flops(b) for b in batches[1:1 + reps])
-        res[f"project_{reg_name}"] = {"seconds_per_step": dt, "positives_per_s": B / dt,
-                                      "pairs_per_s": res["pairs_per_step"] / dt, "flop_per_s": fl / dt,
-                                      "peak_gib": peak_gib(device)}
+        res[name] = {"seconds_per_step": dt, "positives_per_s": B / dt, "pairs_per_s": res["pairs_per_step"] / dt,
+                     "flop_per_s": fl / dt, "peak_gib": peak_gib(device), "warmup_seconds": t_warm}
         del opt
     res["regularizer_seconds"] = {name: regularizer_time(model, store, batches[0], name, device, 10)
                                   for name in ("cacr", "iais_singular", "iais_distributed")}
@@ -370,7 +371,9 @@ def report(r):
                       f"direction, {t['hard_negatives']} hard negatives kept ({t['pairs_per_step']} pairs scored)",
                   f"{'path':<20}{'s/step':>9}{'pos/s':>9}{'pairs/s':>10}{'util':>8}{'peak GiB':>10}{'x ref':>8}"]
         base = t["reference_cacr"]["seconds_per_step"]
-        for name in ("project_cacr", "project_none", "reference_cacr"):
+        for name in ("project_cacr", "project_cacr_compiled", "project_none", "reference_cacr"):
+            if name not in t:
+                continue
             x = t[name]
             mem = "-" if x["peak_gib"] is None else f"{x['peak_gib']:.2f}"
             lines.append(f"{name:<20}{x['seconds_per_step']:>9.3f}{x['positives_per_s']:>9.2f}{x['pairs_per_s']:>10.1f}"
@@ -394,7 +397,8 @@ def main(argv=None):
     ap.add_argument("--hard", type=int, default=None, help="hard negatives kept (default 31 GPU, 3 CPU)")
     ap.add_argument("--reps", type=int, default=None, help="timed training steps (default 5 GPU, 2 CPU)")
     ap.add_argument("--layers", type=int, default=12, help="encoder layers (12 = UNITER-base; fewer for a quick check)")
-    ap.add_argument("--compile", action="store_true", help="also time evaluation through torch.compile (dynamic shapes)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time evaluation and training with torch.compile'd scoring (model.scorer(compile=True))")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -418,7 +422,7 @@ def main(argv=None):
     if "train" in parts:
         r["train"] = bench_train(model, device, 2000 if gpu else 64, pick(args.positives, 4, 1),
                                  pick(args.candidates, 399, 7), pick(args.hard, 31, 3), pick(args.reps, 5, 2),
-                                 2 if gpu else 1, 1024 if gpu else 32, gen)
+                                 2 if gpu else 1, 1024 if gpu else 32, gen, compile_=args.compile)
     text = report(r)
     print(text)
     if args.json:

@@ -17,9 +17,11 @@ from .scorefile import EXAMPLE_FIELDS, WinogroundExample, example_tag_sets, read
 from .winoground_metrics import winoground_results
 
 
-def _score_fn(model: nn.Module, head: str):
+def _score_fn(model: nn.Module, head: str, compile: bool = False):
     if model.training:
         raise ValueError("evaluation needs the model in eval mode (dropout off): call model.eval()")
+    if compile:
+        return model.scorer(head, compile=True)
     return functools.partial(model.score, head=head)
 
 
@@ -33,13 +35,15 @@ def evaluate_retrieval(
     bf16: bool = False,
     progress: bool = False,
     save_scores: Optional[Path] = None,
+    compile: bool = False,
 ) -> Dict[str, float]:
     """R@1/5/10 both ways, means and R-sum (percent) of every caption of ``split`` (a
     ``cacr.data.datasets.RetrievalSplit``) against every image; ``save_scores`` writes the
-    score matrix with caption and image ids (rank 0) so the metrics can be recomputed."""
+    score matrix with caption and image ids (rank 0) so the metrics can be recomputed;
+    ``compile`` scores through ``model.scorer(head, compile=True)`` (torch.compile)."""
     device = device or next(model.parameters()).device
     scores = score_matrix(
-        _score_fn(model, head),
+        _score_fn(model, head, compile),
         split.texts,
         split.image,
         num_captions=split.num_texts,

@@ -13,6 +13,7 @@ rows, recomputed from the same Q and K, without touching the fused path of any r
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -282,6 +283,20 @@ class UniterForImageTextRetrieval(nn.Module):
             last_hidden=hidden,
             last_scores=scores,
         )
+
+    def scorer(self, head: str = "rank", compile: bool = False):
+        """The scoring function that mining and evaluation call on batches: :meth:`score` with
+        ``head``, or the same through ``torch.compile`` with dynamic shapes (compiled on first
+        use, once per model and head; it fuses the elementwise work between the matmuls, and
+        its ~40 s of compilation pays from a few hundred thousand pairs on)."""
+        if head not in ("rank", "itm"):
+            raise ValueError(f"head must be 'rank' or 'itm', got {head!r}")
+        if not compile:
+            return functools.partial(self.score, head=head)
+        cache = self.__dict__.setdefault("_compiled_scorers", {})
+        if head not in cache:
+            cache[head] = torch.compile(functools.partial(self.score, head=head), dynamic=True)
+        return cache[head]
 
     def score(self, batch: UniterBatch, head: str = "rank") -> Tensor:
         """One score per pair: the retrieval logit (``head="rank"``), or for a zero-shot
