@@ -252,3 +252,17 @@ def test_fused_and_explicit_attention_agree_on_gpu_in_bf16():
         model.set_attn_impl("eager")
         explicit = model(batch).rank_logits.float()
     assert (fused - explicit).abs().max() < 2e-2
+
+
+def test_scorer_gives_score_with_its_head_and_caches_the_compiled_one():
+    model = tiny_model()
+    batch = collate(random_examples(6, seed=3))
+    with torch.no_grad():
+        for head in ("rank", "itm"):
+            assert torch.equal(model.scorer(head)(batch), model.score(batch, head=head))
+    # Compilation is lazy (first call) and happens once per model and head; its numerics are
+    # checked on a GPU by experiments/benchmark.py --compile (compiling on 2 CPU cores takes minutes).
+    assert model.scorer(compile=True) is model.scorer(compile=True)
+    assert model.scorer("itm", compile=True) is not model.scorer("rank", compile=True)
+    with pytest.raises(ValueError, match="head must be 'rank' or 'itm'"):
+        model.scorer("match")
