@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from cacr.evaluation.evaluators import evaluate_retrieval, evaluate_winoground
-from cacr.model import PairStore, UniterForImageTextRetrieval
+from cacr.model import PairStore, UniterBatch, UniterForImageTextRetrieval
 from cacr.regularizers import Regularizer
 
 
@@ -44,6 +44,28 @@ def softmax_ranking_loss(pos: Tensor, neg: Tensor) -> Tensor:
     pos = pos.float().view(pos.shape[0], *([1] * (neg.dim() - 1))).expand(*neg.shape[:-1], 1)
     logits = torch.cat([pos, neg.float()], dim=-1).flatten(0, -2)  # (groups, 1 + k)
     return torch.nn.functional.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long))
+
+
+def word_region_alignment_logits(words: Tensor, word_mask: Tensor, regions: Tensor, region_mask: Tensor,
+                                  temperature: float) -> Tensor:
+    """In-batch late-interaction scores before fusion: ``s[a, b]`` is the mean over the words of
+    caption ``a`` of their best cosine similarity with a region of image ``b``, over
+    ``temperature``. ``words`` (B, n, H) with ``word_mask`` (B, n); ``regions`` (B, m, H) with
+    ``region_mask`` (B, m). Returns (B, B) logits, captions along the rows."""
+    w = torch.nn.functional.normalize(words.float(), dim=-1)
+    r = torch.nn.functional.normalize(regions.float(), dim=-1)
+    sim = torch.einsum("anh,bmh->abnm", w, r)  # (B, B, n, m)
+    sim = sim.masked_fill(~region_mask[None, :, None, :], float("-inf")).amax(-1)  # (B, B, n)
+    wm = word_mask[:, None, :].to(sim.dtype)  # (B, 1, n)
+    best = (sim.nan_to_num(0.0, neginf=0.0) * wm).sum(-1) / wm.sum(-1).clamp(min=1)  # (B, B)
+    return best / temperature
+
+
+def alignment_loss(logits: Tensor) -> Tensor:
+    """Symmetric in-batch InfoNCE on (B, B) caption-image logits whose diagonal holds the true pairs."""
+    target = torch.arange(logits.shape[0], device=logits.device)
+    ce = torch.nn.functional.cross_entropy
+    return 0.5 * (ce(logits, target) + ce(logits.t(), target))
 
 
 def warmup_linear_decay(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -68,12 +90,15 @@ class RetrievalModule(pl.LightningModule):
         ranking: str = "hinge",
         num_negatives: int = 31,
         mining: bool = True,
+        mining_start: int = 0,
         mining_batch_size: int = 1024,
         eval_batch_size: int = 1024,
         eval_bf16: bool = False,
         seed: int = 42,
         score_head: str = "rank",
         compile_scoring: bool = False,
+        align_weight: float = 0.0,
+        align_temperature: float = 0.1,
     ):
         super().__init__()
         if ranking not in ("hinge", "softmax"):
@@ -118,10 +143,14 @@ class RetrievalModule(pl.LightningModule):
         to the data's. The step on the device then never synchronises with the host."""
         batch = dict(batch)
         batch["max_txt_len"], batch["max_regions"] = int(batch["max_txt_len"]), int(batch["max_regions"])
-        if self.hparams.mining and batch["neg_img"].shape[1] > self.hparams.num_negatives:
+        if self.mines(batch["neg_img"].shape[1], int(batch.get("step", self.hparams.mining_start))):
             caps, imgs = self.mining_pairs(batch)
             batch["mine_order"], batch["mine_chunks"] = store.length_plan(caps, imgs, self.hparams.mining_batch_size)
         return batch
+
+    def mines(self, num_candidates: int, step: int) -> bool:
+        """Whether the step keeps the hardest candidates (else the first ``num_negatives``, random ones)."""
+        return self.hparams.mining and num_candidates > self.hparams.num_negatives and step >= self.hparams.mining_start
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, dict) and "neg_img" in batch:
@@ -163,7 +192,8 @@ class RetrievalModule(pl.LightningModule):
         bounds = {"max_txt_len": int(batch["max_txt_len"]), "max_regions": int(batch["max_regions"])}
         B, K = neg_img.shape
         k = min(self.hparams.num_negatives, K)
-        if self.hparams.mining and K > k:
+        mined = self.mines(K, step)
+        if mined:
             hard_img, hard_cap = self.mine(store, batch, k, bounds)
         else:
             hard_img, hard_cap = neg_img[:, :k], neg_cap[:, :k]
@@ -187,9 +217,25 @@ class RetrievalModule(pl.LightningModule):
             parts = reg(*blocks)
             losses.update(loss=rank + w * parts.loss, reg_loss=parts.loss, reg_loss_L=parts.loss_L,
                           reg_loss_V=parts.loss_V)
-        n_mined = 2 * B * K if self.hparams.mining and K > k else 0
+        if self.hparams.align_weight > 0:
+            align = self.alignment(store.batch(cap, img, **bounds), img)
+            losses.update(loss=losses["loss"] + self.hparams.align_weight * align, align_loss=align)
+        n_mined = 2 * B * K if mined else 0
         losses["pairs"] = torch.tensor(float(B + 2 * B * k + n_mined))
         return losses
+
+    def alignment(self, pos: UniterBatch, img: Tensor) -> Tensor:
+        """The align-before-fuse loss of the positives ``pos`` (images ``img``) on the embedding
+        layer's outputs; another caption of the same image is not used as a negative."""
+        x = self.model.uniter.embed(pos)  # (B, L, H)
+        H = x.shape[-1]
+        words = x.gather(1, pos.word_index[:, :, None].expand(-1, -1, H))  # (B, n, H)
+        regions = x.gather(1, pos.region_index[:, :, None].expand(-1, -1, H))  # (B, m, H)
+        logits = word_region_alignment_logits(words, pos.word_mask, regions, pos.region_mask,
+                                              self.hparams.align_temperature)
+        same = img[:, None] == img[None, :]
+        same.fill_diagonal_(False)
+        return alignment_loss(logits.masked_fill(same, float("-inf")))
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int):
         step = self.global_step

@@ -131,3 +131,32 @@ def test_data_configs_share_keys_and_match_the_code():
     assert (f30k["vocab_size"], f30k["img_dim"]) == (28996, 2048)
     assert set(syn["synthetic"]) == {f.name for f in fields(SyntheticConfig)} - {"img_dim", "vocab_size"}
     assert syn["vocab_size"] >= len([t for t in synthetic_vocab(syn["vocab_size"]) if not t.startswith("[unused")])
+
+
+def test_a_smaller_inventory_uses_only_its_objects_and_keeps_the_swap_pairs(tmp_path):
+    cfg = SyntheticConfig(seed=5, n_train=40, n_val=4, n_test=4, n_winoground=20, n_categories=3, n_colours=2)
+    paths = ensure_synthetic(cfg, tmp_path)
+    cats, cols = {"mug", "dog", "cup"}, {"red", "blue"}
+    kinds = set()
+    for scenes in (load_scenes(paths.scenes), load_scenes(paths.winoground_scenes)):
+        for regions in scenes.values():
+            for g in regions:
+                if g["kind"] == "object":
+                    assert g["category"] in cats and g["colour"] in cols, g
+                    kinds.add((g["colour"], g["category"]))
+    assert len(kinds) == 6  # every kind of the inventory appears
+    t = read_captions(paths.captions)
+    scenes = load_scenes(paths.scenes)
+    assert all(holds(t.texts[i], scenes[t.image_ids[i]]) for i in range(len(t)))
+    wscenes = load_scenes(paths.winoground_scenes)
+    for e in map(json.loads, open(paths.winoground_examples)):
+        s0, s1 = wscenes[e["image_0"]], wscenes[e["image_1"]]
+        assert holds(e["caption_0"], s0) and holds(e["caption_1"], s1)
+        assert not holds(e["caption_0"], s1) and not holds(e["caption_1"], s0)
+
+
+@pytest.mark.parametrize("kw, message", [({"n_categories": 1}, "n_categories=1"), ({"n_colours": 9}, "n_colours=9"),
+                                         ({"n_categories": 2, "n_colours": 2, "max_objects": 5}, "max_objects=5")])
+def test_inventory_out_of_range(kw, message):
+    with pytest.raises(ValueError, match=message):
+        SyntheticConfig(**kw)

@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from cacr.model import collate
-from cacr.module import RetrievalModule, ranking_loss, softmax_ranking_loss, warmup_linear_decay
+from cacr.module import (RetrievalModule, alignment_loss, ranking_loss, softmax_ranking_loss, warmup_linear_decay,
+                         word_region_alignment_logits)
 from cacr.train import run
 from cacr.train_data import TrainBatches, TrainingDataModule
 
@@ -48,6 +49,24 @@ def test_softmax_ranking_loss_matches_a_loop():
     pos, neg = torch.randn(4, generator=g), torch.randn(4, 2, 3, generator=g)
     want = [-torch.log_softmax(torch.cat([pos[b:b + 1], neg[b, d]]), 0)[0] for b in range(4) for d in range(2)]
     assert softmax_ranking_loss(pos, neg).item() == pytest.approx(torch.stack(want).mean().item(), abs=1e-6)
+
+
+def test_word_region_alignment_matches_a_loop_on_ragged_inputs():
+    g = torch.Generator().manual_seed(2)
+    B, n, m, H = 4, 5, 6, 8
+    words, regions = torch.randn(B, n, H, generator=g), torch.randn(B, m, H, generator=g)
+    n_words, n_regions = [5, 1, 3, 4], [2, 6, 1, 4]
+    word_mask = torch.arange(n)[None] < torch.tensor(n_words)[:, None]
+    region_mask = torch.arange(m)[None] < torch.tensor(n_regions)[:, None]
+    got = word_region_alignment_logits(words, word_mask, regions, region_mask, temperature=0.5)
+    cos = torch.nn.functional.cosine_similarity
+    for a in range(B):
+        for b in range(B):
+            best = [max(cos(words[a, i], regions[b, j], dim=0).item() for j in range(n_regions[b]))
+                    for i in range(n_words[a])]
+            assert got[a, b].item() == pytest.approx(sum(best) / len(best) / 0.5, abs=1e-5)
+    want = sum(-torch.log_softmax(got[a], 0)[a] - torch.log_softmax(got[:, a], 0)[a] for a in range(B)) / (2 * B)
+    assert alignment_loss(got).item() == pytest.approx(want.item(), abs=1e-5)
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
@@ -139,6 +158,68 @@ def test_batched_training_step_equals_a_loop_over_positives(tiny_dm, plan):
     assert got["loss"] == pytest.approx(got["rank_loss"] + got["reg_loss"], abs=1e-5)
 
 
+def test_mining_starts_at_its_step(tiny_dm):
+    """Before ``mining_start`` a step trains on the first candidates (random), from it on the hardest."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["model.config.hidden_size=32", "model.config.intermediate_size=64",
+                                          "model.config.initializer_range=0.3"])  # scores that depend on the pair
+    model = instantiate(cfg.model)
+    reg = instantiate(cfg.loss, schedule="constant")
+    make = lambda **kw: RetrievalModule(model, reg, num_negatives=2, ranking="softmax", **kw)  # noqa: E731
+    late, never, always = make(mining=True, mining_start=5), make(mining=False), make(mining=True)
+    for m in (late, never, always):
+        m.stores["train"] = tiny_dm.pair_store("train")
+    batches = _batches(tiny_dm)
+    for step, twin in ((4, never), (5, always), (9, always)):
+        batch = late.prepare_batch(batches[step], late.stores["train"])
+        assert ("mine_chunks" in batch) == (step >= 5)
+        got = late.compute_losses(batch, step=step, total_steps=10)
+        want = twin.compute_losses(batches[step], step=step, total_steps=10)
+        assert float(got["pairs"]) == float(want["pairs"]) == 4 + 2 * 4 * 2 + (2 * 4 * 6 if step >= 5 else 0)
+        assert float(got["rank_loss"]) == pytest.approx(float(want["rank_loss"]), abs=1e-5)
+    random_at_5 = never.compute_losses(batches[5], step=5, total_steps=10)["rank_loss"]
+    assert float(random_at_5) != pytest.approx(float(always.compute_losses(batches[5], 5, 10)["rank_loss"]), abs=1e-4)
+
+
+def test_alignment_term_equals_a_loop_over_caption_image_pairs(tiny_dm):
+    """The align-before-fuse term inside the training step: embedding-layer words and regions of
+    each positive through collate, every caption against every image of the batch, another
+    caption of the same image left out of the negatives."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["model.config.hidden_size=32", "model.config.intermediate_size=64"])
+    model = instantiate(cfg.model)
+    module = RetrievalModule(model, instantiate(cfg.loss, schedule="constant"), num_negatives=2, mining=False,
+                             ranking="softmax", align_weight=0.5, align_temperature=0.2)
+    module.stores["train"] = tiny_dm.pair_store("train")
+    batch = dict(_batches(tiny_dm, batch_size=6)[2])
+    batch["img_idx"][1] = batch["img_idx"][0]  # a second caption of image 0 (a true match: not a negative)
+    batch["cap_idx"][1] = int(tiny_dm.split("train").img2txts[int(batch["img_idx"][0])][-1])
+    got = module.compute_losses(batch, step=4, total_steps=10)
+    got = {k: float(v.detach()) for k, v in got.items()}
+    assert got["loss"] == pytest.approx(got["rank_loss"] + got["reg_loss"] + 0.5 * got["align_loss"],
+                                               abs=1e-5)
+
+    split = tiny_dm.split("train")
+    words, regions = [], []
+    for c, j in zip(batch["cap_idx"].tolist(), batch["img_idx"].tolist()):
+        pb = collate([split.pair(c, j)])
+        x = model.uniter.embed(pb)[0]
+        words.append(x[pb.word_index[0][pb.word_mask[0]]])
+        regions.append(x[pb.region_index[0][pb.region_mask[0]]])
+    B = len(words)
+    cos = torch.nn.functional.cosine_similarity
+    logits = torch.tensor([[cos(words[a][:, None], regions[b][None], dim=-1).amax(1).mean().item() / 0.2
+                            for b in range(B)] for a in range(B)])
+    imgs = batch["img_idx"].tolist()
+    terms = []
+    for a in range(B):
+        keep = [b for b in range(B) if b == a or imgs[b] != imgs[a]]
+        assert len(keep) == (B - 1 if a < 2 else B)
+        terms.append(-torch.log_softmax(logits[a, keep], 0)[keep.index(a)])
+        terms.append(-torch.log_softmax(logits[keep, a], 0)[keep.index(a)])
+    assert float(got["align_loss"]) == pytest.approx(torch.stack(terms).mean().item(), abs=1e-4)
+
+
 @pytest.mark.parametrize("loss", ["none", "cacr", "iais_singular", "iais_distributed"])
 def test_a_short_run_for_every_loss(tmp_path, loss, monkeypatch):
     mining = loss in ("cacr", "iais_distributed")
@@ -191,7 +272,17 @@ def test_resume_continues_exactly(tmp_path):
     del full, resumed
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+PAPER_EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")
+                           if not p.stem.startswith("synthetic"))
+
+
+def test_experiment_configs_are_the_paper_settings_or_the_synthetic_study():
+    names = {p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")}
+    assert names - set(PAPER_EXPERIMENTS) == {"synthetic_study"}
+    assert {f"{m}_{size}" for m in ("uniter", "cacr") for size in ("base", "large")} <= set(PAPER_EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", PAPER_EXPERIMENTS)
 def test_every_experiment_config_composes_and_builds(name):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={name}", "model.checkpoint=null"])
@@ -202,7 +293,18 @@ def test_every_experiment_config_composes_and_builds(name):
     assert model.config.hidden_size in (768, 1024)
     assert cfg.module.num_negatives == 31 and cfg.train.num_candidates == 399 and cfg.module.lr == 5e-5
     assert cfg.trainer.precision == "bf16-mixed" and cfg.data.name == "flickr30k"
-    assert cfg.module.ranking == "hinge" and cfg.module.mining is True
+    assert cfg.module.ranking == "hinge" and cfg.module.mining is True and cfg.module.align_weight == 0
+
+
+@pytest.mark.parametrize("loss", ["none", "iais_singular", "iais_distributed", "cacr"])
+def test_synthetic_study_config_composes_for_every_loss(loss):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=synthetic_study", f"loss={loss}", "seed=2"])
+    assert instantiate(cfg.loss).name == loss
+    assert cfg.data.source == "synthetic" and cfg.data.seed == 2 and cfg.module.mining is False
+    assert cfg.eval.val_every_n_steps == cfg.train.max_steps and cfg.logger.kind == "csv"
+    with torch.device("meta"):
+        assert instantiate(cfg.model).config.hidden_size == 256
 
 
 def test_config_errors_are_one_line(tmp_path):
@@ -225,3 +327,44 @@ def test_multirun_gives_each_job_its_own_directory(tmp_path):
     assert len(results) == 2
     names = sorted(json.loads(p.read_text())["best_checkpoint"] for p in results)
     assert len(set(names)) == 2
+
+
+def _fake_job(root, loss, seed, text, relation_text, r1):
+    job = root / f"{loss}_{seed}"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "config.yaml").write_text(f"seed: {seed}\nloss:\n  name: {loss}\n")
+    tags = {t: {"text": relation_text if t == "Relation" else 0.0, "image": 1.0, "group": 0.5, "n": 2}
+            for t in ("Relation", "Object")}
+    (job / "results.json").write_text(json.dumps({
+        "retrieval": {"ir_r1": r1, "tr_r1": 2 * r1, "rsum": 3 * r1},
+        "winoground": {"text": text, "image": 1.0, "group": 0.5, "n": 4, "by_tag": {"collapsed_tag": tags}}}))
+    rows = ["step,train/rank_loss,train/reg_loss,train/reg_weight"] + [f"{s},{1 / (s + 1)},{seed},0.5" for s in (9, 19)]
+    (job / "metrics.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_study_report_tables_means_and_stds_per_loss(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study_report", REPO / "experiments/synthetic_study/report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    for seed, (text, rel, r1) in enumerate([(10.0, 20.0, 30.0), (20.0, 40.0, 50.0)]):
+        _fake_job(tmp_path / "a", "cacr", seed, text, rel, r1)
+    _fake_job(tmp_path / "b", "none", 0, 5.0, 6.0, 7.0)
+    assert report.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")]) == 0
+    lines = (tmp_path / "out" / "table.md").read_text().splitlines()
+    none_row, cacr_row = lines[2].split(" | "), lines[3].split(" | ")  # rows in the study's loss order
+    assert none_row[0] == "| none" and cacr_row[0] == "| cacr" and cacr_row[1] == "0,1"
+    header = lines[0].split(" | ")
+    assert cacr_row[header.index("all text")] == "15.0 ± 7.1"  # mean and sample std of 10 and 20
+    assert cacr_row[header.index("Relation text")] == "30.0 ± 14.1"
+    assert cacr_row[header.index("Object text")] == "0.0 ± 0.0"
+    assert cacr_row[header.index("ir_r1")] == "40.0 ± 14.1" and none_row[header.index("ir_r1")] == "7.0"
+    assert (tmp_path / "out" / "scores.png").stat().st_size > 0 and (tmp_path / "out" / "curves.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="no job folders"):
+        report.main([str(tmp_path / "empty")])
+    (tmp_path / "b" / "running" / ".hydra").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="running: missing results.json"):
+        report.main([str(tmp_path / "b")])
+    assert report.main([str(tmp_path / "b"), "--allow-missing", "--out", str(tmp_path / "part")]) == 0
+    assert len((tmp_path / "part" / "table.md").read_text().splitlines()) == 3  # header, rule, the finished job

@@ -61,6 +61,16 @@ class SyntheticConfig:
     noise: float = 0.5  # std of the per-region feature noise (embeddings have unit std)
     captions_per_image: int = 5
     twin_prob: float = 0.2  # chance a scene is followed by its twin with two objects' boxes exchanged
+    n_categories: int = len(CATEGORIES)  # the first n categories and colours are used: a smaller inventory
+    n_colours: int = len(COLOURS)  # makes random images share the named objects, so binding pays off
+
+    def __post_init__(self):
+        if not 2 <= self.n_categories <= len(CATEGORIES) or not 2 <= self.n_colours <= len(COLOURS):
+            raise ValueError(f"synthetic world: n_categories={self.n_categories} and n_colours={self.n_colours} "
+                             f"must be in [2, {len(CATEGORIES)}] and [2, {len(COLOURS)}]")
+        if self.n_categories * self.n_colours < self.max_objects:
+            raise ValueError(f"synthetic world: {self.n_categories} x {self.n_colours} object kinds cannot fill a "
+                             f"scene of max_objects={self.max_objects} distinct objects")
 
     def key(self) -> str:
         blob = json.dumps({"v": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
@@ -161,8 +171,9 @@ class World:
     def scene(self, r: np.random.Generator) -> List[Region]:
         n = int(r.integers(self.cfg.min_objects, self.cfg.max_objects + 1))
         cells = r.choice(GRID * GRID, n, replace=False)
-        kinds = r.choice(len(CATEGORIES) * len(COLOURS), n, replace=False)
-        objs = [self.object(r, int(k) // len(COLOURS), int(k) % len(COLOURS), divmod(int(c), GRID))
+        n_col = self.cfg.n_colours
+        kinds = r.choice(self.cfg.n_categories * n_col, n, replace=False)
+        objs = [self.object(r, int(k) // n_col, int(k) % n_col, divmod(int(c), GRID))
                 for k, c in zip(kinds, cells)]
         return objs + self.distractors(r)
 
@@ -213,8 +224,8 @@ def relation_swap_example(world: World, r: np.random.Generator):
 
 
 def attribute_swap_example(world: World, r: np.random.Generator):
-    cat1, cat2 = r.choice(len(CATEGORIES), 2, replace=False)
-    col1, col2 = r.choice(len(COLOURS), 2, replace=False)
+    cat1, cat2 = r.choice(world.cfg.n_categories, 2, replace=False)
+    col1, col2 = r.choice(world.cfg.n_colours, 2, replace=False)
     rel = RELATIONS[int(r.integers(len(RELATIONS)))]
     probe = lambda cell: Region("object", "", "", cell, np.zeros(4), np.zeros(1))  # noqa: E731
     while True:  # cells for A, B (A rel B) and A', B' (B' rel A')
