@@ -317,8 +317,8 @@ def bench_train(model, device, n_items, B, K, k, reps, ref_reps, mining_batch, g
 
     ref = copy.deepcopy(model).float()
     ref.set_attn_impl("eager")
-    ref_store = PairStore(store.input_ids, store.txt_lens_cpu, store.img_feat.float(), store.img_pos_feat,
-                          store.num_bbs_cpu, layout="padded")
+    ref_store = PairStore.from_flat(store.input_ids, store.txt_lens_cpu, store.region_feat[:-1].float(),
+                                    store.region_pos_feat[:-1], store.num_bbs_cpu, layout="padded")
     opt = make_optimizer(ref)
     reference_step(ref, opt, ref_store, batches[0], k, "cacr", mining_batch)
     reset_peak(device)

@@ -36,7 +36,7 @@ def test_upper_bounds_give_the_same_scores():
     store = PairStore.from_examples([e.input_ids for e in examples], [(e.img_feat, e.img_pos_feat) for e in examples])
     idx = torch.tensor([0, 3, 5])
     exact = store.batch(idx, idx.flip(0))
-    bounded = store.batch(idx, idx.flip(0), max_txt_len=store.input_ids.shape[1], max_regions=store.img_feat.shape[1])
+    bounded = store.batch(idx, idx.flip(0), max_txt_len=store.input_ids.shape[1], max_regions=int(store.num_bbs.max()) + 3)
     model = tiny_model()
     with torch.no_grad():
         assert torch.allclose(model.score(exact), model.score(bounded), atol=1e-5)
@@ -84,3 +84,24 @@ def test_compact_batches_of_any_width_score_alike(bounds):
     model = tiny_model()
     with torch.no_grad():
         assert torch.allclose(model.score(batch), model.score(collate(examples)), atol=1e-5)
+
+
+def test_regions_are_stored_flat_and_padded_input_gives_the_same_store():
+    examples = random_examples(7, seed=6, max_m=9)
+    flat = PairStore.from_examples([e.input_ids for e in examples], [(e.img_feat, e.img_pos_feat) for e in examples])
+    assert flat.region_feat.shape == (sum(e.img_feat.shape[0] for e in examples) + 1, 16)  # + the zero row
+    assert not flat.region_feat[-1].any()
+    M = max(e.img_feat.shape[0] for e in examples)
+    feat = torch.zeros(7, M, 16)
+    pos = torch.zeros(7, M, 7)
+    for i, e in enumerate(examples):
+        feat[i, : e.img_feat.shape[0]], pos[i, : e.img_feat.shape[0]] = e.img_feat, e.img_pos_feat
+    padded = PairStore(flat.input_ids, flat.txt_lens, feat, pos, flat.num_bbs)
+    c, i = torch.tensor([0, 2, 6, 1]), torch.tensor([6, 0, 3, 3])
+    a, b = flat.batch(c, i), padded.batch(c, i)
+    assert torch.equal(a.img_feat, b.img_feat) and torch.equal(a.img_pos_feat, b.img_pos_feat)
+    for k in range(4):  # each pair's regions are its image's, then zeros
+        m = examples[int(i[k])].img_feat.shape[0]
+        assert torch.equal(a.img_feat[k, :m], examples[int(i[k])].img_feat) and not a.img_feat[k, m:].any()
+    with pytest.raises(ValueError, match="every image holding >= 1 region"):
+        PairStore.from_flat(flat.input_ids, flat.txt_lens, torch.zeros(3, 16), torch.zeros(3, 7), torch.tensor([3, 0]))

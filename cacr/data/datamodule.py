@@ -137,12 +137,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         return self.split(role).txt2img
 
     def pair_store(self, role: str, layout: str = "compact") -> PairStore:
-        """Every caption and image of ``role`` as padded tensors (``cacr.model.PairStore``, on the CPU);
-        caption ``t`` / image ``j`` are the split's indices.
-
-        Images are padded to the split's largest region count: for Flickr30k's training
-        split (29k images, up to 100 regions of 2048 fp16) that is about 12 GB.
-        """
+        """Every caption and image of ``role`` as a ``cacr.model.PairStore`` on the CPU (captions
+        padded, regions flat); caption ``t`` / image ``j`` are the split's indices."""
         s = self.split(role)
         return _padded_store(s.texts, s.regions, s.image_rows, layout)
 
@@ -200,20 +196,21 @@ class RetrievalDataModule(pl.LightningDataModule):
 
 
 def _padded_store(texts, regions, image_rows: torch.Tensor, layout: str) -> PairStore:
+    """Captions padded to the longest; the images' regions flat, one image after another."""
     T = max(t.numel() for t in texts)
     ids = torch.zeros(len(texts), T, dtype=torch.long)
     for i, t in enumerate(texts):
         ids[i, : t.numel()] = t
     txt_lens = torch.tensor([t.numel() for t in texts], dtype=torch.long)
     if isinstance(regions, RegionStore):
-        feat, box, num = regions.gather(image_rows)  # (N, M, D), (N, M, 6), (N,)
+        rows = image_rows.to(regions.offsets.device)
+        num = regions.offsets[rows + 1] - regions.offsets[rows]  # (N,)
+        first = torch.repeat_interleave(regions.offsets[rows] - (torch.cumsum(num, 0) - num), num)  # (R,)
+        flat = first + torch.arange(int(num.sum()), device=first.device)  # region rows, image by image
+        feat, box = regions.features.index_select(0, flat), regions.boxes.index_select(0, flat)  # (R, D), (R, 6)
     else:
         imgs = [regions.get(int(r)) for r in image_rows]
         num = torch.tensor([f.shape[0] for f, _ in imgs], dtype=torch.long)
-        feat = torch.zeros(len(imgs), int(num.max()), regions.feature_dim, dtype=torch.float16)
-        box = torch.zeros(len(imgs), int(num.max()), 6)
-        for j, (f, b) in enumerate(imgs):
-            feat[j, : len(f)], box[j, : len(f)] = f, b
-    N, M, _ = box.shape
-    pos = boxes_to_7d(box.reshape(N * M, -1)).view(N, M, 7)  # zero rows stay zero
-    return PairStore(ids, txt_lens, feat, pos, num, layout=layout)
+        feat = torch.cat([torch.as_tensor(f) for f, _ in imgs]).to(torch.float16)
+        box = torch.cat([torch.as_tensor(b) for _, b in imgs]).float()
+    return PairStore.from_flat(ids, txt_lens, feat, boxes_to_7d(box), num.cpu(), layout=layout)
