@@ -49,8 +49,10 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    paths = ensure_synthetic(SyntheticConfig(**WORLD), root)
     overrides = [f"data.root={root}"] + [f"data.synthetic.{k}={v}" for k, v in WORLD.items()]
+    # the world the command lines will generate from conf/data/synthetic.yaml and these overrides
+    synthetic = make_cfg("winoground", overrides).data.synthetic
+    paths = ensure_synthetic(SyntheticConfig(**synthetic), root)
     return paths, overrides
 
 

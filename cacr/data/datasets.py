@@ -14,7 +14,6 @@ negatives: ``k = 31``; a mining pool: ``k = 399``), batched over positives.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cacr.model import PairExample, UniterBatch, UniterCollator
+from cacr.winoground import EXAMPLE_FIELDS
+from cacr.winoground import read_winoground_examples as read_examples
 
 from .formats import CaptionsTable, FormatError, RegionsFile
 
@@ -400,38 +401,10 @@ class AllPairs(Dataset):
 # ------------------------------------------------------------------ Winoground
 
 
-WINOGROUND_FIELDS = ("id", "image_0", "image_1", "caption_0", "caption_1", "tag", "secondary_tag",
-                     "num_main_preds", "collapsed_tag")
-
-
 def read_winoground_examples(path) -> List[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: Winoground examples file not found")
-    out, problems, seen = [], [], set()
-    with open(path) as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"line {ln}: not JSON ({e})")
-                continue
-            miss = [k for k in WINOGROUND_FIELDS if k not in ex]
-            if miss:
-                problems.append(f"line {ln} (id {ex.get('id')!r}): fields {miss} missing")
-                continue
-            if ex["id"] in seen:
-                problems.append(f"line {ln}: duplicate example id {ex['id']!r}")
-            seen.add(ex["id"])
-            for c in ("caption_0", "caption_1"):
-                if not str(ex[c]).strip():
-                    problems.append(f"example {ex['id']!r}: empty {c}")
-            out.append(ex)
-    if problems:
-        raise FormatError(path, problems)
-    return out
+    """The examples of a Winoground-format ``examples.jsonl`` as dicts (validated by
+    :func:`cacr.winoground.read_winoground_examples`; extra keys kept)."""
+    return [{**ex.extra, **{k: getattr(ex, k) for k in EXAMPLE_FIELDS}} for ex in read_examples(path)]
 
 
 def winoground_problems(examples_path, regions_path) -> List[str]:

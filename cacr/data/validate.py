@@ -51,8 +51,8 @@ def validate(paths: Sequence) -> Dict[str, List[str]]:
                 out[p] = [] if known is None else [
                     f"example {ex['id']!r}: image {ex[f]!r} ({f}) missing from {region_files}"
                     for ex in exs for f in ("image_0", "image_1") if ex[f] not in known]
-            except FormatError as e:
-                out[p] = e.problems
+            except ValueError as e:  # the first problem, with file, line and id
+                out[p] = [str(e)]
         elif k != "regions":
             out[p] = [f"unknown file kind {k!r} (attribute kind should be 'regions' or 'captions')"]
     return out
