@@ -329,10 +329,15 @@ def test_multirun_gives_each_job_its_own_directory(tmp_path):
     assert len(set(names)) == 2
 
 
-def _fake_job(root, loss, seed, text, relation_text, r1):
+STUDY_WORLD = {"seed": 1, "n_train": 4, "n_val": 2, "n_test": 2, "n_winoground": 4}
+
+
+def _fake_job(root, world_root, loss, seed, text, relation_text, r1, good_examples):
     job = root / f"{loss}_{seed}"
     (job / ".hydra").mkdir(parents=True)
-    (job / ".hydra" / "config.yaml").write_text(f"seed: {seed}\nloss:\n  name: {loss}\n")
+    (job / ".hydra" / "config.yaml").write_text(json.dumps({
+        "seed": seed, "loss": {"name": loss},
+        "data": {"img_dim": 64, "vocab_size": 64, "root": str(world_root), "synthetic": STUDY_WORLD}}))
     tags = {t: {"text": relation_text if t == "Relation" else 0.0, "image": 1.0, "group": 0.5, "n": 2}
             for t in ("Relation", "Object")}
     (job / "results.json").write_text(json.dumps({
@@ -340,6 +345,14 @@ def _fake_job(root, loss, seed, text, relation_text, r1):
         "winoground": {"text": text, "image": 1.0, "group": 0.5, "n": 4, "by_tag": {"collapsed_tag": tags}}}))
     rows = ["step,train/rank_loss,train/reg_loss,train/reg_weight"] + [f"{s},{1 / (s + 1)},{seed},0.5" for s in (9, 19)]
     (job / "metrics.csv").write_text("\n".join(rows) + "\n")
+    # Caption 1 scores higher on both images (Winoground's text score fails), yet the
+    # interaction s00 - s01 - s10 + s11 favours the true pairs in ``good_examples`` only.
+    lines = []
+    for ex in range(4):
+        inter = 1.0 if ex in good_examples else -1.0
+        for c, i, v in ((0, 0, inter), (0, 1, 0.0), (1, 0, 5.0), (1, 1, 5.0)):
+            lines.append(json.dumps({"label": f"{ex}_c{c}_i{i}", "score": v}))
+    (job / "winoground_scores.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def test_study_report_tables_means_and_stds_per_loss(tmp_path):
@@ -348,9 +361,14 @@ def test_study_report_tables_means_and_stds_per_loss(tmp_path):
     spec = importlib.util.spec_from_file_location("study_report", REPO / "experiments/synthetic_study/report.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
-    for seed, (text, rel, r1) in enumerate([(10.0, 20.0, 30.0), (20.0, 40.0, 50.0)]):
-        _fake_job(tmp_path / "a", "cacr", seed, text, rel, r1)
-    _fake_job(tmp_path / "b", "none", 0, 5.0, 6.0, 7.0)
+    from cacr.data.synthetic import SyntheticConfig, ensure_synthetic
+
+    world = ensure_synthetic(SyntheticConfig(**STUDY_WORLD), tmp_path / "world")
+    tags = [json.loads(x)["collapsed_tag"] for x in open(world.winoground_examples)]
+    assert tags == ["Relation", "Object", "Relation", "Object"]
+    for seed, (text, rel, r1, good) in enumerate([(10.0, 20.0, 30.0, {0, 1, 2, 3}), (20.0, 40.0, 50.0, {0, 1})]):
+        _fake_job(tmp_path / "a", tmp_path / "world", "cacr", seed, text, rel, r1, good)
+    _fake_job(tmp_path / "b", tmp_path / "world", "none", 0, 5.0, 6.0, 7.0, set())
     assert report.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")]) == 0
     lines = (tmp_path / "out" / "table.md").read_text().splitlines()
     none_row, cacr_row = lines[2].split(" | "), lines[3].split(" | ")  # rows in the study's loss order
@@ -360,6 +378,9 @@ def test_study_report_tables_means_and_stds_per_loss(tmp_path):
     assert cacr_row[header.index("Relation text")] == "30.0 ± 14.1"
     assert cacr_row[header.index("Object text")] == "0.0 ± 0.0"
     assert cacr_row[header.index("ir_r1")] == "40.0 ± 14.1" and none_row[header.index("ir_r1")] == "7.0"
+    assert cacr_row[header.index("all binding")] == "75.0 ± 35.4"  # 100 and 50 percent
+    assert cacr_row[header.index("Relation binding")] == "75.0 ± 35.4"  # examples 0 and 2
+    assert none_row[header.index("all binding")] == "0.0"
     assert (tmp_path / "out" / "scores.png").stat().st_size > 0 and (tmp_path / "out" / "curves.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="no job folders"):
         report.main([str(tmp_path / "empty")])

@@ -3,11 +3,13 @@
     python experiments/synthetic_study/report.py multirun/synthetic_study/<date>_<time> [more sweeps] [--out DIR]
 
 Reads every job directory's ``results.json`` (test retrieval, Winoground-format scores with
-their ``collapsed_tag`` breakdown), ``.hydra/config.yaml`` (loss name, seed) and
+their ``collapsed_tag`` breakdown), ``winoground_scores.jsonl`` (the scores themselves),
+``.hydra/config.yaml`` (loss name, seed, the synthetic world's parameters) and
 ``metrics.csv`` (training curves), and writes into ``--out`` (default: the sweep folder):
 
 - ``table.md``: per loss, mean and sample standard deviation over seeds of Winoground
-  text / image / group (all pairs, Relation pairs, Object pairs) and retrieval R@1;
+  text / image / group (all pairs, Relation pairs, Object pairs), retrieval R@1 and the
+  binding score (:func:`read_binding`) of all, Relation and Object pairs;
 - ``scores.png``: those scores as bars with standard-deviation error bars, chance marked;
 - ``curves.png``: ranking loss and regularizer (unweighted, and weighted by ``w(t)``) against
   the step, mean over seeds with a min-max band.
@@ -29,7 +31,7 @@ import yaml
 LOSSES = ("none", "iais_singular", "iais_distributed", "cacr")
 METRICS = ("text", "image", "group")
 GROUPS = (("all", None), ("Relation", "Relation"), ("Object", "Object"))
-CHANCE = {"text": 25.0, "image": 25.0, "group": 100 / 6}
+CHANCE = {"text": 25.0, "image": 25.0, "group": 100 / 6, "binding": 50.0}
 
 
 def load_job(job: Path) -> Dict:
@@ -49,10 +51,42 @@ def load_job(job: Path) -> Dict:
             raise ValueError(f"{res_path}: no collapsed_tag breakdown for {tag!r}")
         for m in METRICS:
             row[f"{group}/{m}"] = float(src[m])
+    binding = read_binding(job / "winoground_scores.jsonl", cfg)
+    for group, tag in GROUPS:
+        row[f"{group}/binding"] = binding[group]
     r = res["retrieval"]
     row["ir_r1"], row["tr_r1"], row["rsum"] = float(r["ir_r1"]), float(r["tr_r1"]), float(r["rsum"])
     row["curves"] = read_curves(job / "metrics.csv")
     return row
+
+
+def read_binding(path: Path, cfg: Dict) -> Dict[str, float]:
+    """Percent of examples whose scores, with each caption's and each image's own effect
+    removed, favour the true pairs: ``s(c0,i0) - s(c0,i1) - s(c1,i0) + s(c1,i1) > 0`` (chance
+    50). Winoground's scores also fail when one caption (or image) scores higher everywhere;
+    this one does not."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.parent}: missing {path.name}")
+    from cacr.data.synthetic import SyntheticConfig, ensure_synthetic
+
+    d = cfg["data"]
+    world = ensure_synthetic(SyntheticConfig(img_dim=d["img_dim"], vocab_size=d["vocab_size"], **d["synthetic"]),
+                             d["root"])
+    tags = {str(e["id"]): e["collapsed_tag"] for e in map(json.loads, open(world.winoground_examples))}
+    scores: Dict[str, Dict[str, float]] = defaultdict(dict)
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            ex, c, i = rec["label"].rsplit("_", 2)
+            scores[ex][c + i] = float(rec["score"])
+    if set(scores) != set(tags):
+        raise ValueError(f"{path}: its example ids are not those of {world.winoground_examples}")
+    hits: Dict[str, List[bool]] = defaultdict(list)
+    for ex, s in scores.items():
+        ok = s["c0i0"] - s["c0i1"] - s["c1i0"] + s["c1i1"] > 0
+        hits["all"].append(ok)
+        hits[tags[ex]].append(ok)
+    return {g: 100.0 * sum(hits[g]) / len(hits[g]) for g, _ in GROUPS}
 
 
 def read_curves(path: Path) -> Dict[str, List[tuple]]:
@@ -83,7 +117,7 @@ def by_loss(rows: List[Dict]) -> Dict[str, List[Dict]]:
 
 
 def table(rows: List[Dict]) -> str:
-    cols = [f"{g}/{m}" for g, _ in GROUPS for m in METRICS] + ["ir_r1", "tr_r1"]
+    cols = [f"{g}/{m}" for g, _ in GROUPS for m in METRICS] + ["ir_r1", "tr_r1"] + [f"{g}/binding" for g, _ in GROUPS]
     head = ["loss", "seeds"] + [c.replace("/", " ") for c in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for loss, rs in by_loss(rows).items():
@@ -102,7 +136,7 @@ def plot_scores(rows: List[Dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = by_loss(rows)
-    panels = [(g, m) for g, _ in GROUPS for m in METRICS] + [("retrieval", "ir_r1"), ("retrieval", "tr_r1")]
+    panels = [(g, m) for g, _ in GROUPS for m in (*METRICS, "binding")] + [("retrieval", "ir_r1"), ("retrieval", "tr_r1")]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.0 * len(panels), 3.2), sharey=False)
     for ax, (g, m) in zip(axes, panels):
         key = m if g == "retrieval" else f"{g}/{m}"
