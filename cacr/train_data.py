@@ -1,12 +1,14 @@
 """Step-indexed training batches: which positives and negative candidates optimizer step ``s``
 sees on rank ``r`` is a pure function of ``(seed, s, r, world size)``.
 
-A run resumed at global step ``s`` (``ckpt_path=...``) therefore continues with exactly the
-batches the uninterrupted run would have seen, on any number of processes for the global
-order of positives. The positives of one step are the next ``batch_size * world_size``
-training captions of a stream of per-epoch permutations (seeded by ``(seed, epoch)``);
-rank ``r`` takes every ``world_size``-th of them. Negative candidates are drawn with a
-generator seeded by ``(seed, step, rank)``.
+The global batch of step ``s`` is the next ``G = batch_size * world_size`` training captions
+of a stream of per-epoch permutations (seeded by ``(seed, epoch)``); rank ``r`` takes
+positions ``r, r + W, r + 2W, ...`` of it. The negative candidates of the positive at global
+position ``j`` are drawn with a generator seeded by ``(seed, s, j)``, so the global batch,
+negatives included, depends only on ``(seed, s, G)``: the same ``G`` on 1 process or on
+``W`` (``batch_size = G / W`` each) trains on the same pairs, and a run resumed at step
+``s`` (``ckpt_path=...``), on any number of processes, continues with the batches of the
+uninterrupted run. Each rank only draws for its own positives, from the full candidate pools.
 
 Items are index batches only (a few hundred integers); features are gathered on the
 device from a :class:`cacr.model.PairStore` by the training module.
@@ -89,12 +91,17 @@ class TrainBatches(Dataset):
         return 2**62  # indexed by step; the sampler bounds it
 
     def __getitem__(self, step: int):
+        G = self.batch_size * self.world_size
+        slots = range(self.rank, G, self.world_size)  # this rank's positions in the global batch
         pos = self.positions(step)[self.rank::self.world_size]
         cap = self.positives[pos]
         img = self.pools.txt2img[cap]
-        g = torch.Generator().manual_seed(_mix(self.seed, step, self.rank, 7))
-        neg_img = self.pools.sample_negative_images(cap, self.num_candidates, generator=g)
-        neg_cap = self.pools.sample_negative_texts(img, self.num_candidates, generator=g)
+        neg_img, neg_cap = [], []
+        for j, c, i in zip(slots, cap, img):
+            g = torch.Generator().manual_seed(_mix(self.seed, step, j, 7))
+            neg_img.append(self.pools.sample_negative_images(c.view(1), self.num_candidates, generator=g))
+            neg_cap.append(self.pools.sample_negative_texts(i.view(1), self.num_candidates, generator=g))
+        neg_img, neg_cap = torch.cat(neg_img), torch.cat(neg_cap)  # (B, K) each
         return {
             "cap_idx": cap,
             "img_idx": img,
