@@ -307,10 +307,14 @@ def test_slurm_launcher_builds_ddp_sized_jobs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(submitit.AutoExecutor, "map_array", map_array)
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3", job_name="train"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
-                                          "trainer.num_nodes=2", "hydra.launcher.partition=gpu",
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "experiment=cacr_base", "model.checkpoint=null",
+                                          "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+                                          "data.batch_size=2", "hydra.launcher.partition=gpu",
                                           "hydra.launcher.timeout_min=90", f"hydra.sweep.dir={tmp_path}"],
                       return_hydra_config=True)
+    # the README's command: the paper's setting (16 positives per step) on 2 nodes x 4 GPUs
+    assert (cfg.trainer.strategy, cfg.trainer.precision, cfg.data.name) == ("ddp", "bf16-mixed", "flickr30k")
+    assert cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes == 16
     launcher = instantiate(cfg.hydra.launcher)
     launcher.setup(hydra_context=None, task_function=lambda c: None, config=cfg)
     returned = launcher.launch([["loss=cacr"], ["loss=none"]], initial_job_idx=0)
