@@ -112,6 +112,27 @@ def matmul_rate(device, dtype, n=None, reps=10):
     return 2 * n**3 * reps / dt
 
 
+def int8_linear_rate(tokens=4096, d_in=768, d_out=3072, reps=5):
+    """CPU: FLOP/s of a UNITER-base FFN-sized Linear under dynamic int8 quantisation
+    (``torch.ao.quantization.quantize_dynamic``) and in fp32, on the same input."""
+    import warnings
+
+    lin = torch.nn.Linear(d_in, d_out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
+    x = torch.randn(tokens, d_in)
+    flops = 2 * tokens * d_in * d_out * reps
+    out = {}
+    with torch.inference_mode():
+        for name, f in (("fp32_linear", lin), ("int8_dynamic_linear", q)):
+            f(x)
+            dt, _ = timed(lambda: [f(x) for _ in range(reps)], torch.device("cpu"))
+            out[f"{name}_flop_per_s"] = flops / dt
+        out["int8_dynamic_max_abs_error"] = float((q(x) - lin(x)).abs().max())
+    return out
+
+
 # ---------------------------------------------------------------------------------------- evaluation
 def reference_scores(model, pairs, caps, imgs, chunk, device):
     """The public code's evaluation: each caption against chunks of images, padded batches,
@@ -347,6 +368,10 @@ def report(r):
              "matmul rate: " + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in rate.items()
                                          if k.endswith("_flop_per_s") and k != "model_dtype_flop_per_s"),
              f"utilisation below = achieved model FLOP/s / {rate['model_dtype']} matmul rate ({peak / 1e12:.3g} TFLOP/s)"]
+    if "cpu_int8" in r:
+        q = r["cpu_int8"]
+        lines.append(f"Linear 768->3072 on 4096 tokens: fp32 {q['fp32_linear_flop_per_s'] / 1e9:.1f} GFLOP/s, dynamic int8 "
+                     f"{q['int8_dynamic_linear_flop_per_s'] / 1e9:.1f} GFLOP/s (max abs error {q['int8_dynamic_max_abs_error']:.3g})")
     if "eval" in r:
         e = r["eval"]
         lines += ["", f"Evaluation, UNITER-base, {e['captions']} captions x {e['images']} images "
@@ -413,6 +438,8 @@ def main(argv=None):
     rate["bf16_flop_per_s"] = matmul_rate(device, torch.bfloat16, n=None if gpu else 512)
     rate["model_dtype_flop_per_s"] = rate["bf16_flop_per_s" if gpu else "fp32_flop_per_s"]
     r["device_rate"] = rate
+    if not gpu:
+        r["cpu_int8"] = int8_linear_rate()
     model = UniterForImageTextRetrieval(UniterConfig(num_hidden_layers=args.layers, img_dim=IMG_DIM)).to(device)
     parts = {p.strip() for p in args.parts.split(",")}
     if "eval" in parts:
