@@ -137,7 +137,11 @@ def plot_scores(rows: List[Dict], path: Path) -> None:
 
     groups = by_loss(rows)
     panels = [(g, m) for g, _ in GROUPS for m in (*METRICS, "binding")] + [("retrieval", "ir_r1"), ("retrieval", "tr_r1")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.0 * len(panels), 3.2), sharey=False)
+    ncols = (len(panels) + 1) // 2
+    fig, grid = plt.subplots(2, ncols, figsize=(2.2 * ncols, 6.0), sharey=False)
+    axes = grid.flatten()
+    for ax in axes[len(panels):]:
+        ax.axis("off")
     for ax, (g, m) in zip(axes, panels):
         key = m if g == "retrieval" else f"{g}/{m}"
         for i, (loss, rs) in enumerate(groups.items()):
@@ -148,9 +152,10 @@ def plot_scores(rows: List[Dict], path: Path) -> None:
             ax.axhline(CHANCE[m], color="grey", ls="--", lw=0.8)
         ax.set_title(f"{g} {m}", fontsize=9)
         ax.set_xticks([])
-    axes[0].set_ylabel("percent (mean ± std over seeds)")
+    for row in grid:
+        row[0].set_ylabel("percent (mean ± std over seeds)")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(groups), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     _save(fig, path)
 
 
