@@ -5,7 +5,8 @@ A training batch holds ``B`` positive pairs and, for each, ``K`` candidate negat
 (for its caption) and ``K`` candidate negative captions (for its image), none a true match.
 With mining on, every candidate pair is scored without gradient in eval mode and the ``k``
 highest-scoring negatives of each direction are kept (official: 31 of 399); otherwise the
-first ``k`` candidates (already random) are used. The model is then trained on
+first ``k`` candidates (already random) are used, as in every step before ``mining_start``
+(a curriculum; official: mining from step 0). The model is then trained on
 ``B + 2Bk`` pairs: the positives once, each against its ``k`` hard images ("t" groups) and
 ``k`` hard captions ("i" groups), with the hinge ranking loss on sigmoid scores
 
@@ -14,6 +15,14 @@ first ``k`` candidates (already random) are used. The model is then trained on
 and the regularizer on the positives' last-layer relation blocks only:
 
     L = L_rank + lambda * w(t) * L_reg,   w(t) from the global step, so a resumed run continues.
+
+``ranking="softmax"`` replaces the hinge by the cross-entropy of the positive in its group
+(trains a model from scratch, where the sigmoid hinge saturates). ``align_weight > 0`` adds
+an align-before-fuse term (in the spirit of ALBEF's contrastive loss before fusion, here
+token-level): an in-batch InfoNCE on ``mean over a caption's words of the best cosine
+similarity with a region of the image``, on the embedding layer's outputs, which gets a
+from-scratch model off the plateau where its score ignores the pair. Both are off in the
+paper settings.
 
 Everything in the step is batched over positives; no host synchronisation is needed.
 """

@@ -42,7 +42,8 @@ def load_job(job: Path) -> Dict:
     res = json.loads(res_path.read_text())
     cfg = yaml.safe_load(cfg_path.read_text())
     if "winoground" not in res or "retrieval" not in res:
-        raise ValueError(f"{res_path}: expected 'winoground' and 'retrieval' entries (eval.test and eval.winoground on)")
+        raise ValueError(f"{res_path}: expected 'winoground' and 'retrieval' entries "
+                         "(eval.test and eval.winoground on)")
     w = res["winoground"]
     row = {"loss": cfg["loss"]["name"], "seed": cfg["seed"], "job": job.name}
     for group, tag in GROUPS:
@@ -136,7 +137,8 @@ def plot_scores(rows: List[Dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = by_loss(rows)
-    panels = [(g, m) for g, _ in GROUPS for m in (*METRICS, "binding")] + [("retrieval", "ir_r1"), ("retrieval", "tr_r1")]
+    panels = [(g, m) for g, _ in GROUPS for m in (*METRICS, "binding")]
+    panels += [("retrieval", "ir_r1"), ("retrieval", "tr_r1")]
     ncols = (len(panels) + 1) // 2
     fig, grid = plt.subplots(2, ncols, figsize=(2.2 * ncols, 6.0), sharey=False)
     axes = grid.flatten()
