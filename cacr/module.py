@@ -70,13 +70,6 @@ def word_region_alignment_logits(words: Tensor, word_mask: Tensor, regions: Tens
     return best / temperature
 
 
-def alignment_loss(logits: Tensor) -> Tensor:
-    """Symmetric in-batch InfoNCE on (B, B) caption-image logits whose diagonal holds the true pairs."""
-    target = torch.arange(logits.shape[0], device=logits.device)
-    ce = torch.nn.functional.cross_entropy
-    return 0.5 * (ce(logits, target) + ce(logits.t(), target))
-
-
 def warmup_linear_decay(step: int, warmup_steps: int, total_steps: int) -> float:
     """Learning-rate factor: linear warmup to 1 over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
     if warmup_steps > 0 and step < warmup_steps:
@@ -235,16 +228,45 @@ class RetrievalModule(pl.LightningModule):
 
     def alignment(self, pos: UniterBatch, img: Tensor) -> Tensor:
         """The align-before-fuse loss of the positives ``pos`` (images ``img``) on the embedding
-        layer's outputs; another caption of the same image is not used as a negative."""
+        layer's outputs, against every positive of the global batch: under DDP the words and
+        regions of all processes are gathered (with gradient), so the loss, and the run, do not
+        depend on how many processes share the batch. Another caption of the same image is not
+        used as a negative."""
         x = self.model.uniter.embed(pos)  # (B, L, H)
         H = x.shape[-1]
         words = x.gather(1, pos.word_index[:, :, None].expand(-1, -1, H))  # (B, n, H)
         regions = x.gather(1, pos.region_index[:, :, None].expand(-1, -1, H))  # (B, m, H)
-        logits = word_region_alignment_logits(words, pos.word_mask, regions, pos.region_mask,
-                                              self.hparams.align_temperature)
-        same = img[:, None] == img[None, :]
-        same.fill_diagonal_(False)
-        return alignment_loss(logits.masked_fill(same, float("-inf")))
+        wm, rm = pos.word_mask, pos.region_mask
+        B = words.shape[0]
+        all_words, all_wm, all_regions, all_rm, all_img, rank = words, wm, regions, rm, img, 0
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from torch.distributed.nn.functional import all_gather
+
+            store = self.store("train")  # widths every process knows without a sync
+            n, m = store.input_ids.shape[1] - 2, int(store.num_bbs_cpu.max())
+            pad = torch.nn.functional.pad
+            words, wm = pad(words, (0, 0, 0, n - words.shape[1])), pad(wm, (0, n - wm.shape[1]))
+            regions, rm = pad(regions, (0, 0, 0, m - regions.shape[1])), pad(rm, (0, m - rm.shape[1]))
+            # One collective each for the features (with gradient) and the masks: two gathers with
+            # gradient could run their backward exchanges in different orders on different ranks.
+            feats = torch.cat(all_gather(torch.cat([words, regions], dim=1)))  # (G, n + m, H)
+            all_words, all_regions = feats[:, :n], feats[:, n:]
+            with torch.no_grad():
+                masks = torch.cat([wm.long(), rm.long(), img[:, None].long()], dim=1)  # (B, n + m + 1)
+                gathered = [torch.empty_like(masks) for _ in range(dist.get_world_size())]
+                dist.all_gather(gathered, masks)
+                masks = torch.cat(gathered)
+            all_wm, all_rm, all_img = masks[:, :n].bool(), masks[:, n:n + m].bool(), masks[:, -1]
+            rank = dist.get_rank()
+        T = self.hparams.align_temperature
+        target = rank * B + torch.arange(B, device=words.device)  # this process's rows in the global batch
+        t2i = word_region_alignment_logits(words, wm, all_regions, all_rm, T)  # (B, G): captions vs images
+        i2t = word_region_alignment_logits(all_words, all_wm, regions, rm, T).t()  # (B, G): images vs captions
+        same = img[:, None] == all_img[None, :]
+        same[torch.arange(B, device=same.device), target] = False
+        ce = torch.nn.functional.cross_entropy
+        return 0.5 * (ce(t2i.masked_fill(same, float("-inf")), target) + ce(i2t.masked_fill(same, float("-inf")), target))
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int):
         step = self.global_step

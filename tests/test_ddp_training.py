@@ -24,12 +24,12 @@ from .test_training import TINY_WORLD
 
 # Step-indexed global batch of 4 positives: 2 per process on 2 processes, 4 on one. With
 # the warmup longer than the run and a constant regularizer weight, the first 2 steps of a
-# 4-step run are the 2 steps of a 2-step run. The in-batch alignment loss, where the config
-# has it, is off: its negatives are the other positives of the same process.
+# 4-step run are the 2 steps of a 2-step run. The in-batch alignment loss is on (the default):
+# its negatives are the whole global batch, gathered across processes.
 COMMON = [o for o in TINY_WORLD if not o.startswith(("data.batch_size", "logger"))] + [
     "loss.schedule=constant", "module.warmup_steps=4", "module.lr=3e-3", "trainer.log_every_n_steps=1",
-    "eval.val_every_n_steps=2",
-] + (["module.align_weight=0"] if "align_weight" in OmegaConf.load(REPO / "conf" / "train.yaml").module else [])
+    "eval.val_every_n_steps=2", "module.align_weight=1",
+]
 METRICS = ("ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10", "rsum")
 
 
