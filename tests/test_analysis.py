@@ -18,13 +18,13 @@ from matplotlib.figure import Figure
 
 from cacr.analysis import attention, entropy, pictures
 from cacr.analysis.attention import PairAttention, relation_attention
-from cacr.data import SyntheticConfig, WinogroundSet, WordPieceTokenizer, ensure_synthetic, load_scenes
+from cacr.data import WinogroundSet, WordPieceTokenizer, load_scenes
 from cacr.data.render import render_scene
 from cacr.evaluation.evaluators import evaluate_winoground
 from cacr.model import PairExample, UniterConfig, build_uniter, collate
 from cacr.regularizers import cacr_loss
 
-from .conftest import REPO
+from .conftest import REPO, synthetic_world
 
 WORLD = dict(n_train=20, n_val=10, n_test=10, n_winoground=8)
 
@@ -36,20 +36,12 @@ def tiny_config(**kw) -> UniterConfig:
     return UniterConfig(**{**base, **kw})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    paths = ensure_synthetic(SyntheticConfig(**WORLD), root)
-    overrides = [f"data.root={root}"] + [f"data.synthetic.{k}={v}" for k, v in WORLD.items()]
-    return paths, overrides
+    return synthetic_world(tmp_path_factory.mktemp("world"), WORLD)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from cacr.data import SyntheticConfig, WinogroundSet, WordPieceTokenizer, ensure_synthetic
+from cacr.data import WinogroundSet, WordPieceTokenizer
 from cacr.evaluation import cli
 from cacr.evaluation.retrieval_metrics import retrieval_metrics
 from cacr.evaluation.scorefile import load_score_matrix, read_score_file, read_winoground_examples, results_markdown
 from cacr.model import UniterConfig, build_uniter, collate, load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO, synthetic_world
 WORLD = dict(n_train=20, n_val=10, n_test=10, n_winoground=16)
 
 
@@ -37,23 +37,12 @@ def save_ckpt(path: Path, cfg: UniterConfig, seed: int = 0) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny forwards: intra-op threads only add synchronisation (seconds on a busy 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    overrides = [f"data.root={root}"] + [f"data.synthetic.{k}={v}" for k, v in WORLD.items()]
-    # the world the command lines will generate from conf/data/synthetic.yaml and these overrides
-    synthetic = make_cfg("winoground", overrides).data.synthetic
-    paths = ensure_synthetic(SyntheticConfig(**synthetic), root)
-    return paths, overrides
+    return synthetic_world(tmp_path_factory.mktemp("world"), WORLD)
 
 
 @pytest.fixture(scope="module")

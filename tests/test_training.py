@@ -120,7 +120,9 @@ def test_batched_training_step_equals_a_loop_over_positives(tiny_dm, plan):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["model.config.hidden_dropout_prob=0", "model.config.attention_probs_dropout_prob=0",
                                           "model.config.hidden_size=32", "model.config.num_hidden_layers=2",
-                                          "model.config.intermediate_size=64"])
+                                          "model.config.intermediate_size=64",
+                                          # a wide init: scores far apart, so mining picks definite negatives
+                                          "model.config.initializer_range=0.3"])
     model = instantiate(cfg.model)
     reg = instantiate(cfg.loss, schedule="constant")
     module = RetrievalModule(model, reg, num_negatives=2, mining=True, mining_batch_size=5)
@@ -137,7 +139,7 @@ def test_batched_training_step_equals_a_loop_over_positives(tiny_dm, plan):
     pairs = lambda cs, js: collate([split.pair(c, j) for c, j in zip(cs, js)])  # noqa: E731
     from cacr.regularizers import relation_blocks
 
-    ranks, regs = [], []
+    ranks, regs, chosen = [], [], []
     for b in range(4):
         c, j = int(batch["cap_idx"][b]), int(batch["img_idx"][b])
         with torch.no_grad():
@@ -145,12 +147,15 @@ def test_batched_training_step_equals_a_loop_over_positives(tiny_dm, plan):
             s_cap = model.score(pairs(batch["neg_cap"][b].tolist(), [j] * 6))
         hard_img = batch["neg_img"][b][s_img.topk(2).indices].tolist()
         hard_cap = batch["neg_cap"][b][s_cap.topk(2).indices].tolist()
+        chosen.append(hard_img != batch["neg_img"][b][:2].tolist() or hard_cap != batch["neg_cap"][b][:2].tolist())
+        assert s_img.topk(3).values.diff().abs().min() > 1e-4  # no near-ties: the chosen set is well defined
         out = model(pairs([c] + [c, c] + hard_cap, [j] + hard_img + [j, j]), score_rows=torch.tensor([0]))
         s = out.rank_logits.sigmoid()
         ranks.append((0.2 + s[1:] - s[0]).clamp(min=0))
         pb = pairs([c], [j])
         blocks = relation_blocks(out.last_scores, pb.word_index, pb.word_mask, pb.region_index, pb.region_mask)
         regs.append(reg(*blocks).loss)
+    assert any(chosen)  # mining chose other negatives than the first random ones, and the losses still agree
     assert got["rank_loss"] == pytest.approx(torch.cat(ranks).mean().item(), abs=1e-5)
     assert got["reg_loss"] == pytest.approx(torch.stack(regs).mean().item(), abs=1e-5)
     assert got["loss"] == pytest.approx(got["rank_loss"] + got["reg_loss"], abs=1e-5)
