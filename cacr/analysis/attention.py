@@ -26,7 +26,6 @@ for any caption and image; see ``--help``)::
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -250,6 +249,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .inputs import add_common_arguments
+
     p = argparse.ArgumentParser(
         prog="python -m cacr.analysis.attention",
         description="Last-layer attention pictures of one pair (paper Figures 2, 4, 5).",
@@ -276,21 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rel-threshold", type=float, default=0.5,
                    help="other boxes drawn in red: attention >= this fraction of the word's maximum")
     p.add_argument("--max-others", type=int, default=3, help="at most this many red boxes per word")
-    p.add_argument("--device", default="auto", help="auto (CUDA if visible) | cpu | cuda | cuda:N")
-    p.add_argument("--wandb", action="store_true",
-                   help="log the PNGs to the active wandb run, or to a new offline run in --out")
-    p.add_argument("--wandb-project", default="cacr")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of conf/winoground.yaml")
+    add_common_arguments(p, "the PNGs")
     return p
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"cacr.analysis.attention: {e.args[0] if isinstance(e, KeyError) else e}")
+    from .inputs import run_command
+
+    run_command("cacr.analysis.attention", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -225,6 +224,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .inputs import add_common_arguments
+
     p = argparse.ArgumentParser(
         prog="python -m cacr.analysis.entropy",
         description="Section 5.2: entropy of the cross-modal argmax indices against Winoground correctness.",
@@ -235,21 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalisation", choices=("block", "joint"), default="block")
     p.add_argument("--max-examples", type=int, default=None, help="only the first N examples")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto", help="auto (CUDA if visible) | cpu | cuda | cuda:N")
-    p.add_argument("--wandb", action="store_true",
-                   help="log the scatter plot to the active wandb run, or to a new offline run in --out")
-    p.add_argument("--wandb-project", default="cacr")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of conf/winoground.yaml")
+    add_common_arguments(p, "the scatter plot")
     return p
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"cacr.analysis.entropy: {e.args[0] if isinstance(e, KeyError) else e}")
+    from .inputs import run_command
+
+    run_command("cacr.analysis.entropy", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ regions file's boxes.
 """
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -208,3 +210,23 @@ def background(pair: Pair, image_file: Optional[str] = None,
         return render_scene(pair.scene, where=f"{pair.scene_source} {pair.image_id}"), \
             f"synthetic scene rendered from {pair.scene_source}"
     return None, "none: boxes on a blank canvas"
+
+
+def add_common_arguments(p: argparse.ArgumentParser, pictures: str) -> None:
+    """The options every analysis command shares: device, wandb logging of ``pictures``,
+    the output folder and trailing ``key=value`` overrides of conf/winoground.yaml."""
+    p.add_argument("--device", default="auto", help="auto (CUDA if visible) | cpu | cuda | cuda:N")
+    p.add_argument("--wandb", action="store_true",
+                   help=f"log {pictures} to the active wandb run, or to a new offline run in --out")
+    p.add_argument("--wandb-project", default="cacr")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of conf/winoground.yaml")
+
+
+def run_command(prog: str, parser: argparse.ArgumentParser, run, argv=None) -> None:
+    """Parse ``argv`` and call ``run(args)``; bad input exits with one line naming ``prog``."""
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"{prog}: {e.args[0] if isinstance(e, KeyError) else e}")
