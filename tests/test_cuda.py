@@ -110,3 +110,15 @@ def test_training_step_never_synchronises_on_cuda(reg):
     syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
     assert not syncs, syncs
     assert torch.isfinite(loss).item()
+
+
+def test_compiled_scorer_matches_eager_on_cuda():
+    """model.scorer(compile=True) (torch.compile, dynamic shapes) on batches of two widths."""
+    model = UniterForImageTextRetrieval(UniterConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=128, img_dim=16,
+                                                     max_position_embeddings=40)).cuda().eval()
+    compiled = model.scorer(compile=True)
+    with torch.no_grad():
+        for seed, n in ((7, 24), (8, 9)):
+            batch = collate(random_examples(n, seed=seed)).to("cuda")
+            assert (compiled(batch) - model.score(batch)).abs().max() < 1e-4
