@@ -214,6 +214,8 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
     trainer = build_trainer(cfg, run_dir, [best, last, *(extra_callbacks or [])], [])
     # Validation metrics are gathered exactly, hence equal, on every rank: no sync_dist needed.
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.* when logging on epoch level in distributed")
+    # The module's batch hook (the host-side mining plan) is meant to run with the data module's loaders.
+    warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transfer` in `LightningModule`")
     rank = global_rank(trainer)
     trainer.loggers = build_loggers(cfg, run_dir, rank)
     sizes = scale(cfg, trainer)
