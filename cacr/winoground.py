@@ -39,7 +39,7 @@ class WinogroundExample:
         return str(self.id)
 
 
-def _jsonl_objects(path: Path, what: str):
+def jsonl_objects(path: Path, what: str):
     """Yield ``(line number, object)`` for the non-blank lines of a JSONL file."""
     try:
         f = open(path, encoding="utf-8")
@@ -63,7 +63,7 @@ def read_winoground_examples(path: PathLike) -> List[WinogroundExample]:
     path = Path(path)
     examples: List[WinogroundExample] = []
     seen: Dict[str, int] = {}
-    for lineno, obj in _jsonl_objects(path, "Winoground examples file"):
+    for lineno, obj in jsonl_objects(path, "Winoground examples file"):
         where = f"{path}:{lineno}"
         missing = [k for k in EXAMPLE_FIELDS if k not in obj]
         if missing:

@@ -244,8 +244,7 @@ def reference_step(model, opt, store, batch, k, reg_name, mining_chunk):
     the host), explicit attention, fp32, the regularizer one example at a time."""
     cap, img, neg_img, neg_cap = batch["cap_idx"], batch["img_idx"], batch["neg_img"], batch["neg_cap"]
     B, K = neg_img.shape
-    caps = torch.cat([cap.repeat_interleave(K), neg_cap.flatten()])
-    imgs = torch.cat([neg_img.flatten(), img.repeat_interleave(K)])
+    caps, imgs = RetrievalModule.mining_pairs(batch)  # (2BK,), the same candidates as the project
     model.eval()
     with torch.no_grad():
         sc = torch.cat([model.score(store.batch(caps[s:s + mining_chunk], imgs[s:s + mining_chunk]))

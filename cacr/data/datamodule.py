@@ -140,7 +140,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         """Every caption and image of ``role`` as a ``cacr.model.PairStore`` on the CPU (captions
         padded, regions flat); caption ``t`` / image ``j`` are the split's indices."""
         s = self.split(role)
-        return _padded_store(s.texts, s.regions, s.image_rows, layout)
+        return _pair_store(s.texts, s.regions, s.image_rows, layout)
 
     def winoground_store(self, layout: str = "compact") -> PairStore:
         """The Winoground-format set as a ``PairStore``: caption ``2e + c`` is example ``e``'s
@@ -150,7 +150,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         w = self.winoground
         texts = [t for pair in w.texts for t in pair]
         rows = torch.tensor([w.regions.index(ex[f"image_{i}"]) for ex in w.examples for i in (0, 1)])
-        return _padded_store(texts, w.regions, rows, layout)
+        return _pair_store(texts, w.regions, rows, layout)
 
     def _rank(self):
         t = getattr(self, "trainer", None)
@@ -195,7 +195,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.seed = state["seed"]
 
 
-def _padded_store(texts, regions, image_rows: torch.Tensor, layout: str) -> PairStore:
+def _pair_store(texts, regions, image_rows: torch.Tensor, layout: str) -> PairStore:
     """Captions padded to the longest; the images' regions flat, one image after another."""
     T = max(t.numel() for t in texts)
     ids = torch.zeros(len(texts), T, dtype=torch.long)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cacr.winoground import (COLLAPSED_TAGS, EXAMPLE_FIELDS, WinogroundExample, _jsonl_objects,  # noqa: F401
+from cacr.winoground import (COLLAPSED_TAGS, EXAMPLE_FIELDS, WinogroundExample, jsonl_objects,  # noqa: F401
                               read_winoground_examples)
 
 PathLike = Union[str, os.PathLike]
@@ -113,7 +113,7 @@ def read_score_file(path: PathLike, examples: Sequence[Union[WinogroundExample, 
         raise ValueError("read_score_file: the example ids are not unique")
     scores = torch.full((len(keys), 2, 2), float("nan"), dtype=torch.float64)
     line_of: Dict[str, int] = {}
-    for lineno, obj in _jsonl_objects(path, "score file"):
+    for lineno, obj in jsonl_objects(path, "score file"):
         where = f"{path}:{lineno}"
         if "label" not in obj:
             raise ValueError(f"{where}: missing 'label' (expected {{\"label\": \"<id>_c<k>_i<j>\", \"score\": s}})")
