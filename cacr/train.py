@@ -15,6 +15,7 @@ the learning-rate and regularizer schedules count optimizer steps whatever the w
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -26,22 +27,75 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
-def job_dirname(overrides: str, limit: int = 96) -> str:
-    """A sweep job's directory name from its overrides: no slashes, and at most ``limit``
-    characters (longer names keep their start and a hash of the whole)."""
+def _swept_keys(argv: Optional[List[str]] = None) -> List[str]:
+    """Keys given several values on a multirun command line (``seed=0,1,2``, ``lr=range(...)``)."""
+    import sys
+
+    keys = []
+    for a in (sys.argv[1:] if argv is None else argv):
+        k, sep, v = a.partition("=")
+        if not sep or a.startswith("-") or k.startswith("hydra"):
+            continue
+        if re.search(r"(?<!\\),", v) or re.match(r"\s*(range|choice|interval|glob)\(", v):
+            keys.append(k.lstrip("+~"))
+    return keys
+
+
+def job_dirname(overrides: str, limit: int = 96, argv: Optional[List[str]] = None) -> str:
+    """A sweep job's directory name from its overrides (Hydra's ``override_dirname``): no
+    slashes, the overrides that differ between the sweep's jobs first and whole, then the
+    others while they fit in ``limit`` characters; a name that had to drop something ends
+    with a hash of all the overrides, so two jobs never share a folder."""
     import hashlib
 
-    name = overrides.replace("/", "_") or "default"
-    if len(name) > limit:
-        name = name[: limit - 9] + "-" + hashlib.sha1(overrides.encode()).hexdigest()[:8]
-    return name
+    if not overrides:
+        return "default"
+    parts = [p.replace("/", "_") for p in re.split(r"(?<!\\),", overrides)]
+    swept = _swept_keys(argv)
+    first = [p for p in parts if p.partition("=")[0].lstrip("+~") in swept]
+    rest = [p for p in parts if p not in first]
+    name = ",".join(first + rest)
+    if len(name) <= limit:
+        return name
+    tag = "-" + hashlib.sha1(overrides.encode()).hexdigest()[:8]
+    kept = list(first)
+    for p in rest:
+        if len(",".join(kept + [p])) + len(tag) <= limit:
+            kept.append(p)
+    name = ",".join(kept)
+    if len(name) + len(tag) > limit and not rest:
+        name = name[: limit - len(tag)]
+    return name + tag
 
 
 def register_resolvers() -> None:
+    from cacr import rundir
+
     if not OmegaConf.has_resolver("cacr.dirname"):
         OmegaConf.register_new_resolver("cacr.dirname", job_dirname)
     if not OmegaConf.has_resolver("cacr.first"):  # the first argument that is not null
         OmegaConf.register_new_resolver("cacr.first", lambda *xs: next((x for x in xs if x is not None), None))
+    for name, fn in (("cacr.run_dir", rundir.hydra_run_dir), ("cacr.sweep_dir", rundir.hydra_sweep_dir),
+                     ("cacr.hydra_subdir", rundir.hydra_subdir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, _exit_in_one_line(fn))
+
+
+def _exit_in_one_line(fn):
+    """A resolver whose expected failures end ``train.py`` in one line (OmegaConf would wrap
+    them in a multi-line interpolation error)."""
+    import functools
+
+    from cacr.errors import CacrError, exit_on_error
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        try:
+            return fn(*args)
+        except CacrError as e:
+            exit_on_error("train.py", e)
+
+    return wrapped
 
 
 class ConfigError(ValueError):
@@ -101,19 +155,46 @@ def global_rank(trainer: pl.Trainer) -> int:
     return 0
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, rank: int = 0) -> List[Any]:
+def build_loggers(cfg: DictConfig, run_dir: Path, rank: int = 0, resume_step: Optional[int] = None) -> List[Any]:
     kind = cfg.logger.kind
     if kind == "none":
         return []
     if kind == "csv":
-        from pytorch_lightning.loggers import CSVLogger
-
-        return [CSVLogger(save_dir=str(run_dir), name="", version="")]
+        return [_csv_logger(run_dir, resume_step)]
     if kind == "wandb":
         from pytorch_lightning.loggers import WandbLogger
 
         return [WandbLogger(experiment=_wandb_run(cfg, run_dir, rank))]
     raise ConfigError(f"logger.kind={kind!r}: expected csv, wandb or none")
+
+
+def _csv_logger(run_dir: Path, resume_step: Optional[int]):
+    """Lightning's CSV logger, which deletes an existing ``metrics.csv`` when it starts. A run
+    resumed at step ``s`` in its own directory keeps the rows of the steps before ``s`` (and
+    the validation at ``s``) and appends the rest, as the uninterrupted run would have."""
+    import csv
+
+    from pytorch_lightning.loggers import CSVLogger
+
+    logger = CSVLogger(save_dir=str(run_dir), name="", version="")
+    metrics = run_dir / "metrics.csv"
+    if resume_step is None or not metrics.is_file():
+        return logger
+    with open(metrics, newline="") as f:
+        rows = [{k: v for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
+
+    def keep(r) -> bool:
+        try:
+            step = int(float(r.get("step", "nan")))
+        except ValueError:
+            return False
+        return step < resume_step or (step == resume_step and any(k.startswith("val/") for k in r))
+
+    kept = [r for r in rows if keep(r)]
+    writer = logger.experiment  # removes metrics.csv: write the kept rows back at once
+    writer.metrics = kept
+    writer.save()
+    return logger
 
 
 def _sweep_name() -> Optional[str]:
@@ -174,64 +255,131 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks, loggers) -> pl.Trai
 
 
 def run(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Dict[str, Any]:
+    """One training job: settings checked, the run directory claimed, the checkpoint to
+    resume from (if any) read and compared, then :func:`_fit_and_evaluate` (data checked
+    before step 0). Raises :class:`RunFinished` for a resume of a finished run whose results
+    exist (``+rerun_eval=true`` evaluates again)."""
+    from cacr import rundir
+    from cacr.checks import check_settings
     from cacr.launch import job_processes
+    from cacr.resume import inspect_resume
 
     run_dir = _run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_settings(cfg)
     _check_paths(cfg)
     _check_trainer(cfg)
-    with job_processes(cfg, run_dir):
-        return _fit_and_evaluate(cfg, run_dir, extra_callbacks)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resume = inspect_resume(cfg, resolved)
+    claimed = False
+    if rundir.primary_process() and not rundir.holds(run_dir):
+        here = resume is not None and rundir.same_dir(rundir.resume_dir(resume.path), run_dir)
+        rundir.claim(run_dir)
+        claimed = True
+        if not here and rundir.holds_a_run(run_dir, hydra_files=False):
+            rundir.release(run_dir)
+            raise ConfigError(f"run_dir={run_dir}: holds an earlier run; resume it with "
+                              f"ckpt_path={run_dir}/checkpoints/last.ckpt or choose another run_dir")
+    try:
+        if resume is not None and resume.finished and not cfg.get("rerun_eval"):
+            for d in dict.fromkeys([run_dir, rundir.resume_dir(resume.path)]):
+                if d is not None and (Path(d) / "results.json").is_file():
+                    raise RunFinished(f"train.py: the run of {resume.path} finished at step {resume.step} of "
+                                      f"train.max_steps={cfg.train.max_steps}; its results are in "
+                                      f"{Path(d) / 'results.json'} (+rerun_eval=true evaluates it again)")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with job_processes(cfg, run_dir):
+            return _fit_and_evaluate(cfg, run_dir, extra_callbacks, resume, resolved)
+    finally:
+        if claimed:
+            rundir.release(run_dir)
 
 
-def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[List[Any]]) -> Dict[str, Any]:
+class RunFinished(Exception):
+    """A resume of a run that already finished (its message is the one line to print)."""
+
+
+def recorded_config(resolved: Dict[str, Any]) -> Dict[str, Any]:
+    """The resolved config as ``results.json`` records it: without ``ckpt_path``, so a run
+    resumed in its own directory writes the file the uninterrupted run writes."""
+    return {k: v for k, v in resolved.items() if k not in ("ckpt_path", "resume_override", "rerun_eval")}
+
+
+def _best_weights(best_path: str, ckpt_dir: Path) -> str:
+    """The recorded best checkpoint; one a pre-fix run deleted is replaced by the single
+    ``best-step*.ckpt`` left in the run's checkpoint folder, with a warning."""
+    if not best_path or Path(best_path).is_file():
+        return best_path
+    left = sorted(Path(best_path).parent.glob("best-step*.ckpt")) or sorted(ckpt_dir.glob("best-step*.ckpt"))
+    if len(left) == 1:
+        log.warning("best checkpoint %s is missing (deleted by an older version of train.py); using %s",
+                    best_path, left[0])
+        return str(left[0])
+    raise ConfigError(f"best checkpoint {best_path}: file not found, and {len(left)} best-step*.ckpt files "
+                      f"beside it; expected the file the run recorded")
+
+
+def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[List[Any]], resume=None,
+                      resolved: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     from hydra.utils import instantiate
 
+    from cacr.checks import check_data
     from cacr.model import UniterCollator
+    from cacr import rundir
     from cacr.module import RetrievalModule
+    from cacr.resume import BestCheckpoint, LastCheckpoint, RecordConfig
     from cacr.train_data import TrainingDataModule
 
+    resolved = resolved if resolved is not None else OmegaConf.to_container(cfg, resolve=True)
     pl.seed_everything(cfg.seed, workers=True)
 
     model = instantiate(cfg.model)
     collator = UniterCollator(img_dim=model.config.img_dim,
                               max_txt_positions=model.config.max_position_embeddings)
     dm = TrainingDataModule.from_config(cfg.data, collator=collator, num_candidates=cfg.train.num_candidates)
+    dm.setup()  # every split and the Winoground-format set, opened and checked before step 0
+    check_data(dm, cfg)
     regularizer = instantiate(cfg.loss)
     module = RetrievalModule(model, regularizer, **OmegaConf.to_container(cfg.module, resolve=True),
                              seed=cfg.seed)
 
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
     ckpt_dir = run_dir / "checkpoints"
-    best = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best-step{step}", monitor="val/rsum", mode="max",
-                           save_top_k=1, auto_insert_metric_name=False)
-    # last.ckpt: the latest state, written every validation interval and at the end of
-    # training whatever the metric did (ModelCheckpoint's save_last only follows new bests).
-    last = ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1,
-                           every_n_train_steps=int(cfg.eval.val_every_n_steps), save_on_train_epoch_end=True,
-                           enable_version_counter=False)
-    trainer = build_trainer(cfg, run_dir, [best, last, *(extra_callbacks or [])], [])
+    best = BestCheckpoint(str(ckpt_dir))
+    # last.ckpt: the latest state, after every validation (once the best is decided) and at
+    # the end of training, so a resume from it repeats no validation and knows the best so far.
+    last = LastCheckpoint(str(ckpt_dir), best)
+    history = list(resume.history) if resume is not None else []
+    if resume is not None:
+        history.append({"resumed_at_step": resume.step, "from": str(resume.path),
+                        "config_changes": resume.diff if resume.overridden else []})
+    record = RecordConfig(recorded_config(resolved), history)
+    trainer = build_trainer(cfg, run_dir, [record, *(extra_callbacks or []), best, last], [])
     # Validation metrics are gathered exactly, hence equal, on every rank: no sync_dist needed.
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.* when logging on epoch level in distributed")
     # The module's batch hook (the host-side mining plan) is meant to run with the data module's loaders.
     warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transfer` in `LightningModule`")
     rank = global_rank(trainer)
-    trainer.loggers = build_loggers(cfg, run_dir, rank)
+    in_place = resume is not None and rundir.same_dir(rundir.resume_dir(resume.path), run_dir)
+    trainer.loggers = build_loggers(cfg, run_dir, rank, resume.step if in_place else None)
     sizes = scale(cfg, trainer)
     if rank == 0:
         log.info("training on %s", describe_scale(sizes))
+        if resume is not None:
+            log.info("resuming from %s at step %d of %d", resume.path, resume.step, cfg.train.max_steps)
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume.path) if resume is not None else None)
 
-        best_path = best.best_model_path or last.best_model_path
-        results: Dict[str, Any] = {"best_checkpoint": best_path, "run_dir": str(run_dir), "scale": sizes}
+        best_path = _best_weights(best.best_model_path, ckpt_dir)
+        results: Dict[str, Any] = {"best_checkpoint": best_path or last.path, "run_dir": str(run_dir),
+                                   "scale": sizes}
         if best_path:
             state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
             module.load_state_dict(state)
         module.to(trainer.strategy.root_device)  # fit's teardown left it on the CPU
         results.update(module.final_evaluation(test=cfg.eval.test, winoground=cfg.eval.winoground,
                                                n_boot=cfg.eval.n_boot, output_dir=run_dir))
+        results["config"] = recorded_config(resolved)
+        if any(h["config_changes"] for h in history):
+            results["resumes"] = history  # accepted config changes (+resume_override=true) stay on record
         if trainer.is_global_zero:
             from cacr.evaluation.scorefile import write_results_json
 
@@ -264,13 +412,26 @@ def _fmt(x) -> str:
 
 
 def main_entry(cfg: DictConfig) -> Dict[str, Any]:
-    """``train.py``'s body: run, print the summary, and turn config mistakes into one clear line."""
+    """``train.py``'s body: run and print the summary. Expected failures end in one line
+    ``train.py: <file or key>: <what was expected>`` (one line per impossible setting),
+    exit code 1; ``CACR_DEBUG=1`` or ``HYDRA_FULL_ERROR=1`` shows the traceback."""
     import sys
 
+    from cacr.checks import SettingsError
+    from cacr.errors import EXPECTED, debug, exit_on_error, raise_on_termination
+
+    raise_on_termination()  # SIGTERM runs the clean-ups of Ctrl-C (temporary files, the run lock)
     try:
         results = run(cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        sys.exit(f"train.py: {e}")
+    except RunFinished as e:
+        print(e)
+        return {}
+    except SettingsError as e:
+        if debug():
+            raise
+        sys.exit("\n".join(f"train.py: {line}" for line in e.lines))
+    except EXPECTED as e:
+        exit_on_error("train.py", e)
     from pytorch_lightning.utilities import rank_zero_only
 
     @rank_zero_only

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cacr.outputs import publish_mode
+
 from cacr.winoground import (COLLAPSED_TAGS, EXAMPLE_FIELDS, WinogroundExample, jsonl_objects,  # noqa: F401
                               read_winoground_examples)
 
@@ -38,7 +40,8 @@ _LABEL = re.compile(r"^(?P<id>.+)_c(?P<k>[01])_i(?P<j>[01])$")
 # --------------------------------------------------------------------------- atomic writes
 
 def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path`` (mode
+    0644 under the usual umask; the temporary file is removed on any failure or interrupt)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -47,6 +50,7 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        publish_mode(tmp)  # mkstemp's 0600 would hide results from colleagues on a shared machine
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

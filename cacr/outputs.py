@@ -1,0 +1,97 @@
+"""Output files are never written by accident: an existing output is replaced only when the
+user says so, an output is never one of the command's inputs, its folder is checked writable
+before any work, and temporary files go away on failure, on SIGINT/SIGTERM, and (for files
+of a process killed outright) the next time a writer targets the same output."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+from cacr.errors import CacrError
+
+PathLike = Union[str, os.PathLike]
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: PathLike) -> None:
+    """Give a file the mode a plain ``open(path, "w")`` would (0644 under the usual umask):
+    temporary files from ``mkstemp`` are 0600, unreadable to colleagues on a shared machine."""
+    os.chmod(path, 0o666 & ~umask())
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.expanduser().resolve() == b.expanduser().resolve()
+
+
+def inside(path: PathLike, folder: PathLike) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (for folder inputs such as an LMDB)."""
+    p, f = Path(path).expanduser().resolve(), Path(folder).expanduser().resolve()
+    return p == f or f in p.parents
+
+
+def check_writable_dir(folder: PathLike, what: str) -> Path:
+    """Create ``folder`` if needed and prove a file can be created in it (before any scoring)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CacrError(f"{what}={folder}: cannot write there ({e.strerror or e})") from None
+    return folder
+
+
+def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Optional[PathLike]] = (),
+                 what: str = "--out", hint: str = "pass --overwrite to replace it") -> Path:
+    """Refuse an output that is one of ``inputs`` (always) or that exists (unless
+    ``overwrite``); check its folder is writable; remove temporary files that a killed
+    writer of the same output left behind. Returns the path."""
+    path = Path(path)
+    for i in inputs:
+        if i is not None and (same_file(path, i) or (Path(i).is_dir() and inside(path, i))):
+            raise CacrError(f"{what}={path}: is also an input of this command ({i}); write the output elsewhere")
+    if path.is_dir():
+        raise CacrError(f"{what}={path}: is a folder, expected a file name")
+    if path.exists() and not overwrite:
+        raise CacrError(f"{what}={path}: exists; {hint}")
+    check_writable_dir(path.parent, what)
+    remove_stale_temps(path)
+    return path
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path: PathLike) -> int:
+    """Remove ``<path>.tmp-<pid>`` files of processes that no longer run; returns how many."""
+    path = Path(path)
+    n = 0
+    if not path.parent.is_dir():
+        return 0
+    for tmp in path.parent.glob(f"{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n

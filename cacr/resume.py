@@ -1,0 +1,246 @@
+"""Honest resume: checkpoints that say what run they belong to, and a resume that continues
+that run or says why not.
+
+- :class:`BestCheckpoint` keeps the best checkpoint by R-sum. It writes each file under a
+  temporary name and renames it, restores its state from any checkpoint of the run (also
+  when the resumed run writes to another directory), and defers deleting the previous best
+  until ``last.ckpt`` points to the new one, so a kill between the two never leaves
+  ``last.ckpt`` naming a deleted file. Files outside its own directory are never deleted.
+- :class:`LastCheckpoint` writes ``last.ckpt`` (atomically) after every validation, once the
+  best checkpoint is decided, and when training ends: a resume from it repeats no
+  validation and knows the best checkpoint so far.
+- :class:`RecordConfig` stores the run's resolved config in every checkpoint
+  (``checkpoint["cacr"]``), with the history of resumes and accepted config changes.
+- :func:`inspect_resume` reads ``ckpt_path`` before anything runs: a truncated or foreign
+  file is refused naming it; a config that differs from the checkpoint's in anything but
+  bookkeeping is refused with a one-line diff unless ``+resume_override=true``; a
+  finished run is reported as such.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
+
+from cacr.errors import CacrError
+
+log = logging.getLogger(__name__)
+
+# Keys that say where and how a run is carried out, not what it computes.
+BOOKKEEPING_PREFIXES = ("logger.",)
+BOOKKEEPING_KEYS = {"ckpt_path", "run_dir", "resume_override", "rerun_eval", "data.root", "data.num_workers",
+                    "data.eval_batch_size", "module.eval_batch_size", "module.mining_batch_size",
+                    "module.compile_scoring", "trainer.enable_progress_bar", "trainer.log_every_n_steps"}
+# May change together as long as the positives per optimizer step stay the same (README: a
+# 2-GPU run resumed on 1 GPU with twice the batch per device).
+LAYOUT_KEYS = {"trainer.devices", "trainer.num_nodes", "trainer.strategy", "data.batch_size"}
+
+
+def _tmp(path: str) -> str:
+    return f"{path}.tmp-{os.getpid()}"
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``best-step{N}.ckpt``: the checkpoint with the highest ``val/rsum`` so far."""
+
+    def __init__(self, dirpath: str):
+        super().__init__(dirpath=dirpath, filename="best-step{step}", monitor="val/rsum", mode="max", save_top_k=1,
+                         auto_insert_metric_name=False, enable_version_counter=False)
+        self._pending: List[str] = []
+
+    @property
+    def state_key(self) -> str:  # the key of the plain ModelCheckpoint it replaces (older checkpoints)
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def _save_checkpoint(self, trainer: "pl.Trainer", filepath: str) -> None:
+        tmp = _tmp(filepath)
+        super()._save_checkpoint(trainer, tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+        self._last_checkpoint_saved = filepath
+
+    def _remove_checkpoint(self, trainer: "pl.Trainer", filepath: str) -> None:
+        self._pending.append(filepath)  # deleted by flush(), once last.ckpt names the new best
+
+    def flush(self, trainer: "pl.Trainer") -> None:
+        mine = Path(self.dirpath).resolve() if self.dirpath else None
+        for p in self._pending:
+            if p != self.best_model_path and mine is not None and Path(p).resolve().parent == mine:
+                trainer.strategy.remove_checkpoint(p)
+        self._pending = []
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        # Restored whatever the directory: the best so far may be a file of the run resumed from.
+        self.best_model_score = state_dict["best_model_score"]
+        self.best_model_path = state_dict["best_model_path"]
+        self.kth_best_model_path = state_dict.get("kth_best_model_path", self.kth_best_model_path)
+        self.kth_value = state_dict.get("kth_value", self.kth_value)
+        self.best_k_models = dict(state_dict.get("best_k_models", self.best_k_models))
+
+
+class LastCheckpoint(Checkpoint):
+    """``last.ckpt`` after every validation and at the end of training, written atomically.
+
+    A :class:`Checkpoint` subclass, so Lightning runs it after the other callbacks and,
+    given after :class:`BestCheckpoint`, after the best checkpoint is decided."""
+
+    def __init__(self, dirpath: str, best: Optional[BestCheckpoint] = None):
+        self.dirpath = str(dirpath)
+        self.path = str(Path(dirpath) / "last.ckpt")
+        self.best = best
+        self._saved_step: Optional[int] = None
+
+    def save(self, trainer: "pl.Trainer") -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        tmp = _tmp(self.path)
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        self._saved_step = trainer.global_step
+        if self.best is not None:
+            self.best.flush(trainer)
+
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.save(trainer)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._saved_step != trainer.global_step:
+            self.save(trainer)
+
+
+class RecordConfig(pl.Callback):
+    """Stores the resolved config (and the resume history) in every checkpoint."""
+
+    def __init__(self, config: Mapping[str, Any], history: Optional[List[Dict[str, Any]]] = None):
+        self.config = dict(config)
+        self.history = list(history or [])
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
+        checkpoint["cacr"] = {"config": self.config, "history": self.history}
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@dataclass
+class ResumeInfo:
+    path: Path
+    step: int
+    finished: bool
+    config: Optional[Dict[str, Any]]  # the checkpoint's resolved config (None: older checkpoint)
+    diff: List[str] = field(default_factory=list)
+    overridden: bool = False
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    best_model_path: Optional[str] = None
+
+
+def flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(d, Mapping):
+        out: Dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
+    """``key: old -> new`` for every setting that differs, bookkeeping left out; the layout
+    keys (devices, nodes, strategy, batch per device) only when the effective batch changes."""
+    a, b = flatten(old), flatten(new)
+    keys = sorted(set(a) | set(b))
+    missing = object()
+
+    def skip(k: str) -> bool:
+        return k in BOOKKEEPING_KEYS or k.startswith(BOOKKEEPING_PREFIXES) or k.startswith("hydra.")
+
+    out = [f"{k}: {_show(a.get(k, missing), missing)} -> {_show(b.get(k, missing), missing)}"
+           for k in keys if not skip(k) and k not in LAYOUT_KEYS and a.get(k, missing) != b.get(k, missing)]
+    if effective_batch(a) != effective_batch(b):
+        out += [f"{k}: {_show(a.get(k, missing), missing)} -> {_show(b.get(k, missing), missing)}"
+                for k in sorted(LAYOUT_KEYS) if a.get(k, missing) != b.get(k, missing)]
+        out.append(f"(positives per optimizer step: {effective_batch(a)} -> {effective_batch(b)})")
+    return out
+
+
+def _show(v, missing) -> str:
+    return "(absent)" if v is missing else repr(v)
+
+
+def effective_batch(flat: Mapping[str, Any]) -> Optional[int]:
+    try:
+        devices = flat.get("trainer.devices", 1)
+        devices = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
+        return int(flat["data.batch_size"]) * devices * int(flat.get("trainer.num_nodes", 1))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def load_training_checkpoint(path: Path, what: str = "ckpt_path") -> Dict[str, Any]:
+    """The checkpoint as a dict, or a one-line error naming the file."""
+    if not path.is_file():
+        raise CacrError(f"{what}={path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read means: not a usable checkpoint
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CacrError(f"{what}={path}: not a readable checkpoint, truncated or not written by torch.save "
+                        f"({type(e).__name__}: {first[:200]})") from None
+    need = ("state_dict", "global_step", "loops", "optimizer_states", "hyper_parameters")
+    if not isinstance(obj, Mapping) or any(k not in obj for k in need):
+        has = sorted(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+        raise CacrError(f"{what}={path}: not a training checkpoint of this project's train.py (expected keys "
+                        f"{list(need)}, found {has})")
+    if not isinstance(obj["hyper_parameters"], Mapping) or "model_config" not in obj["hyper_parameters"]:
+        raise CacrError(f"{what}={path}: a Lightning checkpoint of another project (no "
+                        f"hyper_parameters['model_config'])")
+    return obj
+
+
+def best_state(ckpt: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    for key, state in (ckpt.get("callbacks") or {}).items():
+        if "val/rsum" in str(key) and isinstance(state, Mapping):
+            return dict(state)
+    return None
+
+
+def inspect_resume(cfg: DictConfig, resolved: Mapping[str, Any]) -> Optional[ResumeInfo]:
+    """What resuming from ``cfg.ckpt_path`` means, or a one-line refusal (see module doc)."""
+    from cacr.paths import resolve_path
+
+    if not cfg.get("ckpt_path"):
+        return None
+    path = resolve_path(cfg.ckpt_path)
+    ckpt = load_training_checkpoint(path)
+    step = int(ckpt["global_step"])
+    max_steps = int(cfg.train.max_steps)
+    stored = ckpt.get("cacr") if isinstance(ckpt.get("cacr"), Mapping) else None
+    info = ResumeInfo(path=path, step=step, finished=step >= max_steps,
+                      config=dict(stored["config"]) if stored else None,
+                      history=list(stored.get("history", [])) if stored else [])
+    best = best_state(ckpt)
+    info.best_model_path = best.get("best_model_path") if best else None
+    del ckpt
+    if step > max_steps:
+        raise CacrError(f"ckpt_path={path}: the checkpoint is at step {step}, beyond train.max_steps={max_steps}")
+    if info.config is None:
+        log.warning("%s: written before checkpoints recorded their config; the resumed settings are not compared",
+                    path)
+        return info
+    info.diff = config_diff(info.config, resolved)
+    if info.diff:
+        if not cfg.get("resume_override"):
+            raise CacrError(f"ckpt_path={path}: the config differs from the checkpoint's: " + "; ".join(info.diff)
+                            + " (resume with the checkpoint's settings, or pass +resume_override=true to accept "
+                              "and record the change)")
+        info.overridden = True
+        log.warning("resuming %s with a changed config (recorded): %s", path, "; ".join(info.diff))
+    return info
