@@ -28,6 +28,7 @@ Everything in the step is batched over positives; no host synchronisation is nee
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Dict, Optional
 
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor
 
 from cacr.evaluation.evaluators import evaluate_retrieval, evaluate_winoground
-from cacr.model import PairStore, UniterBatch, UniterForImageTextRetrieval
+from cacr.model import MlmHead, PairStore, UniterBatch, UniterForImageTextRetrieval
 from cacr.regularizers import Regularizer
 
 
@@ -101,6 +102,9 @@ class RetrievalModule(pl.LightningModule):
         compile_scoring: bool = False,
         align_weight: float = 0.0,
         align_temperature: float = 0.1,
+        mlm_weight: float = 0.0,
+        mlm_prob: float = 0.15,
+        val_winoground: bool = False,
     ):
         super().__init__()
         if ranking not in ("hinge", "softmax"):
@@ -111,6 +115,11 @@ class RetrievalModule(pl.LightningModule):
         # Enough to rebuild the model and name the regularizer from a .ckpt alone.
         self.hparams["model_config"] = model.config.to_dict()
         self.hparams["regularizer"] = dict(vars(regularizer))
+        if not 0.0 < mlm_prob <= 1.0:
+            raise ValueError(f"module.mlm_prob must be in (0, 1], got {mlm_prob}")
+        # UNITER's masked-language-modelling head (official name cls.predictions), only when used;
+        # a checkpoint of this module fine-tunes without it (load_checkpoint skips cls.* keys).
+        self.cls = MlmHead(model.config, model.uniter.embeddings.word_embeddings) if mlm_weight > 0 else None
         self.stores: Dict[str, PairStore] = {}
         self._t0: Optional[float] = None
 
@@ -219,12 +228,55 @@ class RetrievalModule(pl.LightningModule):
             parts = reg(*blocks)
             losses.update(loss=rank + w * parts.loss, reg_loss=parts.loss, reg_loss_L=parts.loss_L,
                           reg_loss_V=parts.loss_V)
+        if self.hparams.align_weight > 0 or self.cls is not None:
+            pos = store.batch(cap, img, **bounds)
         if self.hparams.align_weight > 0:
-            align = self.alignment(store.batch(cap, img, **bounds), img)
+            align = self.alignment(pos, img)
             losses.update(loss=losses["loss"] + self.hparams.align_weight * align, align_loss=align)
+        if self.cls is not None:
+            mlm, mlm_acc = self.masked_lm(pos)
+            losses.update(loss=losses["loss"] + self.hparams.mlm_weight * mlm, mlm_loss=mlm, mlm_acc=mlm_acc)
         n_mined = 2 * B * K if mined else 0
         losses["pairs"] = torch.tensor(float(B + 2 * B * k + n_mined))
         return losses
+
+    def masked_lm(self, pos: UniterBatch):
+        """UNITER's MLM on the positives: each word piece is chosen with probability ``mlm_prob``
+        (at least one per caption), and replaced by ``[MASK]`` (80%), a random word piece (10%)
+        or kept (10%); the loss is the cross-entropy of the original pieces at the chosen
+        positions, conditioned on the whole image. Returns (loss, accuracy)."""
+        ids = pos.input_ids  # (B, Lt) text tokens with [CLS] first
+        n = pos.word_mask.shape[1]
+        words = ids[:, 1:1 + n]  # (B, n) word pieces (0 beyond each caption)
+        wm = pos.word_mask
+        u = torch.rand(wm.shape, device=ids.device)
+        chosen = (u < self.hparams.mlm_prob) & wm
+        # at least one masked piece per caption: the one with the smallest draw
+        first = u.masked_fill(~wm, 2.0).argmin(1)
+        chosen[torch.arange(len(ids), device=ids.device), first] = True
+        how = torch.rand(wm.shape, device=ids.device)
+        vocab = self.model.config.vocab_size
+        random_ids = torch.randint(self.num_special_tokens, vocab, wm.shape, device=ids.device)
+        new = torch.where(chosen & (how < 0.8), torch.full_like(words, self.mask_token_id), words)
+        new = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, new)
+        masked = dataclasses.replace(pos, input_ids=torch.cat([ids[:, :1], new, ids[:, 1 + n:]], dim=1))
+        hidden, _, _ = self.model.uniter(masked)  # (B, L, H)
+        H = hidden.shape[-1]
+        at = hidden.gather(1, pos.word_index[:, :, None].expand(-1, -1, H))[chosen]  # (M, H)
+        logits = self.cls(at).float()  # (M, vocab)
+        target = words[chosen]
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        return loss, (logits.argmax(-1) == target).float().mean().detach()
+
+    @property
+    def mask_token_id(self) -> int:
+        return int(self.trainer.datamodule.tokenizer.mask_id)
+
+    @property
+    def num_special_tokens(self) -> int:
+        """Word pieces before this id are specials ([PAD], [UNK], [CLS], [SEP], [MASK] in the
+        synthetic vocabulary; BERT's first 999 are specials and unused)."""
+        return 5 if self.model.config.vocab_size < 1000 else 999
 
     def alignment(self, pos: UniterBatch, img: Tensor) -> Tensor:
         """The align-before-fuse loss of the positives ``pos`` (images ``img``) on the embedding
@@ -318,8 +370,27 @@ class RetrievalModule(pl.LightningModule):
     def on_validation_epoch_end(self):
         metrics = self._evaluate(evaluate_retrieval, self.trainer.datamodule.split("val"),
                                  compile=self.hparams.compile_scoring)
+        log = {f"val/{k}": float(v) for k, v in metrics.items()}
+        if self.hparams.val_winoground and self.trainer.datamodule.winoground is not None:
+            log.update(self.winoground_dev_metrics())
         # Every rank computed the same gathered metrics: no reduction needed.
-        self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, rank_zero_only=False)
+        self.log_dict(log, rank_zero_only=False)
+
+    def winoground_dev_metrics(self) -> Dict[str, float]:
+        """Winoground-format text / image / group / binding, overall and per collapsed tag, on
+        the examples of the set's ``dev`` half (all examples when they carry no ``split``): the
+        half one may watch and choose settings on; the ``test`` half is only scored at the end."""
+        from cacr.evaluation.winoground_metrics import METRICS, breakdown, winoground_correct
+
+        wino = self.trainer.datamodule.winoground
+        scores, _ = self._evaluate(evaluate_winoground, wino, n_boot=0)
+        dev = [e for e, ex in enumerate(wino.examples) if ex.get("split", "dev") == "dev"]
+        correct = {m: v[dev] for m, v in winoground_correct(scores).items()}
+        out = {f"val/wino_{m}": 100.0 * correct[m].double().mean().item() for m in METRICS}
+        tags = [[wino.examples[e]["collapsed_tag"]] for e in dev]
+        for tag, res in breakdown(correct, tags, n_boot=0).items():
+            out.update({f"val/wino_{tag}_{m}": float(res[m]) for m in METRICS})
+        return out
 
     def final_evaluation(self, test: bool = True, winoground: bool = True, n_boot: int = 1000,
                          output_dir=None) -> Dict[str, Any]:
@@ -330,8 +401,9 @@ class RetrievalModule(pl.LightningModule):
             out["retrieval"] = self._evaluate(evaluate_retrieval, dm.split("test"), progress=True,
                                               compile=self.hparams.compile_scoring)
         if winoground and dm.winoground is not None:
+            splits = {str(ex["id"]): [ex["split"]] for ex in dm.winoground.examples if "split" in ex}
             scores, res = self._evaluate(evaluate_winoground, dm.winoground, progress=True, n_boot=n_boot,
-                                         seed=self.hparams.seed)
+                                         seed=self.hparams.seed, extra_tags={"split": splits} if splits else None)
             out["winoground"] = res
             if output_dir is not None and self.trainer.is_global_zero:
                 from cacr.evaluation.evaluators import winoground_examples

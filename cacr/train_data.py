@@ -15,13 +15,14 @@ device from a :class:`cacr.model.PairStore` by the training module.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cacr.data.datamodule import RetrievalDataModule
+from cacr.data.negatives import NegativeSampler
 
 
 class StepRange(Sampler):
@@ -48,17 +49,20 @@ class TrainBatches(Dataset):
     """Item ``s``: the batch of step ``s`` for this rank, a dict of CPU tensors and ints:
 
     ``cap_idx`` (B,), ``img_idx`` (B,): the positives (caption and its image, split indices);
-    ``neg_img`` (B, K): candidate images for each caption, never its own;
-    ``neg_cap`` (B, K): candidate captions for each image, never one of its own;
+    ``neg_img`` (B, K): candidate images for each caption, never its own (nor, with a scene
+    truth, any image the caption is true of);
+    ``neg_cap`` (B, K): candidate captions for each image, never one of its own (nor one true of it);
     ``max_txt_len``, ``max_regions``: widths covering every caption and image named, so the
     module can build any batch of these pairs without a device synchronisation.
     """
 
     def __init__(self, pools, *, batch_size: int, num_candidates: int, seed: int,
-                 txt_lens: Tensor, num_bbs: Tensor, rank: int = 0, world_size: int = 1):
+                 txt_lens: Tensor, num_bbs: Tensor, rank: int = 0, world_size: int = 1,
+                 sampler: Optional[NegativeSampler] = None):
         if batch_size < 1:
             raise ValueError(f"train.batch_size must be >= 1, got {batch_size}")
         self.pools = pools
+        self.sampler = sampler or NegativeSampler(pools.txt2img, pools.positives, pools.num_images)
         self.batch_size = batch_size
         self.num_candidates = num_candidates
         self.seed = seed
@@ -99,9 +103,9 @@ class TrainBatches(Dataset):
         neg_img, neg_cap = [], []
         for j, c, i in zip(slots, cap, img):
             g = torch.Generator().manual_seed(_mix(self.seed, step, j, 7))
-            neg_img.append(self.pools.sample_negative_images(c.view(1), self.num_candidates, generator=g))
-            neg_cap.append(self.pools.sample_negative_texts(i.view(1), self.num_candidates, generator=g))
-        neg_img, neg_cap = torch.cat(neg_img), torch.cat(neg_cap)  # (B, K) each
+            neg_img.append(self.sampler.images(int(c), self.num_candidates, g))
+            neg_cap.append(self.sampler.texts(int(i), self.num_candidates, g))
+        neg_img, neg_cap = torch.stack(neg_img), torch.stack(neg_cap)  # (B, K) each
         return {
             "cap_idx": cap,
             "img_idx": img,
@@ -141,7 +145,8 @@ class TrainingDataModule(RetrievalDataModule):
         num_bbs = torch.as_tensor(self.regions.num_regions)[split.image_rows]
         batches = TrainBatches(self.train_pools, batch_size=self.batch_size, num_candidates=self.num_candidates,
                                seed=self.seed, txt_lens=txt_lens, num_bbs=num_bbs,
-                               rank=trainer.global_rank, world_size=trainer.world_size)
+                               rank=trainer.global_rank, world_size=trainer.world_size,
+                               sampler=self.negative_sampler())
         return DataLoader(batches, batch_size=None, sampler=StepRange(trainer.global_step, trainer.max_steps),
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 

@@ -25,9 +25,11 @@ def test_hand_cases():
     assert c["text"].tolist() == [True, False, False, False, True, True]
     assert c["image"].tolist() == [True, False, False, True, False, True]
     assert c["group"].tolist() == [True, False, False, False, False, True]
+    # interaction s00 - s01 - s10 + s11: 4, -4, 0 (a tie is wrong), 3, 3, 4.000001
+    assert c["binding"].tolist() == [True, False, False, True, True, True]
     r = summarize(c, n_boot=0)
     assert r == {"text": pytest.approx(50.0), "image": pytest.approx(50.0),
-                 "group": pytest.approx(100 / 3), "n": 6}
+                 "group": pytest.approx(100 / 3), "binding": pytest.approx(200 / 3), "n": 6}
 
 
 def test_all_correct_and_all_wrong():
@@ -35,13 +37,14 @@ def test_all_correct_and_all_wrong():
     wrong = torch.tensor([ex(0., 1., 1., 0.)] * 5)
     r = winoground_results(right, n_boot=200)
     assert (r["text"], r["image"], r["group"], r["n"]) == (100.0, 100.0, 100.0, 5)
-    assert r["ci95"] == {"text": [100.0, 100.0], "image": [100.0, 100.0], "group": [100.0, 100.0]}
+    assert r["ci95"] == {"text": [100.0, 100.0], "image": [100.0, 100.0], "group": [100.0, 100.0],
+                         "binding": [100.0, 100.0]}
     r = winoground_results(wrong, n_boot=200)
     assert (r["text"], r["image"], r["group"]) == (0.0, 0.0, 0.0)
 
 
 def loop_correct(scores):
-    out = {"text": [], "image": [], "group": []}
+    out = {"text": [], "image": [], "group": [], "binding": []}
     for e in scores.tolist():
         (s00, s01), (s10, s11) = e
         t = s00 > s10 and s11 > s01
@@ -49,6 +52,7 @@ def loop_correct(scores):
         out["text"].append(t)
         out["image"].append(i)
         out["group"].append(t and i)
+        out["binding"].append((s00 - s01) - (s10 - s11) > 0)
     return out
 
 
@@ -118,7 +122,7 @@ def test_results_record_shape():
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(10, 2, 2, generator=g)
     r = winoground_results(scores, {"collapsed_tag": [["Object"]] * 6 + [["Relation"]] * 4}, n_boot=100)
-    assert set(r) == {"text", "image", "group", "n", "ci95", "by_tag"}
+    assert set(r) == {"text", "image", "group", "binding", "n", "ci95", "by_tag"}
     assert set(r["by_tag"]["collapsed_tag"]) == {"Object", "Relation"}
     assert r["by_tag"]["collapsed_tag"]["Relation"]["n"] == 4
 

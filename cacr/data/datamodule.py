@@ -21,7 +21,8 @@ from cacr.paths import resolve_path
 from .datasets import (AllPairs, IndexedCollator, PositivePairs, RegionCaps, RegionStore, RetrievalSplit, TrainPools,
                        WinogroundPairs, WinogroundSet, build_split, open_regions, shard_rows)
 from .formats import read_captions
-from .synthetic import SyntheticConfig, ensure_synthetic
+from .negatives import NegativeSampler, SceneTruth, truth_for_split
+from .synthetic import SyntheticConfig, ensure_synthetic, load_scenes
 from .tokenizer import WordPieceTokenizer
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 CONFIG_KEYS = ("name", "source", "root", "regions", "captions", "tokenizer", "winoground_examples",
                "winoground_regions", "vocab_size", "img_dim", "train_split", "val_split", "test_split",
                "conf_th", "min_bb", "max_bb", "max_txt_len", "batch_size", "eval_batch_size", "num_workers",
-               "in_memory", "store_device", "val_max_images", "seed", "synthetic")
+               "in_memory", "store_device", "val_max_images", "seed", "p_hard", "synthetic")
 
 
 class RetrievalDataModule(pl.LightningDataModule):
@@ -40,7 +41,7 @@ class RetrievalDataModule(pl.LightningDataModule):
                  max_bb: int = 100, max_txt_len: Optional[int] = 60, batch_size: int = 8,
                  eval_batch_size: int = 256, num_workers: int = 0, in_memory: bool = True,
                  store_device: str = "cpu", val_max_images: Optional[int] = None, seed: int = 42,
-                 synthetic: Optional[Mapping[str, Any]] = None, collator: Optional[UniterCollator] = None):
+                 p_hard: float = 0.0, synthetic: Optional[Mapping[str, Any]] = None, collator: Optional[UniterCollator] = None):
         super().__init__()
         if source not in ("synthetic", "files"):
             raise ValueError(f"data.source must be 'synthetic' or 'files', got {source!r}")
@@ -58,12 +59,14 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.in_memory, self.store_device = in_memory, store_device
         self.val_max_images = val_max_images
         self.seed = seed
+        self.p_hard = float(p_hard)
         self.synthetic_cfg = SyntheticConfig(img_dim=self.img_dim, vocab_size=self.vocab_size,
                                              **dict(synthetic or {})) if source == "synthetic" else None
         self.collator = IndexedCollator(collator or UniterCollator(img_dim=self.img_dim))
         self.splits: dict = {}
         self.train_pools: Optional[TrainPools] = None
         self.winoground: Optional[WinogroundSet] = None
+        self.train_truth: Optional[SceneTruth] = None  # synthetic worlds: which captions are true of which images
         self.tokenizer: Optional[WordPieceTokenizer] = None
         self.regions = self.mining_regions = None
         self._ready = False
@@ -86,7 +89,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         if self.source == "synthetic":
             sp = ensure_synthetic(self.synthetic_cfg, self.root)
             self.paths = dict(regions=sp.regions, captions=sp.captions, winoground_examples=sp.winoground_examples,
-                              winoground_regions=sp.winoground_regions)
+                              winoground_regions=sp.winoground_regions, scenes=sp.scenes)
             self.tokenizer_spec = str(sp.vocab)
         for k in ("regions", "captions"):
             if self.paths[k] is None:
@@ -118,6 +121,11 @@ class RetrievalDataModule(pl.LightningDataModule):
                 self.splits[role] = build_split(self.name, captions, regions, split)
         if "train" in self.splits:
             self.train_pools = TrainPools(self.splits["train"], self.max_txt_len)
+            scenes_path = self.paths.get("scenes")
+            if scenes_path is not None:
+                text_of = dict(zip(captions.caption_ids, captions.texts))
+                self.train_truth = truth_for_split(self.splits["train"], text_of, load_scenes(scenes_path),
+                                                   where=str(scenes_path))
         we, wr = self.paths["winoground_examples"], self.paths["winoground_regions"]
         if we is not None and wr is not None:
             self.winoground = WinogroundSet(we, wr, self.tokenizer, self.caps, self.in_memory)
@@ -131,6 +139,14 @@ class RetrievalDataModule(pl.LightningDataModule):
                              f"({self.split_names[role]!r} not among the captions' splits)")
         s = self.splits[role]
         return s.subset(self.val_max_images) if role == "val" else s
+
+    def negative_sampler(self) -> NegativeSampler:
+        """How training draws negative candidates: never a true match (with a scene truth), and
+        compositional hard negatives with probability ``p_hard`` (:mod:`cacr.data.negatives`)."""
+        if self.train_pools is None:
+            raise ValueError(f"data {self.name!r}: no training split")
+        pools = self.train_pools
+        return NegativeSampler(pools.txt2img, pools.positives, pools.num_images, self.train_truth, self.p_hard)
 
     def txt2img(self, role: str) -> torch.Tensor:
         """``(N_txt,)`` long: the image index (within the split) of every caption of ``role``."""

@@ -35,7 +35,7 @@ import numpy as np
 from .formats import RegionsWriter, write_captions
 from .tokenizer import SPECIAL_TOKENS, WordPieceTokenizer
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: Winoground-format set split dev/test; no training scene repeats an evaluation layout
 CATEGORIES = ("mug", "dog", "cup", "ball", "cat", "car", "tree", "chair", "book", "lamp", "bird", "box")
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple")
 BACKGROUND = ("sky", "grass", "wall", "floor", "road", "water")  # distractor classes, never named
@@ -53,7 +53,7 @@ class SyntheticConfig:
     n_train: int = 2000
     n_val: int = 200
     n_test: int = 200
-    n_winoground: int = 400  # half relation swaps, half attribute swaps
+    n_winoground: int = 400  # half relation swaps, half attribute swaps; half dev, half test
     min_objects: int = 2
     max_objects: int = 4
     min_distractors: int = 3
@@ -87,13 +87,15 @@ class SyntheticPaths:
     winoground_examples: Path
     winoground_regions: Path
     winoground_scenes: Path
+    winoground_dev: Path  # the dev half of examples.jsonl (choose settings on it)
+    winoground_test: Path  # the test half (report it once)
 
     @classmethod
     def under(cls, root) -> "SyntheticPaths":
         root = Path(root)
+        w = root / "winoground"
         return cls(root, root / "regions.h5", root / "captions.h5", root / "vocab.txt", root / "scenes.jsonl",
-                   root / "winoground" / "examples.jsonl", root / "winoground" / "regions.h5",
-                   root / "winoground" / "scenes.jsonl")
+                   w / "examples.jsonl", w / "regions.h5", w / "scenes.jsonl", w / "dev.jsonl", w / "test.jsonl")
 
 
 def synthetic_vocab(vocab_size: int) -> List[str]:
@@ -122,6 +124,12 @@ class Region:
     def to_json(self) -> dict:
         return {"kind": self.kind, "category": self.category, "colour": self.colour,
                 "box": [round(float(v), 6) for v in self.box]}
+
+
+def layout(regions: List[Region]) -> Tuple:
+    """The named content of a scene: its objects as sorted (category, colour, cell) triples.
+    Two scenes with the same layout differ only in feature noise, exact boxes and distractors."""
+    return tuple(sorted((g.category, g.colour, g.cell) for g in regions if g.kind == "object"))
 
 
 def relation_holds(a: Region, b: Region, rel: str) -> bool:
@@ -273,19 +281,45 @@ def generate(cfg: SyntheticConfig, out_dir) -> SyntheticPaths:
     source = (f"synthetic world v{GENERATOR_VERSION}: E_cat[c] + E_colour[k] + {cfg.noise} * N(0, I), "
               f"dim {cfg.img_dim}, seed {cfg.seed}")
 
+    # The Winoground-format set first: no retrieval scene may repeat one of its layouts, so no
+    # training positive or negative is an evaluation item.
+    wscenes: Dict[str, List[Region]] = {}
+    wexamples = []
+    r = world.rng("winoground")
+    for ex in range(cfg.n_winoground):
+        relation = ex % 2 == 0
+        img0, img1, c0, c1, rel = (relation_swap_example if relation else attribute_swap_example)(world, r)
+        wscenes[f"ex_{ex}_img_0"] = shuffled(r, img0)
+        wscenes[f"ex_{ex}_img_1"] = shuffled(r, img1)
+        wexamples.append({
+            "id": ex, "image_0": f"ex_{ex}_img_0", "image_1": f"ex_{ex}_img_1",
+            "caption_0": c0, "caption_1": c1,
+            "tag": "Relation" if relation else "Object",
+            "secondary_tag": "", "num_main_preds": 1,
+            "collapsed_tag": "Relation" if relation else "Object",
+            "relation": rel,
+            "split": "dev" if (ex // 2) % 2 == 0 else "test",  # both tags in both halves
+        })
+    held_out = {layout(g) for g in wscenes.values()}
+
     scenes: Dict[str, List[Region]] = {}
     cap_ids, img_ids, texts, splits = [], [], [], []
     for split, n in (("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test)):
         r = world.rng(f"split:{split}")
         prev = None
         for i in range(n):
+            regions = None
             if prev is not None and r.random() < cfg.twin_prob:
                 objs = [k for k, g in enumerate(prev) if g.kind == "object"]
                 a, b = r.choice(objs, 2, replace=False)
                 regions = swap_boxes(prev, int(a), int(b))
                 prev = None  # no twin of a twin
-            else:
+                if layout(regions) in held_out:
+                    regions = None
+            if regions is None:
                 regions = world.scene(r)
+                while layout(regions) in held_out:
+                    regions = world.scene(r)
                 prev = regions
             image_id = f"syn_{split}_{i:05d}"
             scenes[image_id] = shuffled(r, regions)
@@ -300,22 +334,12 @@ def generate(cfg: SyntheticConfig, out_dir) -> SyntheticPaths:
                    token_ids=[tok.encode(t) for t in texts], splits=splits, known_image_ids=scenes.keys(),
                    **tok.file_attrs())
 
-    wscenes: Dict[str, List[Region]] = {}
-    r = world.rng("winoground")
-    with open(paths.winoground_examples, "w") as f:
-        for ex in range(cfg.n_winoground):
-            relation = ex % 2 == 0
-            img0, img1, c0, c1, rel = (relation_swap_example if relation else attribute_swap_example)(world, r)
-            wscenes[f"ex_{ex}_img_0"] = shuffled(r, img0)
-            wscenes[f"ex_{ex}_img_1"] = shuffled(r, img1)
-            f.write(json.dumps({
-                "id": ex, "image_0": f"ex_{ex}_img_0", "image_1": f"ex_{ex}_img_1",
-                "caption_0": c0, "caption_1": c1,
-                "tag": "Relation" if relation else "Object",
-                "secondary_tag": "", "num_main_preds": 1,
-                "collapsed_tag": "Relation" if relation else "Object",
-                "relation": rel,
-            }) + "\n")
+    for path, keep in ((paths.winoground_examples, ("dev", "test")), (paths.winoground_dev, ("dev",)),
+                       (paths.winoground_test, ("test",))):
+        with open(path, "w") as f:
+            for e in wexamples:
+                if e["split"] in keep:
+                    f.write(json.dumps(e) + "\n")
     _write_regions(paths.winoground_regions, wscenes, cfg, source)
     _write_scenes(paths.winoground_scenes, wscenes)
     with open(paths.root / "MANIFEST.json", "w") as f:

@@ -70,9 +70,11 @@ def evaluate_winoground(
     n_boot: int = 10000,
     seed: int = 0,
     tag_files: Optional[Mapping[str, str]] = None,
+    extra_tags: Optional[Mapping[str, Mapping[str, Sequence[str]]]] = None,
 ):
-    """Scores ``(N, 2, 2)`` and the results record (text / image / group in percent, CIs and
-    breakdowns) of a ``cacr.data.datasets.WinogroundSet``."""
+    """Scores ``(N, 2, 2)`` and the results record (text / image / group / binding in percent,
+    CIs and breakdowns) of a ``cacr.data.datasets.WinogroundSet``; ``extra_tags`` adds
+    breakdowns ``{name: {example id: [tags]}}`` beside those of ``tag_files``."""
     device = device or next(model.parameters()).device
     n = len(wino)
     rows = [wino.regions.index(ex[f"image_{j}"]) for ex in wino.examples for j in (0, 1)]
@@ -88,6 +90,7 @@ def evaluate_winoground(
     )
     examples = winoground_examples(wino.examples)
     extra = {name: read_tag_file(path, examples) for name, path in (tag_files or {}).items()}
+    extra.update(extra_tags or {})
     results = winoground_results(scores.cpu(), example_tag_sets(examples, extra), n_boot=n_boot, seed=seed)
     return scores.cpu(), results
 

@@ -5,9 +5,14 @@ image ``j`` of example ``n``. With strict inequalities (ties are wrong):
 
 - text correct  iff ``s(c0, i0) > s(c1, i0)`` and ``s(c1, i1) > s(c0, i1)``;
 - image correct iff ``s(c0, i0) > s(c0, i1)`` and ``s(c1, i1) > s(c1, i0)``;
-- group correct iff both.
+- group correct iff both;
+- binding correct iff ``s(c0, i0) - s(c0, i1) - s(c1, i0) + s(c1, i1) > 0``: the interaction of
+  the 2 x 2 scores, with each caption's and each image's main effect removed. A model whose
+  score is "how typical is this caption" plus "how typical is this image" (a bag of words
+  and a bag of regions) has no interaction; one that binds words to regions puts the true
+  pairs ahead. Not a Winoground score of the original paper; chance is 50.
 
-Scores are percentages of examples; chance is 25 / 25 / 16.67.
+Scores are percentages of examples; chance is 25 / 25 / 16.67 / 50.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-METRICS = ("text", "image", "group")
+METRICS = ("text", "image", "group", "binding")
 
 
 def check_scores(scores) -> Tensor:
@@ -30,12 +35,13 @@ def check_scores(scores) -> Tensor:
 
 
 def winoground_correct(scores) -> Dict[str, Tensor]:
-    """Per-example correctness: ``{"text", "image", "group"}`` -> ``(N,)`` bool."""
+    """Per-example correctness: ``{"text", "image", "group", "binding"}`` -> ``(N,)`` bool."""
     s = check_scores(scores)
     c0i0, c0i1, c1i0, c1i1 = s[:, 0, 0], s[:, 0, 1], s[:, 1, 0], s[:, 1, 1]
     text = (c0i0 > c1i0) & (c1i1 > c0i1)
     image = (c0i0 > c0i1) & (c1i1 > c1i0)
-    return {"text": text, "image": image, "group": text & image}
+    binding = (c0i0 - c0i1) - (c1i0 - c1i1) > 0
+    return {"text": text, "image": image, "group": text & image, "binding": binding}
 
 
 def percentages(correct: Mapping[str, Tensor]) -> Dict[str, float]:
@@ -57,20 +63,20 @@ def bootstrap_ci(
         raise ValueError(f"level must be in (0, 1), got {level}")
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    stacked = torch.stack([correct[m].double() for m in METRICS])  # (3, N)
+    stacked = torch.stack([correct[m].double() for m in METRICS])  # (metrics, N)
     n = stacked.shape[1]
     if n == 0:
         raise ValueError("no examples to resample")
     gen = torch.Generator().manual_seed(seed)
     out: Dict[str, List[float]] = {m: [] for m in METRICS}
     q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)
-    means = torch.empty(3, n_boot, dtype=torch.float64)
+    means = torch.empty(len(METRICS), n_boot, dtype=torch.float64)
     chunk = max(1, (1 << 20) // n)
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
         idx = torch.randint(n, (b, n), generator=gen)  # (b, N)
-        means[:, start:start + b] = stacked[:, idx].mean(-1)  # (3, b)
-    bounds = torch.quantile(means, q, dim=1)  # (2, 3)
+        means[:, start:start + b] = stacked[:, idx].mean(-1)  # (metrics, b)
+    bounds = torch.quantile(means, q, dim=1)  # (2, metrics)
     for j, m in enumerate(METRICS):
         out[m] = [100.0 * bounds[0, j].item(), 100.0 * bounds[1, j].item()]
     return out
@@ -78,7 +84,7 @@ def bootstrap_ci(
 
 def summarize(correct: Mapping[str, Tensor], *, n_boot: int = 10000, level: float = 0.95,
               seed: int = 0) -> Dict[str, object]:
-    """``{"text", "image", "group"}`` in percent, ``n`` and ``ci95`` (``{metric: [lo, hi]}``)."""
+    """``{"text", "image", "group", "binding"}`` in percent, ``n`` and ``ci95`` (``{metric: [lo, hi]}``)."""
     out: Dict[str, object] = dict(percentages(correct))
     out["n"] = int(correct["text"].numel())
     if n_boot:

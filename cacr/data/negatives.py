@@ -1,0 +1,202 @@
+"""Training negatives that are known to be negatives, and compositional hard negatives.
+
+In the synthetic world the truth of every caption on every scene is known: a caption states
+one fact ``(object a, relation, object b)`` (an object is a colour and a category) and a
+scene makes it true iff it holds an ``a`` and a ``b`` whose grid cells stand in that
+relation. :class:`SceneTruth` holds, for one split, the fact of every caption and the facts,
+categories and colours of every image, and answers with vectorised masks:
+
+- ``true_images(c)`` / ``true_texts(i)``: the images a caption is true of (its own image and
+  others), the captions true of an image. A random negative drawn from these would be a
+  positive: the sampler never draws them (about 2% of random images for a training caption).
+- ``hard_images(c)``: images that hold the caption's colours and categories but of which it is
+  false (its box-swapped twin; an image with the two objects the other way round; one with
+  the colours on the other objects), so a bag of objects or of words cannot tell them apart.
+- ``hard_texts(i)``: captions whose colours and categories all occur in the image but that are
+  false of it: order swaps, relation flips and attribute swaps of its true captions.
+
+:class:`NegativeSampler` draws ``K`` candidates per positive: each, with probability
+``p_hard``, from the hard pool (while it lasts), else uniformly from the rest, never a true
+match. Without a ``SceneTruth`` (real data) it keeps the official behaviour: any other image,
+any caption of another image.
+"""
+from __future__ import annotations
+
+import re
+from typing import List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .synthetic import CATEGORIES, COLOURS, GRID, RELATIONS
+
+_REL = "|".join(RELATIONS)
+_OBJ = rf"(?P<{{0}}col>\w+) (?P<{{0}}cat>\w+)"
+CAPTION_RE = re.compile(
+    rf"^(?:there is )?(?:a|an|the) {_OBJ.format('a')} (?:is )?(?P<rel>{_REL}) (?:a|an|the) {_OBJ.format('b')}$")
+
+
+def parse_caption(text: str, where: str = "caption") -> Tuple[int, int, int, int, int]:
+    """``(category a, colour a, relation, category b, colour b)`` indices of a synthetic caption."""
+    m = CAPTION_RE.match(text.strip().rstrip(".").strip())
+    if m is None or m["acat"] not in CATEGORIES or m["bcat"] not in CATEGORIES \
+            or m["acol"] not in COLOURS or m["bcol"] not in COLOURS:
+        raise ValueError(f"{where}: {text!r} is not a synthetic-world caption "
+                         f"('<article> <colour> <category> <relation> <article> <colour> <category>')")
+    return (CATEGORIES.index(m["acat"]), COLOURS.index(m["acol"]), RELATIONS.index(m["rel"]),
+            CATEGORIES.index(m["bcat"]), COLOURS.index(m["bcol"]))
+
+
+def _kind(cat: int, col: int) -> int:
+    return cat * len(COLOURS) + col
+
+
+def fact_id(cat_a: int, col_a: int, rel: int, cat_b: int, col_b: int) -> int:
+    n = len(CATEGORIES) * len(COLOURS)
+    return (_kind(cat_a, col_a) * n + _kind(cat_b, col_b)) * len(RELATIONS) + rel
+
+
+def _cell(box: Sequence[float]) -> Tuple[int, int]:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return min(GRID - 1, int(cy * GRID)), min(GRID - 1, int(cx * GRID))
+
+
+def _holds(a, b, rel: str) -> bool:
+    (ra, ca), (rb, cb) = a, b
+    return {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[rel]
+
+
+def scene_facts(regions: Sequence[Mapping]) -> Tuple[List[int], int, int]:
+    """Every fact true of a scene (``load_scenes`` format), and its category and colour bit sets."""
+    objs = [(CATEGORIES.index(g["category"]), COLOURS.index(g["colour"]), _cell(g["box"]))
+            for g in regions if g["kind"] == "object"]
+    facts = [fact_id(ca, ka, r, cb, kb)
+             for i, (ca, ka, pa) in enumerate(objs) for j, (cb, kb, pb) in enumerate(objs) if i != j
+             for r, rel in enumerate(RELATIONS) if _holds(pa, pb, rel)]
+    cats = sum(1 << c for c in {o[0] for o in objs})
+    cols = sum(1 << k for k in {o[1] for o in objs})
+    return facts, cats, cols
+
+
+class SceneTruth:
+    """Caption facts and image facts of one split (see the module docstring).
+
+    ``texts``: the split's caption texts; ``scenes``: its images' regions in split order.
+    """
+
+    def __init__(self, texts: Sequence[str], scenes: Sequence[Sequence[Mapping]], caption_ids: Sequence[str] = ()):
+        parsed = [parse_caption(t, where=f"caption {caption_ids[n] if caption_ids else n}")
+                  for n, t in enumerate(texts)]
+        p = torch.tensor(parsed, dtype=torch.long).view(-1, 5)
+        self.fact = torch.tensor([fact_id(*x) for x in parsed], dtype=torch.long)  # (Nc,)
+        self.cap_cats = (1 << p[:, 0]) | (1 << p[:, 3])  # (Nc,) bit sets
+        self.cap_cols = (1 << p[:, 1]) | (1 << p[:, 4])
+        per_image = [scene_facts(s) for s in scenes]
+        F = max(1, max(len(f) for f, _, _ in per_image))
+        self.img_facts = torch.full((len(scenes), F), -1, dtype=torch.long)  # (Ni, F), -1 padded
+        for i, (f, _, _) in enumerate(per_image):
+            self.img_facts[i, : len(f)] = torch.tensor(f, dtype=torch.long)
+        self.img_cats = torch.tensor([c for _, c, _ in per_image], dtype=torch.long)
+        self.img_cols = torch.tensor([k for _, _, k in per_image], dtype=torch.long)
+
+    @property
+    def num_texts(self) -> int:
+        return self.fact.numel()
+
+    @property
+    def num_images(self) -> int:
+        return self.img_cats.numel()
+
+    def true_images(self, c: Tensor) -> Tensor:
+        """``(B, Ni)`` bool: image ``i`` makes caption ``c[b]`` true."""
+        return (self.img_facts[None, :, :] == self.fact[c][:, None, None]).any(-1)
+
+    def true_texts(self, i: Tensor, texts: Optional[Tensor] = None) -> Tensor:
+        """``(B, T)`` bool over ``texts`` (default: all captions): caption true of image ``i[b]``."""
+        fact = self.fact if texts is None else self.fact[texts]
+        return (self.img_facts[i][:, None, :] == fact[None, :, None]).any(-1)
+
+    def hard_images(self, c: Tensor) -> Tensor:
+        """``(B, Ni)`` bool: the image holds caption ``c[b]``'s categories and colours, yet it is false."""
+        cats, cols = self.cap_cats[c][:, None], self.cap_cols[c][:, None]
+        bag = ((self.img_cats[None, :] & cats) == cats) & ((self.img_cols[None, :] & cols) == cols)
+        return bag & ~self.true_images(c)
+
+    def hard_texts(self, i: Tensor, texts: Optional[Tensor] = None) -> Tensor:
+        """``(B, T)`` bool over ``texts``: the caption's categories and colours occur in image ``i[b]``, yet it is false."""
+        tc = self.cap_cats if texts is None else self.cap_cats[texts]
+        tk = self.cap_cols if texts is None else self.cap_cols[texts]
+        cats, cols = self.img_cats[i][:, None], self.img_cols[i][:, None]
+        bag = ((tc[None, :] & cats) == tc[None, :]) & ((tk[None, :] & cols) == tk[None, :])
+        return bag & ~self.true_texts(i, texts)
+
+
+def _draw(g: torch.Generator, k: int, allowed: Tensor, hard: Optional[Tensor], p_hard: float, what: str) -> Tensor:
+    """``k`` distinct indices where ``allowed``; each slot from ``hard`` (a subset) with
+    probability ``p_hard`` while hard ones remain, else from the rest of ``allowed``."""
+    n_allowed = int(allowed.sum())
+    if k > n_allowed:
+        raise ValueError(f"asked for {k} negative {what}; only {n_allowed} are not true matches")
+    key = torch.rand(allowed.shape, generator=g)
+    if hard is None or p_hard <= 0:
+        return key.masked_fill(~allowed, -1.0).topk(k).indices
+    n_hard = int((torch.rand(k, generator=g) < p_hard).sum())
+    hard_idx = key.masked_fill(~hard, -1.0).topk(min(n_hard, int(hard.sum()))).indices
+    rest = allowed.clone()
+    rest[hard_idx] = False
+    rest_idx = key.masked_fill(~rest, -1.0).topk(k - hard_idx.numel()).indices
+    return torch.cat([hard_idx, rest_idx])[torch.randperm(k, generator=g)]
+
+
+class NegativeSampler:
+    """Negative candidates for training positives (see the module docstring).
+
+    ``txt2img`` (Nc,): each caption's own image; ``pool`` (P,): the captions negatives may be
+    drawn from; ``truth``: a :class:`SceneTruth` of the split, or None (real data).
+    """
+
+    def __init__(self, txt2img: Tensor, pool: Tensor, num_images: int, truth: Optional[SceneTruth] = None,
+                 p_hard: float = 0.0):
+        if not 0.0 <= p_hard <= 1.0:
+            raise ValueError(f"data.p_hard must be in [0, 1], got {p_hard}")
+        if p_hard > 0 and truth is None:
+            raise ValueError(f"data.p_hard={p_hard}: compositional hard negatives need the scenes of a "
+                             f"synthetic world (real data has no scene truth)")
+        self.txt2img, self.pool, self.num_images = txt2img.long().cpu(), pool.long().cpu(), int(num_images)
+        self._pool_img = self.txt2img[self.pool]
+        self.truth, self.p_hard = truth, float(p_hard)
+
+    def images(self, c: int, k: int, g: torch.Generator) -> Tensor:
+        """``(k,)`` negative images for caption ``c``."""
+        allowed = torch.ones(self.num_images, dtype=torch.bool)
+        allowed[self.txt2img[c]] = False
+        hard = None
+        if self.truth is not None:
+            cc = torch.tensor([c])
+            allowed &= ~self.truth.true_images(cc)[0]
+            hard = self.truth.hard_images(cc)[0] if self.p_hard > 0 else None
+        return _draw(g, k, allowed, hard, self.p_hard, f"images for caption {c}")
+
+    def texts(self, i: int, k: int, g: torch.Generator) -> Tensor:
+        """``(k,)`` negative captions (from the pool) for image ``i``."""
+        allowed = self._pool_img != i
+        hard = None
+        if self.truth is not None:
+            ii = torch.tensor([i])
+            allowed &= ~self.truth.true_texts(ii, self.pool)[0]
+            hard = self.truth.hard_texts(ii, self.pool)[0] if self.p_hard > 0 else None
+        return self.pool[_draw(g, k, allowed, hard, self.p_hard, f"captions for image {i}")]
+
+
+def truth_for_split(split, text_of: Mapping[str, str], scenes: Mapping[str, Sequence[Mapping]],
+                    where: str = "scenes") -> SceneTruth:
+    """The :class:`SceneTruth` of a ``RetrievalSplit``: ``text_of`` maps caption ids to raw
+    texts, ``scenes`` image ids to the world's ``scenes.jsonl`` records (file ``where``)."""
+    missing = [i for i in split.image_ids if i not in scenes]
+    if missing:
+        raise ValueError(f"{where}: no scene for {len(missing)} image(s) of split {split.name!r}, e.g. {missing[:3]}")
+    return SceneTruth([text_of[c] for c in split.caption_ids], [scenes[i] for i in split.image_ids],
+                      split.caption_ids)
+
+
+__all__ = ["SceneTruth", "NegativeSampler", "parse_caption", "scene_facts", "fact_id", "truth_for_split"]

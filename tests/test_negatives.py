@@ -1,0 +1,186 @@
+"""Training negatives on the synthetic world: never a true match, hard ones as defined, checked
+against the scenes by a rule written independently of cacr.data.negatives."""
+import json
+import re
+
+import pytest
+import torch
+
+from cacr.data.negatives import NegativeSampler, SceneTruth, parse_caption
+from cacr.data.synthetic import SyntheticConfig, ensure_synthetic, load_scenes
+from cacr.train_data import TrainingDataModule
+
+WORLD = dict(seed=3, img_dim=16, vocab_size=64, n_train=150, n_val=10, n_test=10, n_winoground=40,
+             min_distractors=0, max_distractors=1, n_categories=4, n_colours=3, twin_prob=0.5)
+
+
+# ------------------------------------------------------------------ an independent rule
+def _truth(caption: str, scene) -> bool:
+    """Is the caption true of the scene: some (colour, category) A and B, cells from box centres."""
+    words = caption.replace("there is ", "").replace(" is ", " ").split()
+    words = [w for w in words if w not in ("a", "an", "the")]
+    col_a, cat_a = words[0], words[1]
+    rel = " ".join(words[2:-2])
+    col_b, cat_b = words[-2], words[-1]
+
+    def cells(col, cat):
+        out = []
+        for g in scene:
+            if g["kind"] == "object" and g["colour"] == col and g["category"] == cat:
+                x1, y1, x2, y2 = g["box"]
+                out.append((int((y1 + y2) / 2 * 3), int((x1 + x2) / 2 * 3)))  # (row, column)
+        return out
+
+    test = {"left of": lambda a, b: a[1] < b[1], "right of": lambda a, b: a[1] > b[1],
+            "above": lambda a, b: a[0] < b[0], "below": lambda a, b: a[0] > b[0]}[rel]
+    return any(test(a, b) for a in cells(col_a, cat_a) for b in cells(col_b, cat_b))
+
+
+def _bag(caption: str):
+    words = [w for w in re.split(r"\s+", caption) if w not in ("a", "an", "the", "there", "is", "left", "right", "of",
+                                                                  "above", "below")]
+    return set(words[0::2]), set(words[1::2])  # colours, categories
+
+
+def _scene_bag(scene):
+    objs = [g for g in scene if g["kind"] == "object"]
+    return {g["colour"] for g in objs}, {g["category"] for g in objs}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    paths = ensure_synthetic(SyntheticConfig(**WORLD), root)
+    dm = TrainingDataModule(name="synthetic", source="synthetic", root=str(root), regions=None, captions=None,
+                            tokenizer=None, winoground_examples=None, winoground_regions=None, vocab_size=64,
+                            img_dim=16, p_hard=0.5,
+                            synthetic={k: v for k, v in WORLD.items() if k not in ("img_dim", "vocab_size")})
+    dm.setup()
+    from cacr.data.formats import read_captions
+
+    cap = read_captions(paths.captions)
+    text_of = dict(zip(cap.caption_ids, cap.texts))
+    split = dm.split("train")
+    texts = [text_of[c] for c in split.caption_ids]
+    scenes_by_id = load_scenes(paths.scenes)
+    scenes = [scenes_by_id[i] for i in split.image_ids]
+    return dm, paths, texts, scenes
+
+
+def test_parse_caption_reads_every_template_and_names_a_bad_one():
+    for t in ("a red mug left of a blue dog", "there is an orange cup above a red box", "the red mug is below the blue dog"):
+        cat_a, col_a, rel, cat_b, col_b = parse_caption(t)
+        assert (cat_a, col_a, rel, cat_b, col_b) != (cat_b, col_b, rel, cat_a, col_a)
+    assert parse_caption("a red mug left of a blue dog") == parse_caption("the red mug is left of the blue dog")
+    with pytest.raises(ValueError, match="caption 7.*not a synthetic-world caption"):
+        parse_caption("a red mug near a blue dog", where="caption 7")
+
+
+def test_scene_truth_equals_the_independent_rule(world):
+    dm, _, texts, scenes = world
+    truth = dm.train_truth
+    c = torch.arange(0, len(texts), 7)
+    got = truth.true_images(c)
+    want = torch.tensor([[_truth(texts[int(ci)], s) for s in scenes] for ci in c])
+    assert torch.equal(got, want)
+    assert want.sum() > len(c)  # some captions are true of images other than their own
+    i = torch.arange(0, len(scenes), 5)
+    assert torch.equal(truth.true_texts(i), got.new_tensor([[_truth(t, scenes[int(ii)]) for t in texts] for ii in i]))
+
+
+def test_no_negative_is_a_true_match_and_hard_ones_are_hard(world):
+    dm, _, texts, scenes = world
+    pools = dm.train_pools
+    for p_hard in (0.0, 0.5, 1.0):
+        sampler = NegativeSampler(pools.txt2img, pools.positives, pools.num_images, dm.train_truth, p_hard)
+        g = torch.Generator().manual_seed(1)
+        n_hard_img = n_hard_txt = 0
+        for c in range(0, len(texts), 3):
+            img = int(pools.txt2img[c])
+            neg_img = sampler.images(c, 12, g)
+            neg_txt = sampler.texts(img, 12, g)
+            assert len(set(neg_img.tolist())) == 12 and len(set(neg_txt.tolist())) == 12
+            assert not any(_truth(texts[c], scenes[int(j)]) for j in neg_img)
+            assert not any(_truth(texts[int(t)], scenes[img]) for t in neg_txt)
+            cols, cats = _bag(texts[c])
+            n_hard_img += sum(cols <= _scene_bag(scenes[int(j)])[0] and cats <= _scene_bag(scenes[int(j)])[1]
+                              for j in neg_img)
+            n_hard_txt += sum(_bag(texts[int(t)])[0] <= _scene_bag(scenes[img])[0]
+                              and _bag(texts[int(t)])[1] <= _scene_bag(scenes[img])[1] for t in neg_txt)
+        n = 12 * len(range(0, len(texts), 3))
+        if p_hard == 1.0:  # hard pools are large in this small inventory: (nearly) every slot is hard
+            assert n_hard_img > 0.9 * n and n_hard_txt > 0.9 * n
+        if p_hard == 0.0:  # random draws are hard only by chance
+            assert n_hard_img < 0.8 * n
+        if p_hard == 0.5:
+            assert 0.4 * n < n_hard_txt
+
+
+def test_without_scene_truth_only_the_own_image_and_captions_are_excluded(world):
+    dm, _, texts, scenes = world
+    pools = dm.train_pools
+    sampler = NegativeSampler(pools.txt2img, pools.positives, pools.num_images)
+    g = torch.Generator().manual_seed(0)
+    seen_true = False
+    for c in range(len(texts)):
+        neg = sampler.images(c, pools.num_images - 1, g)  # every other image
+        assert int(pools.txt2img[c]) not in neg.tolist()
+        seen_true |= any(_truth(texts[c], scenes[int(j)]) for j in neg)
+        if seen_true:
+            break
+    assert seen_true  # the official behaviour keeps false negatives: the filter is what removes them
+    with pytest.raises(ValueError, match="p_hard=0.5.*scenes of a synthetic world"):
+        NegativeSampler(pools.txt2img, pools.positives, pools.num_images, None, 0.5)
+
+
+def test_hard_negatives_have_a_slow_twin(world):
+    dm, _, texts, scenes = world
+    truth = dm.train_truth
+    c = torch.arange(0, len(texts), 11)
+    want = torch.tensor([[(_bag(texts[int(ci)])[0] <= _scene_bag(s)[0] and _bag(texts[int(ci)])[1] <= _scene_bag(s)[1]
+                           and not _truth(texts[int(ci)], s)) for s in scenes] for ci in c])
+    assert torch.equal(truth.hard_images(c), want)
+    i = torch.arange(0, len(scenes), 13)
+    want = torch.tensor([[(_bag(t)[0] <= _scene_bag(scenes[int(ii)])[0] and _bag(t)[1] <= _scene_bag(scenes[int(ii)])[1]
+                           and not _truth(t, scenes[int(ii)])) for t in texts] for ii in i])
+    assert torch.equal(truth.hard_texts(i), want)
+
+
+def test_no_retrieval_scene_repeats_an_evaluation_layout(world):
+    _, paths, _, _ = world
+
+    def layout(scene):
+        return tuple(sorted((g["category"], g["colour"], int((g["box"][1] + g["box"][3]) / 2 * 3),
+                             int((g["box"][0] + g["box"][2]) / 2 * 3)) for g in scene if g["kind"] == "object"))
+
+    held_out = {layout(s) for s in load_scenes(paths.winoground_scenes).values()}
+    assert not held_out & {layout(s) for s in load_scenes(paths.scenes).values()}
+
+
+def test_winoground_set_has_a_dev_and_a_test_half(world):
+    _, paths, _, _ = world
+    read = lambda p: [json.loads(line) for line in open(p)]  # noqa: E731
+    every, dev, test = read(paths.winoground_examples), read(paths.winoground_dev), read(paths.winoground_test)
+    assert len(every) == WORLD["n_winoground"] and len(dev) == len(test) == len(every) // 2
+    assert {e["id"] for e in dev}.isdisjoint({e["id"] for e in test})
+    assert [e for e in every if e["split"] == "dev"] == dev
+    for half in (dev, test):
+        tags = [e["collapsed_tag"] for e in half]
+        assert tags.count("Relation") == tags.count("Object")
+
+
+def test_training_batches_draw_through_the_sampler(world):
+    """TrainBatches' negatives are the scene-checked ones (p_hard from the data config)."""
+    dm, _, texts, scenes = world
+    split = dm.split("train")
+    from cacr.train_data import TrainBatches
+
+    batches = TrainBatches(dm.train_pools, batch_size=4, num_candidates=8, seed=0,
+                           txt_lens=torch.tensor([t.numel() for t in split.texts]),
+                           num_bbs=torch.ones(split.num_images, dtype=torch.long), sampler=dm.negative_sampler())
+    for step in range(5):
+        b = batches[step]
+        for c, ni in zip(b["cap_idx"].tolist(), b["neg_img"]):
+            assert not any(_truth(texts[c], scenes[int(j)]) for j in ni)
+        for i, nc in zip(b["img_idx"].tolist(), b["neg_cap"]):
+            assert not any(_truth(texts[int(t)], scenes[i]) for t in nc)
