@@ -1,46 +1,50 @@
-"""BERT WordPiece tokenizer (bert-base-cased conventions), as UNITER's preprocessing used it.
+"""BERT WordPiece tokenization (bert-base-cased conventions) on Hugging Face ``tokenizers``.
 
-Basic tokenization (clean control characters, split on whitespace and punctuation, space
-around CJK characters, optional lower-casing and accent stripping for uncased vocabularies),
-then greedy longest-match-first WordPiece with ``##`` continuations; a word longer than
-``max_input_chars_per_word`` or with no match becomes ``[UNK]``. UNITER's preprocessing ran
-the tokenizer on each whitespace-separated word in turn (``encode``); the ids of the special
-tokens are read from the vocabulary, never assumed.
+UNITER's preprocessing ran the Python BERT tokenizer of ``pytorch_pretrained_bert`` on each
+whitespace-separated word of a caption in turn (``str.split()``), dropping words that give
+no piece. This module reproduces those ids with the field's Rust tokenizer: a
+``tokenizers.Tokenizer`` built from the vocabulary file, with
+
+- a cleaning step that removes NUL, U+FFFD and control / format characters (Unicode ``Cc``
+  and ``Cf`` except tab, newline and carriage return) and maps tab, newline, carriage
+  return and space separators (``Zs``) to a space, as the Python tokenizer does. The
+  ``BertNormalizer``'s own cleaning also removes private-use (``Co``) and unassigned
+  (``Cn``) characters, which the Python tokenizer keeps (a word holding one becomes
+  ``[UNK]``), so it is switched off and this step runs in its place;
+- ``BertNormalizer`` for the rest: spaces around CJK ideographs, and for uncased
+  vocabularies lower-casing and accent stripping (``NFD``, drop ``Mn``);
+- ``BertPreTokenizer``: split on whitespace and punctuation;
+- ``WordPiece``: greedy longest-match-first pieces with ``##`` continuations; a word longer
+  than ``max_input_chars_per_word`` or with no full cover becomes ``[UNK]``.
+
+A special token (``[UNK]``, ``[CLS]``, ...) that stands as a whole word after cleaning and
+CJK spacing is kept whole, as the Python tokenizer's ``never_split`` list does. Lower-casing is done by Python's
+``str.lower()`` on each cleaned word before the rest of the Rust pipeline (the Rust one maps
+characters one by one and so misses the final-sigma rule). The ids of the special tokens are read from the
+vocabulary, never assumed. A named vocabulary (``bert-base-cased``) comes through the
+optional ``transformers`` package and its cache.
 """
 from __future__ import annotations
 
-import unicodedata
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
-
-def _is_whitespace(ch: str) -> bool:
-    return ch in " \t\n\r" or unicodedata.category(ch) == "Zs"
-
-
-def _is_control(ch: str) -> bool:
-    if ch in "\t\n\r":
-        return False
-    return unicodedata.category(ch) in ("Cc", "Cf")
-
-
-def _is_punctuation(ch: str) -> bool:
-    cp = ord(ch)
-    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
-        return True
-    return unicodedata.category(ch).startswith("P")
-
-
-def _is_cjk(cp: int) -> bool:
-    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
-            or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF
-            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+# the Python BERT tokenizer's text cleaning: drop NUL, U+FFFD and Cc/Cf (but tab, newline,
+# carriage return), then map tab, newline, carriage return and Zs to a space
+_DROP = Regex(r"(?![\t\n\r])[\x00\x{FFFD}\p{Cc}\p{Cf}]")
+_SPACE = Regex(r"[\t\n\r\p{Zs}]")
+# CJK Extension E starts at U+2B820; the BertNormalizer's CJK ranges start it at U+2B920,
+# so the ideographs in between are split off here, each on its own
+_CJK_GAP = Regex(r"[\x{2B820}-\x{2B91F}]")
 
 
 class WordPieceTokenizer:
-    """``tokenize(text) -> word pieces``; ``encode(text) -> ids`` (no specials);
+    """``tokenize(text) -> word pieces``; ``encode(text) -> ids`` (no specials, one
+    whitespace word at a time, as UNITER's preprocessing); ``encode_batch(texts)``;
     ``with_specials(ids) -> [CLS] ids [SEP]``."""
 
     def __init__(self, vocab: Sequence[str], *, name: str = "custom", do_lower_case: bool = False,
@@ -54,15 +58,44 @@ class WordPieceTokenizer:
         for t in SPECIAL_TOKENS:
             if t not in self.token_to_id:
                 raise ValueError(f"vocabulary {name!r}: special token {t} missing")
+        if unk_token not in self.token_to_id:
+            raise ValueError(f"vocabulary {name!r}: unknown-word token {unk_token!r} missing")
         self.name = name
-        self.do_lower_case = do_lower_case
+        self.do_lower_case = bool(do_lower_case)
         self.unk_token = unk_token
-        self.max_input_chars_per_word = max_input_chars_per_word
+        self.max_input_chars_per_word = int(max_input_chars_per_word)
         self.pad_id = self.token_to_id["[PAD]"]
         self.unk_id = self.token_to_id["[UNK]"]
         self.cls_id = self.token_to_id["[CLS]"]
         self.sep_id = self.token_to_id["[SEP]"]
         self.mask_id = self.token_to_id["[MASK]"]
+        self.never_split = frozenset(SPECIAL_TOKENS)
+        self.backend = self._build_backend()
+        # cleaning and CJK spacing only: where the Python tokenizer looks for special tokens
+        self._cleaner = normalizers.Sequence([
+            normalizers.Replace(_DROP, ""), normalizers.Replace(_SPACE, " "),
+            normalizers.BertNormalizer(clean_text=False, handle_chinese_chars=True, strip_accents=False,
+                                       lowercase=False),
+        ])
+        self._splitter = pre_tokenizers.Sequence([pre_tokenizers.Split(_CJK_GAP, behavior="isolated"),
+                                                  pre_tokenizers.WhitespaceSplit()])
+
+    def _build_backend(self) -> Tokenizer:
+        tk = Tokenizer(models.WordPiece(vocab=self.token_to_id, unk_token=self.unk_token,
+                                        max_input_chars_per_word=self.max_input_chars_per_word))
+        tk.normalizer = normalizers.Sequence([
+            normalizers.Replace(_DROP, ""),
+            normalizers.Replace(_SPACE, " "),
+            # lower-casing itself is done in Python (str.lower, final sigma included) in _prepare
+            normalizers.BertNormalizer(clean_text=False, handle_chinese_chars=True,
+                                       strip_accents=self.do_lower_case, lowercase=False),
+        ])
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(_CJK_GAP, behavior="isolated"),
+            pre_tokenizers.BertPreTokenizer(),
+        ])
+        tk.decoder = decoders.WordPiece(prefix="##")
+        return tk
 
     @classmethod
     def from_vocab_file(cls, path, *, name: Optional[str] = None, do_lower_case: bool = False,
@@ -77,24 +110,29 @@ class WordPieceTokenizer:
 
     @classmethod
     def from_name(cls, name: str) -> "WordPieceTokenizer":
-        """Load a named vocabulary (e.g. ``bert-base-cased``) through ``transformers``' local cache.
+        """Load a named vocabulary (e.g. ``bert-base-cased``) through ``transformers``' cache.
 
         Needs the optional ``transformers`` package and the vocabulary in its cache (or
-        network); tests and the synthetic world use ``from_vocab_file``.
+        network); tests and the synthetic world use ``from_vocab_file``. Lower-casing
+        follows the named tokenizer's own setting.
         """
         try:
-            from transformers import BertTokenizer  # optional
+            from transformers import AutoTokenizer  # optional
         except ImportError:
             raise ImportError(
                 f"loading the tokenizer {name!r} by name needs the optional package `transformers`; "
                 f"install it, or pass the path of a local vocab.txt instead") from None
-        hf = BertTokenizer.from_pretrained(name)
-        vocab = [t for t, _ in sorted(hf.vocab.items(), key=lambda kv: kv[1])]
-        return cls(vocab, name=name, do_lower_case=bool(hf.do_lower_case))
+        hf = AutoTokenizer.from_pretrained(name)
+        vocab = [t for t, _ in sorted(hf.get_vocab().items(), key=lambda kv: kv[1])]
+        lower = getattr(hf, "do_lower_case", None)
+        if lower is None:
+            lower = getattr(getattr(hf, "init_kwargs", {}), "get", lambda *_: False)("do_lower_case", False)
+        return cls(vocab, name=name, do_lower_case=bool(lower))
 
     @classmethod
     def load(cls, spec) -> "WordPieceTokenizer":
-        """A path to a vocab.txt, or a name such as ``bert-base-cased`` / ``bert-base-uncased``."""
+        """A path to a vocab.txt (lower-cased when its file name says ``uncased``), or a name
+        such as ``bert-base-cased`` / ``bert-base-uncased``."""
         p = Path(str(spec))
         if p.is_file():
             return cls.from_vocab_file(p, do_lower_case="uncased" in p.name)
@@ -105,68 +143,62 @@ class WordPieceTokenizer:
     def __len__(self) -> int:
         return len(self.vocab)
 
-    # basic tokenization -------------------------------------------------
-    def _basic(self, text: str) -> List[str]:
-        chars = []
-        for ch in text:
-            cp = ord(ch)
-            if cp == 0 or cp == 0xFFFD or _is_control(ch):
-                continue
-            if _is_whitespace(ch):
-                chars.append(" ")
-            elif _is_cjk(cp):
-                chars.extend((" ", ch, " "))
-            else:
-                chars.append(ch)
-        out = []
-        for word in "".join(chars).split():
-            if self.do_lower_case:
-                word = "".join(c for c in unicodedata.normalize("NFD", word.lower())
-                               if unicodedata.category(c) != "Mn")
-            cur = ""
-            for ch in word:
-                if _is_punctuation(ch):
-                    if cur:
-                        out.append(cur)
-                        cur = ""
-                    out.append(ch)
-                else:
-                    cur += ch
-            if cur:
-                out.append(cur)
-        return out
+    # --------------------------------------------------------------- tokenizing
 
-    def _wordpiece(self, word: str) -> List[str]:
-        if len(word) > self.max_input_chars_per_word:
-            return [self.unk_token]
-        pieces = []
-        start = 0
-        while start < len(word):
-            end = len(word)
-            piece = None
-            while start < end:
-                sub = word[start:end]
-                if start > 0:
-                    sub = "##" + sub
-                if sub in self.token_to_id:
-                    piece = sub
-                    break
-                end -= 1
-            if piece is None:
-                return [self.unk_token]
-            pieces.append(piece)
-            start = end
-        return pieces
+    def _prepare(self, word: str) -> str:
+        # uncased: str.lower() after cleaning (a removed control character must not end a
+        # word for the final-sigma rule), as the Python tokenizer lower-cases cleaned tokens
+        if not self.do_lower_case:
+            return word
+        # str.lower() depends on context only for a capital sigma (final form or not)
+        return (self._cleaner.normalize_str(word) if "\u03a3" in word else word).lower()
 
     def tokenize(self, text: str) -> List[str]:
-        return [p for w in self._basic(text) for p in self._wordpiece(w)]
+        """Word pieces of ``text`` as one string (whitespace and punctuation splits inside)."""
+        return self.backend.encode(self._prepare(text), add_special_tokens=False).tokens
+
+    def _encode_words(self, words: Sequence[str]) -> List[int]:
+        ids: List[int] = []
+        run: List[str] = []  # consecutive ordinary words, encoded in one call
+
+        def flush():
+            if run:
+                ids.extend(self.backend.encode(run, is_pretokenized=True, add_special_tokens=False).ids)
+                run.clear()
+
+        for w in words:
+            if "[" in w and any(t in w for t in self.never_split):
+                # a special token stays whole where it is a whole word after cleaning and
+                # the spaces put around CJK ideographs, as in the Python tokenizer
+                for piece, _ in self._splitter.pre_tokenize_str(self._cleaner.normalize_str(w)):
+                    if piece in self.never_split:
+                        flush()
+                        ids.append(self.token_to_id[piece])
+                    else:
+                        run.append(self._prepare(piece))
+            else:
+                run.append(self._prepare(w))
+        flush()
+        return ids
 
     def encode(self, text: str) -> List[int]:
         """Word-piece ids of ``text`` without [CLS]/[SEP], one whitespace word at a time."""
-        ids = []
-        for word in text.strip().split():
-            ids.extend(self.token_to_id[t] for t in self.tokenize(word))
-        return ids
+        return self._encode_words(text.split())
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        """``[encode(t) for t in texts]``, the plain texts in one parallel call."""
+        split = [t.split() for t in texts]
+        plain = [i for i, t in enumerate(texts) if not ("[" in t and any(s in t for s in self.never_split))]
+        out: List[Optional[List[int]]] = [None] * len(texts)
+        if plain:
+            encs = self.backend.encode_batch([[self._prepare(w) for w in split[i]] for i in plain],
+                                             is_pretokenized=True, add_special_tokens=False)
+            for i, e in zip(plain, encs):
+                out[i] = e.ids
+        for i, ids in enumerate(out):
+            if ids is None:
+                out[i] = self._encode_words(split[i])
+        return out  # type: ignore[return-value]
 
     def with_specials(self, ids: Sequence[int]) -> List[int]:
         return [self.cls_id, *ids, self.sep_id]
@@ -177,6 +209,8 @@ class WordPieceTokenizer:
             t = self.vocab[int(i)]
             out += t[2:] if t.startswith("##") else (" " + t if out else t)
         return out
+
+    # --------------------------------------------------------------- files
 
     def save_vocab(self, path) -> Path:
         path = Path(path)
