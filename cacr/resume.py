@@ -153,8 +153,10 @@ def flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
-    """``key: old -> new`` for every setting that differs, bookkeeping left out; the layout
-    keys (devices, nodes, strategy, batch per device) only when the effective batch changes."""
+    """``key: old -> new`` for every setting of the checkpoint's config that differs (or is
+    gone), bookkeeping left out; the layout keys (devices, nodes, strategy, batch per
+    device) only when the effective batch changes. Settings the checkpoint predates are
+    not differences (:func:`new_keys`)."""
     a, b = flatten(old), flatten(new)
     keys = sorted(set(a) | set(b))
     missing = object()
@@ -163,12 +165,19 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
         return k in BOOKKEEPING_KEYS or k.startswith(BOOKKEEPING_PREFIXES) or k.startswith("hydra.")
 
     out = [f"{k}: {_show(a.get(k, missing), missing)} -> {_show(b.get(k, missing), missing)}"
-           for k in keys if not skip(k) and k not in LAYOUT_KEYS and a.get(k, missing) != b.get(k, missing)]
+           for k in keys if not skip(k) and k not in LAYOUT_KEYS and k in a and a[k] != b.get(k, missing)]
     if effective_batch(a) != effective_batch(b):
         out += [f"{k}: {_show(a.get(k, missing), missing)} -> {_show(b.get(k, missing), missing)}"
                 for k in sorted(LAYOUT_KEYS) if a.get(k, missing) != b.get(k, missing)]
         out.append(f"(positives per optimizer step: {effective_batch(a)} -> {effective_batch(b)})")
     return out
+
+
+def new_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
+    """Settings the checkpoint's config does not have (added to the code after it was written)."""
+    a = flatten(old)
+    return sorted(k for k in flatten(new) if k not in a and not k.startswith(BOOKKEEPING_PREFIXES + ("hydra.",))
+                  and k not in BOOKKEEPING_KEYS)
 
 
 def _show(v, missing) -> str:
@@ -235,6 +244,10 @@ def inspect_resume(cfg: DictConfig, resolved: Mapping[str, Any]) -> Optional[Res
         log.warning("%s: written before checkpoints recorded their config; the resumed settings are not compared",
                     path)
         return info
+    added = new_keys(info.config, resolved)
+    if added:
+        log.warning("%s: written before the settings %s existed; resuming with their current values", path,
+                    ", ".join(f"{k}={flatten(resolved)[k]!r}" for k in added))
     info.diff = config_diff(info.config, resolved)
     if info.diff:
         if not cfg.get("resume_override"):

@@ -318,6 +318,33 @@ def _best_weights(best_path: str, ckpt_dir: Path) -> str:
                       f"beside it; expected the file the run recorded")
 
 
+def _resumable(datamodule_cls):
+    """``datamodule_cls`` whose training loader claims ``train.max_steps`` batches however
+    many it has left to yield. A resumed fit restores Lightning's batch counter to the step
+    it resumes at; a loader of only the remaining ``max_steps - s`` batches made Lightning
+    end the epoch early and start it again from the loader's first batch, training steps
+    ``s, s+1, ...`` a second time with later steps' numbers."""
+    from torch.utils.data import DataLoader
+
+    from cacr.train_data import StepRange
+
+    class FullLength(StepRange):
+        def __len__(self) -> int:
+            return self.total
+
+    class Resumable(datamodule_cls):
+        def train_dataloader(self):
+            loader = super().train_dataloader()
+            if not isinstance(loader.sampler, StepRange):
+                return loader
+            return DataLoader(loader.dataset, batch_size=None,
+                              sampler=FullLength(loader.sampler.start, loader.sampler.total),
+                              num_workers=loader.num_workers, persistent_workers=loader.persistent_workers)
+
+    Resumable.__name__ = Resumable.__qualname__ = datamodule_cls.__name__
+    return Resumable
+
+
 def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[List[Any]], resume=None,
                       resolved: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     from hydra.utils import instantiate
@@ -326,6 +353,7 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
     from cacr.model import UniterCollator
     from cacr import rundir
     from cacr.module import RetrievalModule
+    from cacr.rundir import primary_process as rank_zero_process
     from cacr.resume import BestCheckpoint, LastCheckpoint, RecordConfig
     from cacr.train_data import TrainingDataModule
 
@@ -335,7 +363,7 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
     model = instantiate(cfg.model)
     collator = UniterCollator(img_dim=model.config.img_dim,
                               max_txt_positions=model.config.max_position_embeddings)
-    dm = TrainingDataModule.from_config(cfg.data, collator=collator, num_candidates=cfg.train.num_candidates)
+    dm = _resumable(TrainingDataModule).from_config(cfg.data, collator=collator, num_candidates=cfg.train.num_candidates)
     dm.setup()  # every split and the Winoground-format set, opened and checked before step 0
     check_data(dm, cfg)
     regularizer = instantiate(cfg.loss)
@@ -343,6 +371,11 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
                              seed=cfg.seed)
 
     ckpt_dir = run_dir / "checkpoints"
+    if rank_zero_process():
+        from cacr.outputs import remove_stale_temps
+
+        for name in {p.name.split(".tmp-")[0] for p in ckpt_dir.glob("*.ckpt.tmp-*")}:
+            remove_stale_temps(ckpt_dir / name)  # half-written checkpoints of a killed run
     best = BestCheckpoint(str(ckpt_dir))
     # last.ckpt: the latest state, after every validation (once the best is decided) and at
     # the end of training, so a resume from it repeats no validation and knows the best so far.
