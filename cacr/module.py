@@ -121,6 +121,7 @@ class RetrievalModule(pl.LightningModule):
         # a checkpoint of this module fine-tunes without it (load_checkpoint skips cls.* keys).
         self.cls = MlmHead(model.config, model.uniter.embeddings.word_embeddings) if mlm_weight > 0 else None
         self.stores: Dict[str, PairStore] = {}
+        self._mask_token_id: Optional[int] = None
         self._t0: Optional[float] = None
 
     # ------------------------------------------------------------------ data from the datamodule
@@ -213,7 +214,9 @@ class RetrievalModule(pl.LightningModule):
         imgs = torch.cat([img, hard_img.flatten(), img.repeat_interleave(k)])
         pairs = store.batch(caps, imgs, **bounds)
         reg = self.regularizer
-        out = self.model(pairs, score_rows=torch.arange(B, device=caps.device) if reg.enabled else None)
+        layers = reg.layer_indices(self.model.config.num_hidden_layers) if reg.enabled else None
+        out = self.model(pairs, score_rows=torch.arange(B, device=caps.device) if reg.enabled else None,
+                         score_layers=None if reg.layers == "last" else layers)
         logits = out.rank_logits
         neg = logits[B:].view(2, B, k).transpose(0, 1)  # (B, 2, k): "t" and "i" groups
         if self.hparams.ranking == "hinge":
@@ -223,9 +226,10 @@ class RetrievalModule(pl.LightningModule):
         w = reg.weight_at(step, total_steps)
         losses = {"rank_loss": rank, "reg_weight": torch.tensor(w), "loss": rank}
         if reg.enabled:
-            blocks = reg.blocks(out.last_scores, pairs.word_index[:B], pairs.word_mask[:B],
-                                pairs.region_index[:B], pairs.region_mask[:B])
-            parts = reg(*blocks)
+            per_layer = [reg(*reg.blocks(scores, pairs.word_index[:B], pairs.word_mask[:B],
+                                         pairs.region_index[:B], pairs.region_mask[:B]))
+                         for scores in (out.layer_scores or [out.last_scores])]
+            parts = type(per_layer[0])(*(torch.stack(x).mean() for x in zip(*per_layer)))  # mean over layers
             losses.update(loss=rank + w * parts.loss, reg_loss=parts.loss, reg_loss_L=parts.loss_L,
                           reg_loss_V=parts.loss_V)
         if self.hparams.align_weight > 0 or self.cls is not None:
@@ -240,37 +244,42 @@ class RetrievalModule(pl.LightningModule):
         losses["pairs"] = torch.tensor(float(B + 2 * B * k + n_mined))
         return losses
 
-    def masked_lm(self, pos: UniterBatch):
-        """UNITER's MLM on the positives: each word piece is chosen with probability ``mlm_prob``
-        (at least one per caption), and replaced by ``[MASK]`` (80%), a random word piece (10%)
-        or kept (10%); the loss is the cross-entropy of the original pieces at the chosen
-        positions, conditioned on the whole image. Returns (loss, accuracy)."""
+    def mask_words(self, pos: UniterBatch):
+        """UNITER's MLM corruption of a batch of positives: each word piece is chosen with
+        probability ``mlm_prob`` (at least one per caption; never [CLS], [SEP] or padding) and
+        replaced by ``[MASK]`` (80%), a random word piece (10%) or kept (10%). Returns the
+        corrupted batch and ``chosen`` (B, n) over the batch's word slots."""
         ids = pos.input_ids  # (B, Lt) text tokens with [CLS] first
         n = pos.word_mask.shape[1]
-        words = ids[:, 1:1 + n]  # (B, n) word pieces (0 beyond each caption)
-        wm = pos.word_mask
+        words, wm = ids[:, 1:1 + n], pos.word_mask  # (B, n) word pieces
         u = torch.rand(wm.shape, device=ids.device)
         chosen = (u < self.hparams.mlm_prob) & wm
-        # at least one masked piece per caption: the one with the smallest draw
-        first = u.masked_fill(~wm, 2.0).argmin(1)
+        first = u.masked_fill(~wm, 2.0).argmin(1)  # at least one per caption: the smallest draw
         chosen[torch.arange(len(ids), device=ids.device), first] = True
         how = torch.rand(wm.shape, device=ids.device)
-        vocab = self.model.config.vocab_size
-        random_ids = torch.randint(self.num_special_tokens, vocab, wm.shape, device=ids.device)
+        random_ids = torch.randint(self.num_special_tokens, self.model.config.vocab_size, wm.shape, device=ids.device)
         new = torch.where(chosen & (how < 0.8), torch.full_like(words, self.mask_token_id), words)
         new = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, new)
-        masked = dataclasses.replace(pos, input_ids=torch.cat([ids[:, :1], new, ids[:, 1 + n:]], dim=1))
+        return dataclasses.replace(pos, input_ids=torch.cat([ids[:, :1], new, ids[:, 1 + n:]], dim=1)), chosen
+
+    def masked_lm(self, pos: UniterBatch):
+        """MLM on the positives (:meth:`mask_words`): cross-entropy of the original word pieces
+        at the chosen positions, conditioned on the whole image. Returns (loss, accuracy)."""
+        masked, chosen = self.mask_words(pos)
         hidden, _, _ = self.model.uniter(masked)  # (B, L, H)
         H = hidden.shape[-1]
         at = hidden.gather(1, pos.word_index[:, :, None].expand(-1, -1, H))[chosen]  # (M, H)
         logits = self.cls(at).float()  # (M, vocab)
-        target = words[chosen]
+        target = pos.input_ids[:, 1:1 + chosen.shape[1]][chosen]
         loss = torch.nn.functional.cross_entropy(logits, target)
         return loss, (logits.argmax(-1) == target).float().mean().detach()
 
     @property
     def mask_token_id(self) -> int:
-        return int(self.trainer.datamodule.tokenizer.mask_id)
+        """The data's ``[MASK]`` id (read from its tokenizer on first use)."""
+        if self._mask_token_id is None:
+            self._mask_token_id = int(self.trainer.datamodule.tokenizer.mask_id)
+        return self._mask_token_id
 
     @property
     def num_special_tokens(self) -> int:

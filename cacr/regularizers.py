@@ -42,6 +42,7 @@ HEAD_REDUCTIONS = ("mean", "per_head")
 SOURCES = ("probs", "scores")
 ROW_REDUCTIONS = ("mean", "sum")
 WEIGHTINGS = ("soft", "argmax")
+LAYERS = ("last", "penultimate", "all")
 WARMUP_RATE = 5.0  # w(t) = exp(5 (t/T - 1)): e^-5 at step 0, 1 at step T
 DISTRIBUTED_EPS = 1e-6  # IAIS distributed: log(x + 1e-6) inside the KLs
 
@@ -239,13 +240,26 @@ def _gather_square(S: Tensor, idx: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- losses
 
 
+def _prob_mkl(p: Tensor, q: Tensor, mask: Tensor) -> Tensor:
+    """Per-row m-KL of ``p`` normalised to sum 1 over its valid columns and ``q`` as given
+    (already row-stochastic): no further softmax."""
+    p = torch.where(mask[:, None, :], p, 0.0)
+    p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    return _mkl_rows(p, _safe_log(p), q, _safe_log(q), mask)
+
+
 def cacr_loss(
     S_LL: Tensor, S_VV: Tensor, S_LV: Tensor, S_VL: Tensor, word_mask: Tensor, region_mask: Tensor,
-    *, stop_grad: bool = True, row_reduction: str = "mean", return_parts: bool = False,
+    *, stop_grad: bool = True, row_reduction: str = "mean", double_softmax: bool = True,
+    return_parts: bool = False,
 ) -> Union[Tensor, RelationLoss]:
     """CACR (paper Eqs. 3-6), batched: mean over examples of ``L_CACR-L + L_CACR-V``.
 
     ``stop_grad`` (public code: on) keeps gradients out of ``S_LV`` and ``S_VL``.
+    ``double_softmax`` (public code: on) compares ``softmax(P)`` with ``softmax(S_LL)`` even
+    though the blocks are already softmax rows; off (an ablation), the projection ``P`` is
+    normalised to sum 1 per row and compared with the blocks' own rows (``S_LL``, ``S_VV``
+    must then be row-stochastic, i.e. ``source="probs"``).
     """
     _check_choice(row_reduction, ROW_REDUCTIONS, "row_reduction")
     with _no_autocast(S_LL):
@@ -253,8 +267,9 @@ def cacr_loss(
         X_LV, X_VL = (S_LV.detach(), S_VL.detach()) if stop_grad else (S_LV, S_VL)
         P_L = X_LV @ S_VV @ X_LV.transpose(1, 2)  # (B, n, n): S_VV in the language basis
         P_V = X_VL @ S_LL @ X_VL.transpose(1, 2)  # (B, m, m): S_LL in the vision basis
-        loss_L = _reduce_rows(_softmax_mkl(P_L, S_LL, wm), wm, row_reduction)
-        loss_V = _reduce_rows(_softmax_mkl(P_V, S_VV, rm), rm, row_reduction)
+        mkl = _softmax_mkl if double_softmax else _prob_mkl
+        loss_L = _reduce_rows(mkl(P_L, S_LL, wm), wm, row_reduction)
+        loss_V = _reduce_rows(mkl(P_V, S_VV, rm), rm, row_reduction)
         return _finish(loss_L, loss_V, return_parts)
 
 
@@ -379,7 +394,9 @@ class Regularizer:
     :func:`relation_blocks` (``source="scores"`` only for cacr: IAIS compares the blocks
     as distributions). ``stop_grad``: detach the cross-modal matrices (None = the public
     code's choice: on for cacr, off for IAIS). ``row_reduction``: mean (public) or sum
-    (paper Eq. 4) over the rows of m-KL.
+    (paper Eq. 4) over the rows of m-KL. ``layers``: which encoder layers' attention is
+    regularized (:meth:`layer_indices`; public code: the last). ``double_softmax``: see
+    :func:`cacr_loss` (public code: on).
 
     Training use: ``blocks = reg.blocks(out.last_scores, word_index[pos], ...)``,
     ``parts = reg(*blocks)``, ``loss = rank + reg.weight_at(step, total) * parts.loss``.
@@ -393,6 +410,8 @@ class Regularizer:
     source: str = "probs"
     stop_grad: Optional[bool] = None
     row_reduction: str = "mean"
+    layers: str = "last"
+    double_softmax: bool = True
 
     def __post_init__(self):
         _check_choice(self.name, NAMES, "loss.name")
@@ -400,6 +419,12 @@ class Regularizer:
         _check_choice(self.head_reduction, HEAD_REDUCTIONS, "loss.head_reduction")
         _check_choice(self.source, SOURCES, "loss.source")
         _check_choice(self.row_reduction, ROW_REDUCTIONS, "loss.row_reduction")
+        _check_choice(self.layers, LAYERS, "loss.layers")
+        if not isinstance(self.double_softmax, bool):
+            raise ValueError(f"loss.double_softmax must be true or false, got {self.double_softmax!r}")
+        if not self.double_softmax and (self.name != "cacr" or self.source != "probs"):
+            raise ValueError(f"loss.double_softmax=false applies to cacr with source=probs (the blocks' rows are "
+                             f"then distributions), not to name={self.name!r}, source={self.source!r}")
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not (
             math.isfinite(self.weight) and self.weight >= 0
         ):
@@ -425,6 +450,17 @@ class Regularizer:
             return 0.0
         return self.weight * schedule_weight(self.schedule, step, total_steps)
 
+    def layer_indices(self, num_layers: int) -> list:
+        """The encoder layers whose attention is regularized: the last (public code), the one
+        before it, or all (the loss is then averaged over them)."""
+        if self.layers == "last":
+            return [num_layers - 1]
+        if self.layers == "penultimate":
+            if num_layers < 2:
+                raise ValueError("loss.layers=penultimate needs a model of at least 2 layers")
+            return [num_layers - 2]
+        return list(range(num_layers))
+
     def blocks(self, scores: Tensor, word_index: Tensor, word_mask: Tensor, region_index: Tensor,
                region_mask: Tensor) -> RelationBlocks:
         return relation_blocks(scores, word_index, word_mask, region_index, region_mask,
@@ -438,6 +474,6 @@ class Regularizer:
             return RelationLoss(zero, zero, zero)
         if self.name == "cacr":
             return cacr_loss(*args, stop_grad=self.stop_grad, row_reduction=self.row_reduction,
-                             return_parts=True)
+                             double_softmax=self.double_softmax, return_parts=True)
         return iais_loss(*args, variant=self.name[len("iais_"):], stop_grad=self.stop_grad,
                          row_reduction=self.row_reduction, return_parts=True)

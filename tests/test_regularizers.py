@@ -523,3 +523,79 @@ def test_regularizer_backpropagates_into_the_model(parity):
     # The value projection only shapes the layer's output, not its attention.
     assert last.value.weight.grad is None or (last.value.weight.grad == 0).all()
     model.zero_grad()
+
+
+# --------------------------------------------------------------------------- ablation switches
+
+
+def single_softmax_loop(blocks: RelationBlocks):
+    """CACR without the second softmax, one example at a time: P row-normalised vs the blocks' rows."""
+    L, V = [], []
+    for b in range(blocks.word_mask.shape[0]):
+        LL, VV, LV, VL, _, _ = example_slices(blocks, b)
+        LL, VV, LV, VL = LL[0], VV[0], LV[0], VL[0]
+
+        def side(P, T):
+            P = P / P.sum(1, keepdim=True)
+            return torch.stack([((P[i] - T[i]) * (P[i].log() - T[i].log())).sum() for i in range(len(P))]).mean()
+
+        L.append(side(LV @ VV @ LV.T, LL))
+        V.append(side(VL @ LL @ VL.T, VV))
+    return torch.stack(L).mean(), torch.stack(V).mean()
+
+
+@pytest.mark.parametrize("seed,lens_n,lens_m", RAGGED)
+def test_cacr_single_softmax_equals_a_loop(seed, lens_n, lens_m):
+    blocks = ragged_blocks(seed, lens_n, lens_m)
+    fast = cacr_loss(*blocks, double_softmax=False, return_parts=True)
+    want_L, want_V = single_softmax_loop(blocks)
+    torch.testing.assert_close(fast.loss_L, want_L)
+    torch.testing.assert_close(fast.loss_V, want_V)
+    if max(lens_n) > 1:  # one word and one region: both losses are 0
+        assert not torch.allclose(fast.loss, cacr_loss(*blocks))  # the switch changes the loss
+
+
+def test_ablation_switches_are_validated_and_dispatched():
+    assert Regularizer("cacr").layer_indices(4) == [3]
+    assert Regularizer("cacr", layers="penultimate").layer_indices(4) == [2]
+    assert Regularizer("iais_singular", layers="all").layer_indices(3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="loss.layers"):
+        Regularizer("cacr", layers="first")
+    with pytest.raises(ValueError, match="at least 2 layers"):
+        Regularizer("cacr", layers="penultimate").layer_indices(1)
+    with pytest.raises(ValueError, match="double_softmax=false applies to cacr"):
+        Regularizer("iais_singular", double_softmax=False)
+    with pytest.raises(ValueError, match="double_softmax=false applies to cacr"):
+        Regularizer("cacr", source="scores", double_softmax=False)
+    blocks = ragged_blocks(0, [5, 1, 3], [4, 6, 1])
+    got = Regularizer("cacr", double_softmax=False)(*blocks).loss
+    torch.testing.assert_close(got, cacr_loss(*blocks, double_softmax=False))
+
+
+def test_score_layers_return_each_layers_attention(parity):
+    """The model's per-layer scores equal those of the explicit attention of that layer (hooked)."""
+    from cacr.model import collate
+
+    _, _, model, examples = parity
+    batch = collate(examples)
+    pos = torch.tensor([1, 4])
+    seen = {}
+    hooks = [layer.attention.self.register_forward_hook(
+        lambda mod, args, out, i=i: seen.__setitem__(i, (args[0], mod))) for i, layer in
+        enumerate(model.uniter.encoder.layer)]
+    try:
+        with torch.no_grad():
+            n = len(model.uniter.encoder.layer)
+            out = model(batch, score_rows=pos, score_layers=[0, n - 1])
+            last = model(batch, score_rows=pos).last_scores
+    finally:
+        for h in hooks:
+            h.remove()
+    assert out.last_scores is None and len(out.layer_scores) == 2
+    torch.testing.assert_close(out.layer_scores[-1], last)
+    for i, scores in zip([0, n - 1], out.layer_scores):
+        x, att = seen[i]
+        q = att._heads(att.query(x))[pos]
+        k = att._heads(att.key(x))[pos]
+        torch.testing.assert_close(scores, q @ k.transpose(-1, -2) / math.sqrt(att.head_dim))
+    assert not torch.allclose(out.layer_scores[0], out.layer_scores[1])

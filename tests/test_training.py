@@ -392,3 +392,83 @@ def test_study_report_tables_means_and_stds_per_loss(tmp_path):
         report.main([str(tmp_path / "b")])
     assert report.main([str(tmp_path / "b"), "--allow-missing", "--out", str(tmp_path / "part")]) == 0
     assert len((tmp_path / "part" / "table.md").read_text().splitlines()) == 3  # header, rule, the finished job
+
+
+# ------------------------------------------------------------------ pre-training objective and ablations
+
+
+def _small_module(**kw):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["model.config.hidden_size=32", "model.config.intermediate_size=64",
+                                          "model.config.initializer_range=0.3"])
+    model = instantiate(cfg.model)
+    reg_kw = kw.pop("reg", {})
+    reg = instantiate(cfg.loss, schedule="constant", **reg_kw)
+    return RetrievalModule(model, reg, num_negatives=2, mining=False, ranking="softmax", **kw)
+
+
+MASK_ID = 4  # the synthetic vocabulary's [MASK]
+
+
+def _with_tokenizer(module):
+    module._mask_token_id = MASK_ID  # no trainer to read it from
+    return module
+
+
+def test_mask_words_corrupts_only_words_at_the_rate_asked(tiny_dm):
+    module = _with_tokenizer(_small_module(mlm_weight=1.0, mlm_prob=0.15))
+    store = tiny_dm.pair_store("train")
+    caps = torch.arange(0, 600) % store.input_ids.shape[0]
+    pos = store.batch(caps, tiny_dm.split("train").txt2img[caps])
+    torch.manual_seed(0)
+    masked, chosen = module.mask_words(pos)
+    n = chosen.shape[1]
+    assert not (chosen & ~pos.word_mask).any() and chosen.any(1).all()  # words only; >= 1 per caption
+    before, after = pos.input_ids, masked.input_ids
+    assert torch.equal(before[:, 0], after[:, 0]) and torch.equal(before[:, 1 + n:], after[:, 1 + n:])
+    assert torch.equal(before[:, 1:1 + n][~chosen], after[:, 1:1 + n][~chosen])  # [SEP], padding, unchosen words
+    rate = chosen.sum() / pos.word_mask.sum()
+    assert 0.15 < rate < 0.30  # 15%, plus the forced one in captions that drew none
+    to_mask = (after[:, 1:1 + n][chosen] == MASK_ID).float().mean()
+    assert 0.72 < to_mask < 0.88
+
+
+def test_masked_lm_equals_one_caption_at_a_time(tiny_dm):
+    module = _with_tokenizer(_small_module(mlm_weight=1.0, mlm_prob=0.3))
+    module.eval()
+    store = tiny_dm.pair_store("train")
+    caps = torch.tensor([0, 7, 13, 21])
+    imgs = tiny_dm.split("train").txt2img[caps]
+    pos = store.batch(caps, imgs)
+    torch.manual_seed(5)
+    masked, chosen = module.mask_words(pos)
+    torch.manual_seed(5)
+    loss, acc = module.masked_lm(pos)
+    split = tiny_dm.split("train")
+    nll, hits = [], []
+    for b in range(4):
+        ex = split.pair(int(caps[b]), int(imgs[b]))
+        t = ex.input_ids.numel()
+        ids = masked.input_ids[b, :t]  # this caption's corrupted tokens, [CLS] .. [SEP]
+        one = collate([ex._replace(input_ids=ids)])
+        hidden, _, _ = module.model.uniter(one)
+        for j in chosen[b].nonzero().flatten().tolist():
+            logits = module.cls(hidden[0, 1 + j][None]).float()
+            target = ex.input_ids[1 + j][None]
+            nll.append(torch.nn.functional.cross_entropy(logits, target))
+            hits.append(float(logits.argmax(-1) == target))
+    assert float(loss.detach()) == pytest.approx(float(torch.stack(nll).mean().detach()), abs=1e-5)
+    assert float(acc) == pytest.approx(sum(hits) / len(hits))
+
+
+def test_regularizing_all_layers_averages_the_per_layer_losses(tiny_dm):
+    batch = _batches(tiny_dm)[2]
+    got = {}
+    for layers in ("all", "last", "penultimate"):
+        torch.manual_seed(0)
+        m = _small_module(reg={"layers": layers})
+        m.stores["train"] = tiny_dm.pair_store("train")
+        m.eval()
+        got[layers] = float(m.compute_losses(batch, step=3, total_steps=10)["reg_loss"])
+    assert got["last"] != pytest.approx(got["penultimate"])
+    assert got["all"] == pytest.approx((got["last"] + got["penultimate"]) / 2, abs=1e-6)

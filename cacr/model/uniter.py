@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -166,14 +166,19 @@ class UniterEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, x, key_mask, score_rows=None):
-        scores = None
+    def forward(self, x, key_mask, score_rows=None, score_layers=None):
+        """With ``score_rows``: the pre-softmax scores of those rows in the last layer (a tensor),
+        or, given ``score_layers`` (layer indices), a list with those layers' scores."""
         last = len(self.layer) - 1
+        want = (last,) if score_layers is None else tuple(score_layers)
+        scores = {}
         for i, layer in enumerate(self.layer):
-            x, s = layer(x, key_mask, score_rows if i == last else None)
-            if i == last:
-                scores = s
-        return x, scores
+            x, s = layer(x, key_mask, score_rows if i in want else None)
+            if s is not None:
+                scores[i] = s
+        if score_rows is None:
+            return x, None
+        return x, (scores[last] if score_layers is None else [scores[i] for i in want])
 
 
 class UniterPooler(nn.Module):
@@ -222,12 +227,13 @@ class UniterModel(nn.Module):
             x = torch.gather(x, 1, batch.gather_index[:, :, None].expand(-1, -1, x.shape[-1]))  # (B, L, H)
         return x
 
-    def forward(self, batch: UniterBatch, score_rows: Optional[Tensor] = None):
-        """Returns (last hidden states (B, L, H), pooled (B, H), last-layer scores or None)."""
+    def forward(self, batch: UniterBatch, score_rows: Optional[Tensor] = None, score_layers=None):
+        """Returns (last hidden states (B, L, H), pooled (B, H), last-layer scores or None; a list
+        of the ``score_layers``' scores when those are given)."""
         self.check_batch(batch)
         x = self.embed(batch)
         key_mask = batch.attn_mask[:, None, None, :]  # (B, 1, 1, L)
-        hidden, scores = self.encoder(x, key_mask, score_rows)
+        hidden, scores = self.encoder(x, key_mask, score_rows, score_layers)
         return hidden, self.pooler(hidden), scores
 
 
@@ -238,6 +244,7 @@ class UniterOutput:
     pooled: Tensor  # (B, H)
     last_hidden: Tensor  # (B, L, H) in the batch's layout
     last_scores: Optional[Tensor] = None  # (P, heads, L, L) last-layer QK^T/sqrt(d) of score_rows
+    layer_scores: Optional[List[Tensor]] = None  # the same for each of score_layers, when given
 
 
 class UniterForImageTextRetrieval(nn.Module):
@@ -274,14 +281,16 @@ class UniterForImageTextRetrieval(nn.Module):
         for layer in self.uniter.encoder.layer:
             layer.attention.self.attn_impl = impl
 
-    def forward(self, batch: UniterBatch, score_rows: Optional[Tensor] = None) -> UniterOutput:
-        hidden, pooled, scores = self.uniter(batch, score_rows)
+    def forward(self, batch: UniterBatch, score_rows: Optional[Tensor] = None, score_layers=None) -> UniterOutput:
+        hidden, pooled, scores = self.uniter(batch, score_rows, score_layers)
+        layered = score_layers is not None and scores is not None
         return UniterOutput(
             rank_logits=self.rank_output(pooled).squeeze(-1),
             itm_logits=self.itm_output(pooled),
             pooled=pooled,
             last_hidden=hidden,
-            last_scores=scores,
+            last_scores=None if layered else scores,
+            layer_scores=scores if layered else None,
         )
 
     def scorer(self, head: str = "rank", compile: bool = False):
