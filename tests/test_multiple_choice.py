@@ -1,0 +1,366 @@
+"""Compositional multiple-choice evaluation (cacr/evaluation/multiple_choice.py,
+eval_multiple_choice.py): readers of the public ARO / SugarCrepe / VALSE formats on the
+files in tests/fixtures/multiple_choice, one-line errors, the synthetic set derived from
+Winoground-format examples, metrics against loop twins, scores against a per-pair slow
+twin and against the Winoground evaluator, and 1 vs 2 processes."""
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from cacr.data.formats import RegionsWriter
+from cacr.data.synthetic_mc import multiple_choice_items, write_multiple_choice
+from cacr.data.tokenizer import SPECIAL_TOKENS
+from cacr.evaluation import cli
+from cacr.evaluation.multiple_choice import (accuracy_summary, correct_items, macro_of_resamples, macro_summary,
+                                             read_file, read_set, results_markdown, run_multiple_choice)
+from cacr.evaluation.scorefile import read_score_file, read_winoground_examples
+from cacr.model import UniterConfig, build_uniter, collate
+from cacr.model.batch import PairExample
+
+from .conftest import REPO, synthetic_world
+from .test_eval_cli import _env, _free_port, save_ckpt, tiny_config
+
+MC = Path(__file__).parent / "fixtures" / "multiple_choice"
+FILES = {
+    "vg_relation": MC / "aro" / "visual_genome_relation.json",
+    "vg_attribution": MC / "aro" / "visual_genome_attribution.json",
+    "coco_order": MC / "aro" / "coco_order.json",
+    "sugarcrepe": [MC / "sugarcrepe" / "replace_rel.json", MC / "sugarcrepe" / "swap_att.json"],
+    "valse": [MC / "valse" / "existence.json", MC / "valse" / "counting-hard.json"],
+}
+WORLD = dict(n_train=20, n_val=10, n_test=10, n_winoground=16)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def test_readers_of_the_public_formats():
+    fmt, items = read_file(FILES["vg_relation"])
+    assert fmt == "aro_relation" and len(items) == 4
+    assert items[0].captions == ("the horse is eating the grass", "the grass is eating the horse")
+    assert items[0].image == "2315375" and items[0].key == "visual_genome_relation/0"
+    assert [it.tags["relation"] for it in items] == ["eating", "on", "on", "eating"]
+
+    fmt, items = read_file(FILES["vg_attribution"])
+    assert fmt == "aro_attribution" and items[1].tags == {"attributes": "brown_white"}
+    assert items[1].captions[0] == "the brown dog and the white cake"
+
+    fmt, items = read_file(FILES["coco_order"])
+    assert fmt == "aro_order" and len(items[0].captions) == 5 and items[0].tags == {}
+    assert items[0].image == "COCO_val2014_000000391895"
+    assert read_file(FILES["coco_order"], image_key="path")[1][0].image == "val2014/COCO_val2014_000000391895.jpg"
+    assert read_file(FILES["coco_order"], image_key="name")[1][0].image == "COCO_val2014_000000391895.jpg"
+
+    s = read_set("sugarcrepe", [str(p) for p in FILES["sugarcrepe"]])
+    assert s.format == "sugarcrepe" and len(s.items) == 5
+    assert s.items[0].key == "replace_rel/0" and s.items[0].image == "000000397133"
+    assert s.items[0].captions == ("a man is riding a horse", "a man is eating a horse")
+    assert s.items[3].tags == {"category": "swap_att", "type": "swap", "target": "att"}
+
+    v = read_set("valse", str(MC / "valse" / "*.json"))  # a glob, files in sorted order
+    assert [p.name for p in v.files] == ["counting-hard.json", "existence.json"]
+    assert v.format == "valse" and len(v.items) == 4
+    assert v.items[0].captions == ("there are two horses", "there are three horses", "there are four horses")
+    assert v.items[0].tags == {"piece": "counting-hard", "phenomenon": "counting"}
+    assert v.items[2].key == "existence/v7w_1" and v.items[2].image == "v7w_2315375"
+
+
+def _write(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj) if not isinstance(obj, str) else obj)
+    return path
+
+
+def test_malformed_files_one_line_errors_name_file_and_item(tmp_path):
+    vgr = json.loads(FILES["vg_relation"].read_text())
+    del vgr[2]["false_caption"]
+    p = _write(tmp_path / "vgr.json", vgr)
+    with pytest.raises(ValueError, match=r"vgr.json: item 2: 'false_caption' must be a non-empty string, got None"):
+        read_file(p)
+    sc = json.loads(FILES["sugarcrepe"][0].read_text())
+    sc["1"]["negative_caption"] = ""
+    p = _write(tmp_path / "replace_obj.json", sc)
+    with pytest.raises(ValueError, match=r"replace_obj.json: item '1': 'negative_caption' must be a non-empty"):
+        read_file(p)
+    va = json.loads(FILES["valse"][0].read_text())
+    va["v7w_2"]["foils"] = []
+    p = _write(tmp_path / "existence.json", va)
+    with pytest.raises(ValueError, match=r"existence.json: item 'v7w_2': 'foils' must be a list of at least 1"):
+        read_file(p)
+    with pytest.raises(ValueError, match=r"bad.json: malformed JSON \(.* line 1"):
+        read_file(_write(tmp_path / "bad.json", "[{"))
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        read_file(_write(tmp_path / "odd.json", [{"caption": "a"}]))
+    with pytest.raises(ValueError, match=r"expected a JSON list of items \(aro_relation\), got dict"):
+        read_file(FILES["sugarcrepe"][0], fmt="aro_relation")
+    with pytest.raises(ValueError, match=r"d.jsonl: line 2: duplicate id 'a' \(first on line 1\)"):
+        read_file(_write(tmp_path / "d.jsonl", '{"id": "a", "image": "x", "caption": "c", "foils": ["f"]}\n'
+                                                 '{"id": "a", "image": "x", "caption": "c", "foils": ["f"]}\n'))
+    with pytest.raises(ValueError, match=r"sets.mixed: its files have different formats"):
+        read_set("mixed", [str(FILES["coco_order"]), str(FILES["sugarcrepe"][0])])
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        read_set("none", str(tmp_path / "*.nothing"))
+
+
+def test_synthetic_set_from_winoground_examples(tmp_path):
+    rows = [{"id": i, "image_0": f"ex_{i}_img_0", "image_1": f"ex_{i}_img_1", "caption_0": f"a{i} left of b{i}",
+             "caption_1": f"b{i} left of a{i}", "tag": "t", "secondary_tag": "", "num_main_preds": 1,
+             "collapsed_tag": ["Object", "Relation"][i % 2], "relation": "left of", "split": "dev"} for i in range(3)]
+    ex = _write(tmp_path / "examples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    out = write_multiple_choice(ex, tmp_path / "mc" / "multiple_choice.jsonl")
+    fmt, items = read_file(out)
+    assert fmt == "jsonl" and len(items) == 6
+    assert items[0].key == "multiple_choice/0_i0" and items[0].image == "ex_0_img_0"
+    assert items[0].captions == ("a0 left of b0", "b0 left of a0")
+    assert items[3].image == "ex_1_img_1" and items[3].captions == ("b1 left of a1", "a1 left of b1")
+    assert items[3].tags == {"collapsed_tag": "Relation", "relation": "left of", "split": "dev"}
+    assert [d["id"] for d in multiple_choice_items(ex)] == ["0_i0", "0_i1", "1_i0", "1_i1", "2_i0", "2_i1"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["multiple_choice.jsonl"]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_correct_is_strict_and_ignores_padding():
+    nan = float("nan")
+    s = torch.tensor([[1.0, 0.0, nan], [1.0, 1.0, nan], [2.0, 1.0, 3.0], [2.0, 1.0, 1.5], [0.5, nan, nan]])
+    with pytest.raises(ValueError, match=r"item\(s\) \[4\]"):
+        correct_items(s)
+    assert correct_items(s[:4]).tolist() == [True, False, False, True]
+
+
+def test_macro_vectorised_matches_loop_twin():
+    g = torch.Generator().manual_seed(0)
+    n, C = 57, 6
+    correct = torch.rand(n, generator=g) < 0.6
+    cats = torch.randint(C, (n,), generator=g)
+    idx = torch.randint(n, (40, n), generator=g)
+    fast = macro_of_resamples(correct, cats, idx, C)
+    for b in range(idx.shape[0]):
+        per = {}
+        for i in idx[b].tolist():
+            per.setdefault(int(cats[i]), []).append(float(correct[i]))
+        assert fast[b].item() == pytest.approx(np.mean([np.mean(v) for v in per.values()]), abs=1e-12)
+
+
+def test_summaries():
+    correct = torch.tensor([True] * 30 + [False] * 10)
+    r = accuracy_summary(correct, n_boot=2000, seed=1)
+    assert r["accuracy"] == 75.0 and r["n"] == 40
+    lo, hi = r["ci95"]
+    assert lo < 75.0 < hi and hi - lo < 35
+    assert accuracy_summary(correct, n_boot=2000, seed=1) == r  # seeded
+    labels = ["a"] * 30 + ["b"] * 6 + ["c"] * 4
+    m = macro_summary(correct, labels, n_boot=500)
+    assert m["accuracy"] == pytest.approx(100 * (1.0 + 0.0 + 0.0) / 3) and m["n_categories"] == 3
+    m25 = macro_summary(correct, labels, min_count=25, n_boot=500)
+    assert m25["accuracy"] == 100.0 and m25["n_categories"] == 1 and m25["n"] == 30
+    assert macro_summary(correct, labels, min_count=31, n_boot=10) is None
+
+
+# --------------------------------------------------------------------------- scoring the fixture files
+
+
+def fixture_words():
+    words = set()
+    for spec in FILES.values():
+        for p in spec if isinstance(spec, list) else [spec]:
+            for it in read_file(p)[1]:
+                for c in it.captions:
+                    words.update(c.split())
+    return sorted(words)
+
+
+@pytest.fixture(scope="module")
+def fixture_inputs(tmp_path_factory):
+    """A vocabulary of the fixture captions' words, a regions file of their images and a
+    tiny random UNITER .ckpt that embeds that vocabulary."""
+    d = tmp_path_factory.mktemp("mc")
+    vocab = list(SPECIAL_TOKENS) + fixture_words()
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    images = sorted({it.image for spec in FILES.values() for p in (spec if isinstance(spec, list) else [spec])
+                     for it in read_file(p)[1]})
+    rng = np.random.default_rng(0)
+    with RegionsWriter(d / "regions.h5", feature_dim=16, feature_source="random") as w:
+        for iid in images:
+            m = int(rng.integers(2, 6))
+            xy = rng.random((m, 2)) * 0.5
+            w.add(iid, rng.standard_normal((m, 16)).astype(np.float16), np.concatenate([xy, xy + 0.3], 1))
+    cfg = tiny_config(vocab_size=len(vocab), img_dim=16)
+    return d, save_ckpt(d / "tiny.ckpt", cfg, seed=5), cfg
+
+
+def make_cfg(overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="multiple_choice", overrides=list(overrides))
+
+
+def set_overrides():
+    out = []
+    for name, spec in FILES.items():
+        v = f"[{','.join(str(p) for p in spec)}]" if isinstance(spec, list) else str(spec)
+        out.append(f"+sets.{name}={v}")
+    return out
+
+
+def slow_scores(model, vocab_path, regions_path, items):
+    """One forward per (caption, image) pair through the collate path, tokenized by the
+    Python twin of the tokenizer."""
+    from cacr.data.datasets import open_regions
+
+    from .tokenizer_twin import PythonWordPiece
+
+    vocab = Path(vocab_path).read_text().splitlines()
+    tok = PythonWordPiece(vocab)
+    cls, sep = vocab.index("[CLS]"), vocab.index("[SEP]")
+    regions = open_regions(regions_path, None)
+    out = []
+    with torch.no_grad():
+        for it in items:
+            feat, box = regions.get(regions.index(it.image))
+            row = []
+            for c in it.captions:
+                ex = PairExample(torch.tensor([cls, *tok.encode(c), sep]), feat, box)
+                row.append(float(model.score(collate([ex], img_dim=model.config.img_dim))))
+            out.append(row)
+    return out
+
+
+def test_fixture_sets_scored_as_the_slow_twin(fixture_inputs, tmp_path, capsys):
+    d, ckpt, mcfg = fixture_inputs
+    out = tmp_path / "out"
+    cfg = make_cfg(["data=flickr30k", f"data.tokenizer={d / 'vocab.txt'}", f"regions={d / 'regions.h5'}",
+                    f"ckpt_path={ckpt}", f"output={out}", "n_boot=300", "progress=false", "device=cpu",
+                    "batch_size=5"] + set_overrides())
+    rec = run_multiple_choice(cfg)
+    printed = capsys.readouterr().out
+    assert list(rec["sets"]) == list(FILES)
+
+    model = build_uniter(mcfg)
+    from cacr.model import load_checkpoint
+
+    load_checkpoint(model, torch.load(ckpt, weights_only=True)["state_dict"])
+    model.eval()
+    lines = [json.loads(x) for x in (out / "multiple_choice_scores.jsonl").read_text().splitlines()]
+    n_correct_total = 0
+    for name, spec in FILES.items():
+        s = read_set(name, [str(p) for p in spec] if isinstance(spec, list) else str(spec))
+        want = slow_scores(model, d / "vocab.txt", d / "regions.h5", s.items)
+        got = [x for x in lines if x["set"] == name]
+        assert [x["id"] for x in got] == [it.key for it in s.items]
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g["scores"], w, atol=1e-5, rtol=0)
+            assert g["correct"] == (w[0] > max(w[1:]))
+        r = rec["sets"][name]
+        n_correct = sum(w[0] > max(w[1:]) for w in want)
+        n_correct_total += n_correct
+        assert r["n"] == len(s.items) and r["accuracy"] == pytest.approx(100.0 * n_correct / len(s.items))
+        assert r["chance"] == pytest.approx(100.0 * np.mean([1 / len(it.captions) for it in s.items]))
+        for tag, cats in r["by_tag"].items():
+            assert sum(c["n"] for c in cats.values()) == sum(tag in it.tags for it in s.items)
+    assert 0 < n_correct_total < len(lines)  # a non-trivial outcome for this random model
+    assert set(rec["sets"]["sugarcrepe"]["by_tag"]) == {"category", "type", "target"}
+    assert rec["sets"]["vg_attribution"]["macro"] == {}  # ARO's rule: attribute pairs with >= 25 items only
+    assert rec["sets"]["vg_relation"]["macro"]["relation"]["n_categories"] == 2
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(rec))
+    table = (out / "results.md").read_text()
+    assert table == results_markdown(rec["model"], rec["sets"]) and printed.startswith(table)
+    assert "| tiny | vg_relation | aro_relation | 4 |" in table
+
+
+def exit_message(overrides) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.guarded("eval_multiple_choice.py", run_multiple_choice, make_cfg(overrides))
+    return str(e.value.code)
+
+
+def test_bad_input_one_line(fixture_inputs, tmp_path):
+    d, ckpt, _ = fixture_inputs
+    base = ["data=flickr30k", f"data.tokenizer={d / 'vocab.txt'}", f"ckpt_path={ckpt}", f"output={tmp_path}",
+            "progress=false", "device=cpu"]
+    one = f"+sets.vgr={FILES['vg_relation']}"
+    assert "need regions=PATH" in exit_message(base + [one])
+    assert exit_message(base + [one, f"regions={tmp_path / 'no.h5'}"]) == \
+        f"eval_multiple_choice.py: regions file {tmp_path / 'no.h5'} (set 'vgr') not found"
+    bad = json.loads(FILES["vg_relation"].read_text())
+    bad[1]["image_path"] = "999.jpg"
+    p = _write(tmp_path / "vgr.json", bad)
+    msg = exit_message(base + [f"+sets.vgr={p}", f"regions={d / 'regions.h5'}"])
+    assert msg == (f"eval_multiple_choice.py: {d / 'regions.h5'}: no regions for 1 of 4 items of set 'vgr': "
+                   f"vgr/1 (image '999')")
+    assert "'true_caption' must be a non-empty string" in exit_message(
+        base + [f"+sets.x={_write(tmp_path / 'e.json', [dict(bad[0], true_caption='')])}", f"regions={d / 'regions.h5'}"])
+
+
+# --------------------------------------------------------------------------- the synthetic default
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return synthetic_world(tmp_path_factory.mktemp("world"), WORLD, config="multiple_choice")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_ckpt(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt", tiny_config())
+
+
+def test_synthetic_default_agrees_with_winoground(world, ckpt, tmp_path):
+    """With no sets, the synthetic world's set (two items per Winoground-format example);
+    its scores are the Winoground evaluator's s(c_k, i_k) and s(c_1-k, i_k)."""
+    paths, data = world
+    common = data + [f"ckpt_path={ckpt}", "progress=false", "device=cpu", "n_boot=200", "batch_size=6"]
+    rec = run_multiple_choice(make_cfg(common + [f"output={tmp_path / 'mc'}"]))
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        wcfg = compose(config_name="winoground", overrides=common + [f"output={tmp_path / 'w'}"])
+    cli.run_winoground(wcfg)
+    examples = read_winoground_examples(paths.winoground_examples)
+    w = read_score_file(tmp_path / "w" / "winoground_scores.jsonl", examples)
+    lines = [json.loads(x) for x in (tmp_path / "mc" / "multiple_choice_scores.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 * len(examples) == rec["sets"]["synthetic"]["n"]
+    for n, ex in enumerate(examples):
+        for k in (0, 1):
+            line = lines[2 * n + k]
+            assert line["id"] == f"multiple_choice/{ex.id}_i{k}"
+            np.testing.assert_allclose(line["scores"], [w[n, k, k].item(), w[n, 1 - k, k].item()], atol=1e-5, rtol=0)
+    r = rec["sets"]["synthetic"]
+    assert set(r["by_tag"]) >= {"collapsed_tag"} and r["chance"] == 50.0
+    # the generator's file, when present, is read instead of deriving the set
+    mc_file = paths.winoground_examples.parent / "multiple_choice.jsonl"
+    write_multiple_choice(paths.winoground_examples, mc_file)
+    try:
+        rec2 = run_multiple_choice(make_cfg(common + [f"output={tmp_path / 'mc2'}"]))
+        assert rec2["sets"]["synthetic"]["files"] == [str(mc_file)]
+        assert {k: v for k, v in rec2["sets"]["synthetic"].items() if k != "files"} == \
+            {k: v for k, v in r.items() if k != "files"}
+    finally:
+        mc_file.unlink()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(fixture_inputs, tmp_path):
+    d, ckpt, _ = fixture_inputs
+    common = ["data=flickr30k", f"data.tokenizer={d / 'vocab.txt'}", f"regions={d / 'regions.h5'}",
+              f"ckpt_path={ckpt}", "progress=false", "device=cpu", "n_boot=300", "batch_size=4"] + set_overrides()
+    one = run_multiple_choice(make_cfg(common + [f"output={tmp_path / 'p1'}"]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(REPO / "eval_multiple_choice.py"), *common, f"output={tmp_path / 'p2'}", f"hydra.run.dir={tmp_path / 'h'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=_env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    two = json.loads((tmp_path / "p2" / "results.json").read_text())
+    assert two["sets"] == json.loads(json.dumps(one["sets"]))
+    s1, s2 = ((tmp_path / p / "multiple_choice_scores.jsonl").read_text().splitlines() for p in ("p1", "p2"))
+    for a, b in zip(s1, s2):
+        a, b = json.loads(a), json.loads(b)
+        assert a["id"] == b["id"] and a["correct"] == b["correct"]
+        np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-5, rtol=0)
+    assert len(s1) == len(s2) == sum(len(read_set("x", [str(p) for p in s] if isinstance(s, list) else str(s)).items)
+                                     for s in FILES.values())
