@@ -2,6 +2,7 @@
 against the official shapes file, a plain strict load, the project's official-format loader
 gives the same scores, dtypes, formats, atomic writes and refusal to overwrite."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,9 @@ def test_refuses_to_overwrite_and_writes_atomically(run_ckpt, tmp_path):
     export(path, out, dtype="float16", overwrite=True)
     assert out.read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.pt"]  # no temporary files left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # the usual mode, not mkstemp's 0600
 
 
 def test_bad_input_one_line(tmp_path, capsys):

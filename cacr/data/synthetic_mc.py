@@ -42,6 +42,9 @@ def write_multiple_choice(examples_jsonl, out_path) -> Path:
     text = "".join(json.dumps(item) + "\n" for item in multiple_choice_items(examples_jsonl))
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; give the file the usual mode
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, out_path)
