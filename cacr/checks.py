@@ -179,8 +179,11 @@ def nonfinite_images(regions) -> np.ndarray:
         feat, box, _ = regions.file.datasets()
         offsets = torch.from_numpy(regions.file.offsets)
         found, block = [], 1 << 18
+        from cacr.data.formats import read_array
+
         for a in range(0, feat.shape[0], block):
-            f, b = feat[a:a + block], box[a:a + block]
+            rows = slice(a, min(a + block, feat.shape[0]))
+            f, b = read_array(feat, regions.file.path, rows), read_array(box, regions.file.path, rows)
             bad = ~(np.isfinite(f).all(1) & np.isfinite(b).all(1))
             found.append(np.flatnonzero(bad) + a)
         regions.file.close()

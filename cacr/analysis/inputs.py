@@ -224,9 +224,16 @@ def add_common_arguments(p: argparse.ArgumentParser, pictures: str) -> None:
 
 
 def run_command(prog: str, parser: argparse.ArgumentParser, run, argv=None) -> None:
-    """Parse ``argv`` and call ``run(args)``; bad input exits with one line naming ``prog``."""
+    """Parse ``argv``, check the output folder is writable, and call ``run(args)``; bad input
+    exits with one line naming ``prog`` (``CACR_DEBUG=1``: the traceback)."""
+    from cacr.errors import EXPECTED, exit_on_error, raise_on_termination
+    from cacr.outputs import check_writable_dir
+
     args = parser.parse_args(argv)
+    raise_on_termination()
     try:
+        if getattr(args, "out", None):
+            check_writable_dir(args.out, "--out")
         run(args)
-    except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"{prog}: {e.args[0] if isinstance(e, KeyError) else e}")
+    except EXPECTED as e:
+        exit_on_error(prog, e)

@@ -13,7 +13,8 @@
 - ``karpathy``: ``dataset_flickr30k.json`` + a tokenizer -> captions file;
 - ``winoground``: check that a regions file holds both images of every example.
 
-Every converter writes to a temporary name and renames the file when complete.
+Every converter writes to a temporary name and renames the file when complete; it refuses an
+existing output unless ``--overwrite`` and never writes onto one of its inputs.
 """
 from __future__ import annotations
 
@@ -36,6 +37,15 @@ from .tokenizer import WordPieceTokenizer
 
 
 # ------------------------------------------------------------------ UNITER image DB
+
+
+def _json(path: Path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise FormatError(path, [f"malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})"]) from None
+    except UnicodeDecodeError as e:
+        raise FormatError(path, [f"not UTF-8 text ({e.reason} at byte {e.start})"]) from None
 
 
 def _open_lmdb(path: Path):
@@ -75,7 +85,7 @@ def read_uniter_img_db(db, nbb_json=None, compressed: Optional[bool] = None
     if not nbb_path.is_file():
         raise FileNotFoundError(f"{nbb_path}: nbb json not found (image name -> number of regions kept); "
                                 f"pass --nbb")
-    nbb = json.loads(nbb_path.read_text())
+    nbb = _json(nbb_path)
     env = _open_lmdb(db)
     with env.begin() as txn:
         raw_keys = txn.get(b"__keys__")
@@ -90,7 +100,13 @@ def read_uniter_img_db(db, nbb_json=None, compressed: Optional[bool] = None
             v = txn.get(k.encode("utf-8"))
             if v is None:
                 raise FormatError(db, [f"image {k!r}: listed in __keys__ but not stored"])
-            d = _decode_img_value(v, compressed, f"{db}: image {k!r}")
+            try:
+                d = _decode_img_value(v, compressed, f"{db}: image {k!r}")
+            except FormatError:
+                raise
+            except Exception as e:  # noqa: BLE001 - corrupt bytes: name the DB and the image
+                raise FormatError(db, [f"image {k!r}: undecodable value ({type(e).__name__}: {e}); expected "
+                                       f"{'np.savez_compressed bytes' if compressed else 'msgpack-numpy'}"]) from None
             miss = [n for n in ("features", "norm_bb") if n not in d]
             if miss:
                 raise FormatError(db, [f"image {k!r}: arrays {miss} missing (has {sorted(d)})"])
@@ -134,11 +150,11 @@ def read_uniter_txt_db(db) -> Tuple[dict, List[Tuple[str, dict]]]:
     meta_path = db / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: meta.json of the text DB not found")
-    meta = json.loads(meta_path.read_text())
+    meta = _json(meta_path)
     env = _open_lmdb(db)
     order: Optional[List[str]] = None
     if (db / "img2txts.json").is_file():
-        order = [t for ts in json.loads((db / "img2txts.json").read_text()).values() for t in ts]
+        order = [t for ts in _json(db / "img2txts.json").values() for t in ts]
     out = []
     with env.begin() as txn:
         if order is None:
@@ -147,7 +163,13 @@ def read_uniter_txt_db(db) -> Tuple[dict, List[Tuple[str, dict]]]:
             v = txn.get(k.encode("utf-8"))
             if v is None:
                 raise FormatError(db, [f"caption {k!r}: listed in img2txts.json but not stored"])
-            ex = msgpack.unpackb(lz4.frame.decompress(v), raw=False)
+            try:
+                ex = msgpack.unpackb(lz4.frame.decompress(v), raw=False)
+            except Exception as e:  # noqa: BLE001 - corrupt bytes: name the DB and the caption
+                raise FormatError(db, [f"caption {k!r}: undecodable value ({type(e).__name__}: {e}); expected "
+                                       f"lz4-compressed msgpack"]) from None
+            if not isinstance(ex, dict):
+                raise FormatError(db, [f"caption {k!r}: value is a {type(ex).__name__}, expected a dict"])
             miss = [n for n in ("input_ids", "img_fname") if n not in ex]
             if miss:
                 raise FormatError(db, [f"caption {k!r}: fields {miss} missing"])
@@ -269,8 +291,11 @@ def read_npz(path: Path) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     Accepts UNITER's own ``features`` / ``norm_bb`` / ``conf`` keys, or the bottom-up
     extractor's ``x`` / ``bbox`` (pixels) / ``image_w`` / ``image_h`` (optionally ``conf``).
     """
-    with np.load(path, allow_pickle=False) as z:
-        d = {k: z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 - truncated zip, pickled objects, not an npz at all
+        raise FormatError(path, [f"not a readable .npz ({type(e).__name__}: {e})"]) from None
     feat = d.get("features", d.get("x"))
     if feat is None:
         raise FormatError(path, [f"no features array ('features' or 'x'); has {sorted(d)}"])
@@ -313,11 +338,17 @@ def convert_karpathy(json_path, out, tokenizer: WordPieceTokenizer, image_id_for
     json_path = Path(json_path)
     if not json_path.is_file():
         raise FileNotFoundError(f"{json_path}: Karpathy captions json not found")
-    data = json.loads(json_path.read_text())
-    if "images" not in data:
-        raise FormatError(json_path, ["no 'images' list"])
+    data = _json(json_path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise FormatError(json_path, ["no 'images' list (expected Karpathy's dataset_flickr30k.json)"])
     cap_ids, img_ids, texts, toks, spl = [], [], [], [], []
-    for img in tqdm(data["images"], desc="captions", unit="img"):
+    for n, img in enumerate(tqdm(data["images"], desc="captions", unit="img")):
+        miss = [k for k in ("filename", "split", "sentences") if not isinstance(img, dict) or k not in img]
+        if miss:
+            raise FormatError(json_path, [f"images[{n}]: missing {miss}"])
+        bad = [j for j, s in enumerate(img["sentences"]) if not isinstance(s, dict) or "sentid" not in s]
+        if bad:
+            raise FormatError(json_path, [f"images[{n}] ({img['filename']}): sentences {bad[:5]} lack 'sentid'"])
         fn = img["filename"]
         iid = image_id_format.format(filename=fn, stem=Path(fn).stem, imgid=img.get("imgid"))
         split = restval_as if img["split"] == "restval" else img["split"]
@@ -336,39 +367,68 @@ def convert_karpathy(json_path, out, tokenizer: WordPieceTokenizer, image_id_for
 # ------------------------------------------------------------------ CLI
 
 
+def _inputs(args) -> List[Optional[str]]:
+    """Every file or folder a subcommand reads (its output may be none of them)."""
+    if args.cmd == "uniter-img":
+        return [args.db, args.nbb or str(nbb_json_for(Path(args.db)))]
+    if args.cmd == "uniter-txt":
+        return [*args.dbs, args.tokenizer, args.regions]
+    if args.cmd == "bua-tsv":
+        return list(args.tsv)
+    if args.cmd == "npz-dir":
+        return [args.folder]
+    if args.cmd == "karpathy":
+        return [args.json, args.tokenizer, args.regions]
+    return []
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Every expected failure ends in one line ``error: <file>: <item>: <expected>``, exit
+    code 1 (``--debug`` or ``CACR_DEBUG=1``: the traceback); an existing output is refused
+    unless ``--overwrite``, an output that is one of the inputs always; SIGTERM and SIGINT
+    remove the temporary file, and one left by a killed run is removed by the next."""
     ap = argparse.ArgumentParser(prog="python -m cacr.data.convert", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("uniter-img", help="official UNITER image LMDB -> regions file")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    a = sub.add_parser("uniter-img", parents=[common], help="official UNITER image LMDB -> regions file")
     a.add_argument("db", help="LMDB folder, e.g. img_db/flickr30k/feat_th0.2_max100_min10")
     a.add_argument("out")
     a.add_argument("--nbb", help="nbb json (default: nbb_<...>.json beside the DB)")
     a.add_argument("--compressed", choices=["auto", "yes", "no"], default="auto")
-    a = sub.add_parser("uniter-txt", help="official UNITER text LMDBs -> captions file")
+    a = sub.add_parser("uniter-txt", parents=[common], help="official UNITER text LMDBs -> captions file")
     a.add_argument("dbs", nargs="+", help="text DB folders, e.g. itm_flickr30k_train.db")
     a.add_argument("--out", required=True)
     a.add_argument("--tokenizer", required=True, help="vocab.txt of bert-base-cased, or the name")
     a.add_argument("--splits", nargs="+", help="split of each DB (default: from the names)")
     a.add_argument("--regions", help="regions file to check every caption's image against")
-    a = sub.add_parser("bua-tsv", help="bottom-up-attention TSV -> regions file")
+    a = sub.add_parser("bua-tsv", parents=[common], help="bottom-up-attention TSV -> regions file")
     a.add_argument("tsv", nargs="+")
     a.add_argument("--out", required=True)
-    a = sub.add_parser("npz-dir", help="folder of per-image .npz -> regions file")
+    a = sub.add_parser("npz-dir", parents=[common], help="folder of per-image .npz -> regions file")
     a.add_argument("folder")
     a.add_argument("out")
     a.add_argument("--id-format", default="{name}", help="image id from {name} (file name) or {stem}")
-    a = sub.add_parser("karpathy", help="dataset_flickr30k.json + tokenizer -> captions file")
+    a = sub.add_parser("karpathy", parents=[common], help="dataset_flickr30k.json + tokenizer -> captions file")
     a.add_argument("json")
     a.add_argument("out")
     a.add_argument("--tokenizer", required=True)
     a.add_argument("--image-id-format", default="{stem}",
                    help="image id from {filename}, {stem}, {imgid}; UNITER's DB: flickr30k_{stem:0>12}.npz")
     a.add_argument("--regions", help="regions file to check every caption's image against")
-    a = sub.add_parser("winoground", help="check a regions file holds every Winoground example's images")
+    a = sub.add_parser("winoground", parents=[common], help="check a regions file holds every Winoground example's images")
     a.add_argument("examples")
     a.add_argument("regions")
     args = ap.parse_args(argv)
+    from cacr.errors import debug, one_line, raise_on_termination
+    from cacr.outputs import check_output
+
+    raise_on_termination()
     try:
+        if args.cmd != "winoground":
+            what = "out" if args.cmd in ("uniter-img", "npz-dir", "karpathy") else "--out"
+            check_output(args.out, overwrite=args.overwrite, inputs=_inputs(args), what=what)
         if args.cmd == "uniter-img":
             comp = None if args.compressed == "auto" else args.compressed == "yes"
             out = convert_uniter_img(args.db, args.out, args.nbb, comp)
@@ -384,18 +444,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    args.image_id_format, regions=args.regions)
         else:
             problems = winoground_problems(args.examples, args.regions)
-            for p in problems:
+            for p in problems[:MAX_SHOWN]:
                 print(p)
+            if len(problems) > MAX_SHOWN:
+                print(f"... and {len(problems) - MAX_SHOWN} more")
             if problems:
                 print(f"{len(problems)} missing image(s)", file=sys.stderr)
                 return 1
             print(f"{args.examples}: every image is in {args.regions}")
             return 0
-    except (FormatError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted; no output written", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - bad input of any library (lmdb, lz4, msgpack, zip) in one line
+        if args.debug or debug():
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
     return 0
+
+
+MAX_SHOWN = 20
 
 
 if __name__ == "__main__":

@@ -131,11 +131,16 @@ class RegionStore:
         R, D = fds.shape
         feat = np.empty((R + 1, D), dtype=np.float16)
         box = np.empty((R + 1, bds.shape[1]), dtype=np.float32)
-        if R:
-            fds.read_direct(feat, np.s_[0:R], np.s_[0:R])
-            bds.read_direct(box, np.s_[0:R], np.s_[0:R])
+        try:
+            if R:
+                fds.read_direct(feat, np.s_[0:R], np.s_[0:R])
+                bds.read_direct(box, np.s_[0:R], np.s_[0:R])
+            conf = cds[:] if cds is not None else None
+        except OSError as e:  # a Fletcher-32 checksum that does not match: corrupted bytes
+            file.close()
+            raise FormatError(file.path, [f"features, boxes or conf: checksum mismatch or unreadable bytes ({e}); "
+                                          f"the file is corrupted (python -m cacr.data.validate names the rows)"]) from None
         feat[R], box[R] = 0, 0
-        conf = cds[:] if cds is not None else None
         file.close()
         kept = (caps or RegionCaps()).kept_counts(file.offsets, conf if caps else None)
         if (kept != file.counts).any():

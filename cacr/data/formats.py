@@ -29,7 +29,9 @@ every problem with the item it concerns; ``FormatError`` carries that list.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
@@ -42,6 +44,7 @@ BOX_FORMAT = "x1y1x2y2wh"
 BOX_COLUMNS = 6
 STR = h5py.string_dtype("utf-8")
 MAX_LISTED = 20  # problems listed per kind of problem before summarising the rest
+DIGEST_ATTR = "sha256"  # attribute of a string dataset: the digest of its values
 
 
 class FormatError(ValueError):
@@ -66,6 +69,44 @@ def _str_array(values: Iterable[str]) -> np.ndarray:
     return np.array([str(v) for v in values], dtype=object)
 
 
+def strings_digest(values: Iterable) -> str:
+    """SHA-256 of a string column (HDF5 filters cannot checksum variable-length strings)."""
+    h = hashlib.sha256()
+    for v in values:
+        h.update((v.decode() if isinstance(v, bytes) else str(v)).encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _write_strings(f: h5py.File, name: str, values) -> None:
+    arr = _str_array(values)
+    ds = f.create_dataset(name, data=arr, dtype=STR)
+    ds.attrs[DIGEST_ATTR] = strings_digest(arr)
+
+
+def read_strings(f: h5py.File, name: str, path) -> List[str]:
+    """A string column, checked against its stored digest when it has one."""
+    ds = f[name]
+    try:
+        values = [s.decode() if isinstance(s, bytes) else s for s in ds[:]]
+    except (OSError, UnicodeDecodeError) as e:
+        raise FormatError(path, [f"dataset {name!r}: unreadable bytes ({e}); the file is corrupted"]) from None
+    want = ds.attrs.get(DIGEST_ATTR)
+    if want is not None and strings_digest(values) != (want.decode() if isinstance(want, bytes) else want):
+        raise FormatError(path, [f"dataset {name!r}: content differs from its stored SHA-256; the file is corrupted"])
+    return values
+
+
+def read_array(ds, path, rows=None) -> np.ndarray:
+    """``ds[rows]`` (all rows by default), with a Fletcher-32 failure named as corruption."""
+    try:
+        return ds[:] if rows is None else ds[rows]
+    except OSError as e:
+        where = f"rows {rows.start}:{rows.stop} of " if isinstance(rows, slice) else ""
+        raise FormatError(path, [f"{where}dataset {ds.name.lstrip('/')!r}: checksum mismatch or unreadable bytes "
+                                 f"({e}); the file is corrupted"]) from None
+
+
 class RegionsWriter:
     """Append images one at a time, then ``close()`` renames the finished file into place.
 
@@ -85,10 +126,11 @@ class RegionsWriter:
         self._f = h5py.File(self.tmp, "w")
         rows_chunk = max(1, min(1024, (1 << 20) // max(1, 2 * self.D)))
         self._feat = self._f.create_dataset("features", (0, self.D), np.float16, maxshape=(None, self.D),
-                                            chunks=(rows_chunk, self.D))
+                                            chunks=(rows_chunk, self.D), fletcher32=True)
         self._box = self._f.create_dataset("boxes", (0, BOX_COLUMNS), np.float32,
-                                           maxshape=(None, BOX_COLUMNS), chunks=(4096, BOX_COLUMNS))
-        self._conf = (self._f.create_dataset("conf", (0,), np.float32, maxshape=(None,), chunks=(16384,))
+                                           maxshape=(None, BOX_COLUMNS), chunks=(4096, BOX_COLUMNS), fletcher32=True)
+        self._conf = (self._f.create_dataset("conf", (0,), np.float32, maxshape=(None,), chunks=(16384,),
+                                             fletcher32=True)
                       if with_conf else None)
         self._f.attrs.update(format_version=FORMAT_VERSION, kind="regions", feature_dim=self.D,
                              box_format=BOX_FORMAT, feature_source=str(feature_source))
@@ -146,8 +188,8 @@ class RegionsWriter:
             raise ValueError(f"{self.path}: no images were added")
         offsets = np.zeros(len(self._counts) + 1, dtype=np.int64)
         np.cumsum(self._counts, out=offsets[1:])
-        self._f.create_dataset("offsets", data=offsets)
-        self._f.create_dataset("image_ids", data=_str_array(self._ids), dtype=STR)
+        self._f.create_dataset("offsets", data=offsets, fletcher32=True)
+        _write_strings(self._f, "image_ids", self._ids)
         self._f.close()
         os.replace(self.tmp, self.path)
         return self.path
@@ -193,10 +235,10 @@ def write_captions(path, *, caption_ids: Sequence[str], image_ids: Sequence[str]
     try:
         with h5py.File(tmp, "w") as f:
             for k, v in cols.items():
-                f.create_dataset(k, data=v, dtype=STR)
-            f.create_dataset("token_offsets", data=offsets)
-            f.create_dataset("token_ids", data=flat.astype(np.int32))
-            f.create_dataset("vocab", data=_str_array(vocab), dtype=STR)
+                _write_strings(f, k, v)
+            f.create_dataset("token_offsets", data=offsets, fletcher32=True)
+            f.create_dataset("token_ids", data=flat.astype(np.int32), fletcher32=True, chunks=True)
+            _write_strings(f, "vocab", vocab)
             f.attrs.update(format_version=FORMAT_VERSION, kind="captions", tokenizer=str(tokenizer),
                            do_lower_case=bool(do_lower_case), cls_id=int(cls_id), sep_id=int(sep_id),
                            pad_id=int(pad_id), unk_id=int(unk_id))
@@ -287,6 +329,26 @@ def caption_problems(caption_ids, image_ids, texts, offsets, flat, vocab_size: i
     return out
 
 
+_ITEM = re.compile(r"^(image|caption|example) '(?:[^'\\]|\\.)*': ")
+
+
+def group_problems(problems: Sequence[str], shown: int = 3) -> List[str]:
+    """Repeated problems grouped: of the problems that differ only in the item they name
+    (and in numbers), the first ``shown``, then one line with the count of the rest."""
+    groups: dict = {}
+    for p in problems:
+        m = _ITEM.match(p)
+        key = (m.group(1), re.sub(r"\d+", "#", p[m.end():])) if m else (None, p)
+        groups.setdefault(key, []).append(p)
+    out: List[str] = []
+    for (item, kind), ps in groups.items():
+        out += ps[:shown]
+        if len(ps) > shown:
+            out.append(f"... and {len(ps) - shown} more {item or 'problem'}(s) with the same problem: "
+                       f"{kind}")
+    return out
+
+
 def _require(f: h5py.File, path, names: Sequence[str], kind: str) -> List[str]:
     out = []
     if f.attrs.get("kind") != kind:
@@ -317,8 +379,11 @@ def check_regions_file(path, *, deep: bool = True, block_rows: int = 1 << 18) ->
         out = _require(f, path, ("image_ids", "offsets", "features", "boxes"), "regions")
         if out:
             return out
-        ids = [s.decode() if isinstance(s, bytes) else s for s in f["image_ids"][:]]
-        offsets = f["offsets"][:].astype(np.int64)
+        try:
+            ids = read_strings(f, "image_ids", path)
+            offsets = read_array(f["offsets"], path).astype(np.int64)
+        except FormatError as e:
+            return e.problems
         R, D = f["features"].shape
         if int(f.attrs.get("feature_dim", D)) != D:
             out.append(f"features have width {D}, attribute feature_dim says {int(f.attrs['feature_dim'])}")
@@ -350,9 +415,14 @@ def check_regions_file(path, *, deep: bool = True, block_rows: int = 1 << 18) ->
             j = max(j, i + 1)
             j = min(j, len(ids))
             r0, r1 = int(offsets[i]), int(offsets[j])
-            feat = f["features"][r0:r1]
-            box = f["boxes"][r0:r1]
-            conf = f["conf"][r0:r1] if has_conf else None
+            try:
+                feat = read_array(f["features"], path, slice(r0, r1))
+                box = read_array(f["boxes"], path, slice(r0, r1))
+                conf = read_array(f["conf"], path, slice(r0, r1)) if has_conf else None
+            except FormatError as e:
+                out += [f"images {ids[i]!r} to {ids[j - 1]!r}: {p}" for p in e.problems]
+                i = j
+                continue
             for k in range(i, j):
                 a, b = int(offsets[k]) - r0, int(offsets[k + 1]) - r0
                 if a == b:
@@ -360,7 +430,7 @@ def check_regions_file(path, *, deep: bool = True, block_rows: int = 1 << 18) ->
                 out += region_problems(ids[k], feat[a:b], box[a:b], None if conf is None else conf[a:b], D,
                                        start_row=int(offsets[k]))
             i = j
-        return out
+        return group_problems(out)
 
 
 def check_captions_file(path, *, regions_path=None) -> List[str]:
@@ -370,13 +440,17 @@ def check_captions_file(path, *, regions_path=None) -> List[str]:
                                  "vocab"), "captions")
         if out:
             return out
-        cols = {k: [s.decode() if isinstance(s, bytes) else s for s in f[k][:]]
-                for k in ("caption_ids", "image_ids", "text", "split")}
+        try:
+            cols = {k: read_strings(f, k, path) for k in ("caption_ids", "image_ids", "text", "split")}
+            read_strings(f, "vocab", path)
+            tokens = read_array(f["token_ids"], path).astype(np.int64)
+            offsets = read_array(f["token_offsets"], path).astype(np.int64)
+        except FormatError as e:
+            return e.problems
         n = len(cols["caption_ids"])
         for k, v in cols.items():
             if len(v) != n:
                 out.append(f"dataset {k!r} has {len(v)} entries, expected {n}")
-        offsets = f["token_offsets"][:].astype(np.int64)
         if len(offsets) != n + 1:
             out.append(f"token_offsets has {len(offsets)} entries, expected {n + 1}")
         if out:
@@ -390,9 +464,8 @@ def check_captions_file(path, *, regions_path=None) -> List[str]:
     known = None
     if regions_path is not None:
         known = RegionsFile(regions_path).image_ids
-    out += caption_problems(cols["caption_ids"], cols["image_ids"], cols["text"], offsets,
-                            _read(path, "token_ids").astype(np.int64), V, known)
-    return out
+    out += caption_problems(cols["caption_ids"], cols["image_ids"], cols["text"], offsets, tokens, V, known)
+    return group_problems(out)
 
 
 def _read(path, name):
@@ -421,8 +494,8 @@ class RegionsFile:
             problems = _require(f, self.path, ("image_ids", "offsets", "features", "boxes"), "regions")
             if problems:
                 raise FormatError(self.path, problems)
-            self.image_ids: List[str] = [s.decode() if isinstance(s, bytes) else s for s in f["image_ids"][:]]
-            self.offsets = f["offsets"][:].astype(np.int64)
+            self.image_ids: List[str] = read_strings(f, "image_ids", self.path)
+            self.offsets = read_array(f["offsets"], self.path).astype(np.int64)
             self.num_rows, self.feature_dim = f["features"].shape
             self.has_conf = "conf" in f
             self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
@@ -530,10 +603,10 @@ def read_captions(path, *, check: bool = True, regions_path=None) -> CaptionsTab
                                           "token_ids", "vocab"), "captions")
             if problems:
                 raise FormatError(path, problems)
-        dec = lambda k: [s.decode() if isinstance(s, bytes) else s for s in f[k][:]]  # noqa: E731
+        dec = lambda k: read_strings(f, k, path)  # noqa: E731
         return CaptionsTable(
             path=str(path), caption_ids=dec("caption_ids"), image_ids=dec("image_ids"), texts=dec("text"),
-            splits=dec("split"), token_offsets=f["token_offsets"][:].astype(np.int64),
-            token_ids=f["token_ids"][:].astype(np.int32), vocab=dec("vocab"),
+            splits=dec("split"), token_offsets=read_array(f["token_offsets"], path).astype(np.int64),
+            token_ids=read_array(f["token_ids"], path).astype(np.int32), vocab=dec("vocab"),
             attrs={k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()},
         )

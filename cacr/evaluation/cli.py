@@ -50,6 +50,10 @@ def output_dir(cfg: DictConfig) -> Path:
     """``output=PATH``, else Hydra's run directory."""
     if cfg.get("output"):
         return resolve_path(cfg.output)
+    return _hydra_dir()
+
+
+def _hydra_dir() -> Path:
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -133,18 +137,48 @@ def is_rank_zero() -> bool:
     return env is None or env[0] == 0
 
 
+def check_outputs(cfg: DictConfig, names: Sequence[str], inputs: Sequence[Optional[Path]],
+                  extra: Sequence[Tuple[str, Optional[Path]]] = ()) -> Path:
+    """Before any scoring: the output folder is writable, none of its files ``names`` (nor
+    the ``extra`` ``(key, path)`` outputs) exists unless ``+overwrite=true``, and none is an
+    input. Returns the output folder."""
+    from cacr.outputs import check_output, check_writable_dir
+
+    out_dir = output_dir(cfg)
+    check_writable_dir(out_dir, "output")
+    overwrite = bool(cfg.get("overwrite"))
+    hint = "pass +overwrite=true to replace it, or give another output=DIR"
+    for n in names:
+        check_output(out_dir / n, overwrite=overwrite, inputs=inputs, what="output", hint=hint)
+    for key, path in extra:
+        if path is not None:
+            check_output(path, overwrite=overwrite, inputs=inputs, what=key, hint=hint.replace("output=DIR", f"{key}="))
+    return out_dir
+
+
 def guarded(prog: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run ``fn(cfg)``; bad input ends the program with one line ``prog: message``."""
+    """Run ``fn(cfg)``; bad input ends the program with one line ``prog: message``
+    (``CACR_DEBUG=1`` or ``HYDRA_FULL_ERROR=1``: the traceback)."""
+    from cacr.errors import EXPECTED, exit_on_error, raise_on_termination
+
+    raise_on_termination()
     try:
         return fn(cfg)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"{prog}: {e}")
+    except EXPECTED as e:
+        exit_on_error(prog, e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- model
+
+
+def _model_file(cfg: DictConfig) -> Optional[Path]:
+    if cfg.get("ckpt_path"):
+        return resolve_path(cfg.ckpt_path)
+    m = cfg.get("model")
+    return resolve_path(m.checkpoint) if m and m.get("checkpoint") else None
 
 
 def build_model(cfg: DictConfig, device: torch.device) -> Tuple[nn.Module, str]:
@@ -312,10 +346,12 @@ def run_winoground(cfg: DictConfig) -> Dict[str, Any]:
     head = check_head(cfg.head)
     if int(cfg.n_boot) < 1:
         raise ConfigError(f"n_boot must be >= 1, got {cfg.n_boot}")
-    out_dir = output_dir(cfg)
     tag_paths = _tag_files(cfg)
     compare = {str(k): existing_file(v, f"compare.{k}") for k, v in (cfg.get("compare") or {}).items()}
     examples_path, regions_path, files = winoground_inputs(cfg, need_regions=scorer == "model")
+    inputs = [examples_path, regions_path, *tag_paths.values(), *compare.values(),
+              resolve_path(cfg.scores) if cfg.get("scores") else None, _model_file(cfg)]
+    out_dir = check_outputs(cfg, ("results.json", "winoground_scores.jsonl", "results.md"), inputs)
     examples = read_winoground_examples(examples_path)
     extra = {name: read_tag_file(p, examples) for name, p in tag_paths.items()}
     n_boot, seed = int(cfg.n_boot), int(cfg.seed)
@@ -413,7 +449,12 @@ def run_retrieval(cfg: DictConfig) -> Dict[str, Any]:
     from .retrieval_metrics import retrieval_metrics
     from .scorefile import atomic_write_text, load_score_matrix, write_results_json
 
-    out_dir = output_dir(cfg)
+    save = resolve_path(cfg.save_scores) if cfg.get("save_scores") else None
+    inputs = [resolve_path(cfg.scores) if cfg.get("scores") else None, _model_file(cfg)]
+    if not cfg.get("scores"):
+        files = data_files(cfg.data)
+        inputs += [files.regions, files.captions]
+    out_dir = check_outputs(cfg, ("results.json", "results.md"), inputs, [("save_scores", save)])
     if cfg.get("scores"):
         if cfg.get("ckpt_path") or cfg.get("model") or cfg.get("save_scores"):
             raise ConfigError("scores=PATH recomputes the recalls from a saved matrix: drop ckpt_path, model "
@@ -430,7 +471,6 @@ def run_retrieval(cfg: DictConfig) -> Dict[str, Any]:
         split = retrieval_split(cfg.data, str(cfg.split))
         check_inputs(model, split.texts, [f"caption {c!r}" for c in split.caption_ids], split.regions.feature_dim,
                      f"data {cfg.data.name!r} split {split.name!r}")
-        save = resolve_path(cfg.save_scores) if cfg.get("save_scores") else None
         if save is not None and save.suffix not in (".pt", ".npz"):
             raise ConfigError(f"save_scores={cfg.save_scores}: score matrix files end in .pt or .npz")
         metrics = evaluate_retrieval(model, split, head=head, batch_size=int(cfg.batch_size), device=device,
