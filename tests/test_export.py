@@ -110,6 +110,8 @@ def test_refuses_to_overwrite_and_writes_atomically(run_ckpt, tmp_path):
     before = out.read_bytes()
     with pytest.raises(ExportError, match="exists; pass --overwrite"):
         export(path, out, dtype="float16")
+    with pytest.raises(ExportError, match="is the checkpoint being exported"):
+        export(path, path, overwrite=True)
     assert out.read_bytes() == before
     export(path, out, dtype="float16", overwrite=True)
     assert out.read_bytes() != before

@@ -288,6 +288,9 @@ def test_bad_input_one_line(fixture_inputs, tmp_path):
             "progress=false", "device=cpu"]
     one = f"+sets.vgr={FILES['vg_relation']}"
     assert "need regions=PATH" in exit_message(base + [one])
+    (tmp_path / "results.json").write_text("{}")  # an earlier run's output is not replaced silently
+    assert "overwrite" in exit_message(base + [one, f"regions={d / 'regions.h5'}"])
+    (tmp_path / "results.json").unlink()
     assert exit_message(base + [one, f"regions={tmp_path / 'no.h5'}"]) == \
         f"eval_multiple_choice.py: regions file {tmp_path / 'no.h5'} (set 'vgr') not found"
     bad = json.loads(FILES["vg_relation"].read_text())

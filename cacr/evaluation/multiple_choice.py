@@ -459,8 +459,8 @@ def run_multiple_choice(cfg) -> Dict[str, Any]:
     """``eval_multiple_choice.py``: score every set with a model, results on rank 0."""
     from cacr.paths import resolve_path
 
-    from .cli import (ConfigError, build_model, check_head, check_inputs, data_files, is_rank_zero,
-                      load_tokenizer, output_dir, region_caps, setup_distributed)
+    from .cli import (ConfigError, build_model, check_head, check_inputs, check_outputs, data_files, is_rank_zero,
+                      load_tokenizer, region_caps, setup_distributed)
     from .scorefile import atomic_write_text, write_results_json
 
     head = check_head(cfg.head)
@@ -470,7 +470,6 @@ def run_multiple_choice(cfg) -> Dict[str, Any]:
     image_key = str(cfg.image_key)
     if image_key not in IMAGE_KEYS:
         raise ConfigError(f"image_key={image_key!r}: expected one of {list(IMAGE_KEYS)}")
-    out_dir = output_dir(cfg)
     files = data_files(cfg.data)
     regions_cfg = cfg.get("regions")
     specs = dict(cfg.get("sets") or {})
@@ -495,6 +494,10 @@ def run_multiple_choice(cfg) -> Dict[str, Any]:
     for s in sets:
         if not regions[s.name].is_file():
             raise FileNotFoundError(f"regions file {regions[s.name]} (set {s.name!r}) not found")
+    model_file = resolve_path(cfg.ckpt_path) if cfg.get("ckpt_path") else (
+        resolve_path(cfg.model.checkpoint) if cfg.get("model") and cfg.model.get("checkpoint") else None)
+    inputs = [p for s in sets for p in s.files] + list(regions.values()) + [model_file]
+    out_dir = check_outputs(cfg, ("results.json", "multiple_choice_scores.jsonl", "results.md"), inputs)
 
     device = setup_distributed(cfg.device)
     model, name = build_model(cfg, device)

@@ -190,6 +190,9 @@ def export(ckpt: Union[str, Path], out: Union[str, Path], *, dtype: str = "float
         raise ExportError(f"--format {fmt}: expected one of {list(FORMATS)}")
     out = Path(out)
     config_out = Path(config_out) if config_out else config_path_for(out)
+    for p in (out, config_out):
+        if Path(ckpt).resolve() == p.resolve():
+            raise ExportError(f"{p} is the checkpoint being exported; give another output path")
     if not overwrite:
         for p in (out, config_out):
             if p.exists():
