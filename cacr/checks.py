@@ -79,7 +79,7 @@ def settings_problems(cfg: DictConfig, cuda_available: Optional[bool] = None) ->
                         f"candidates as negatives kept")
     need_int("data.batch_size", 1, "positive pairs per device per step")
     need_int("data.eval_batch_size", 1, "pairs per evaluation batch")
-    if _get(cfg, "module.eval_batch_size") is not None:
+    if _get(cfg, "module.eval_batch_size") is not None and not OmegaConf.is_interpolation(cfg.module, "eval_batch_size"):
         need_int("module.eval_batch_size", 1, "pairs per evaluation forward")
     need_int("module.mining_batch_size", 1, "pairs per mining forward")
     need_int("data.num_workers", 0, "DataLoader worker processes")
