@@ -1,0 +1,280 @@
+"""The binding study (README.md beside this file): pre-train, calibrate, fine-tune the arms,
+diagnose, report. One command, resumable (a job whose ``results.json`` exists is not re-run):
+
+    python experiments/binding_study/study.py --out experiments/binding_study/runs          # everything
+    python experiments/binding_study/study.py --out ... --jobs 2 --stage finetune            # one stage
+    python experiments/binding_study/study.py --out ... -- trainer=gpu                      # on a GPU
+
+Stages:
+
+1. ``pretrain``: ``train.py experiment=binding_pretrain seed=s`` for every seed (the
+   pre-training stage: MLM + matching against a partial dose of hard negatives);
+2. ``calibrate``: at each pre-trained checkpoint, the mean ranking loss and the mean raw
+   regularizer loss of every regularizer on fine-tuning batches; ``lambda = f * L_rank /
+   L_reg`` for the fractions ``f`` of :data:`FRACTIONS`, averaged over the checkpoints,
+   written to ``calibration.json`` (and used by the arms);
+3. ``finetune``: every arm of :func:`arms` from the checkpoint of the same seed
+   (``experiment=binding_finetune``): paired seeds, same data order and negatives;
+4. ``diagnose``: per fine-tuned model, the raw loss of every regularizer and the
+   normalised entropy of the regularized blocks on fixed validation positives;
+5. ``report``: ``report.py`` (table, paired differences with CIs, the pre-registered
+   verdict, plots).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+REGULARIZERS = ("cacr", "iais_singular", "iais_distributed")
+FRACTIONS = {"10": 0.1, "30": 0.3}  # lambda * L_reg = f * L_rank at the start checkpoint
+SEEDS = (0, 1, 2, 3, 4)
+
+
+def arms(calibration: Dict) -> Dict[str, List[str]]:
+    """Arm name -> ``train.py`` overrides. ``none``; each regularizer at the 10% and 30% weights
+    with a constant schedule, and at the 30% weight with the official exponential schedule;
+    and CACR ablations at 30%, constant: the layer before the last, all layers, single softmax."""
+    lam = calibration["lambda"]
+    out = {"none": ["loss=none"]}
+    for r in REGULARIZERS:
+        for f in FRACTIONS:
+            out[f"{r}_{f}"] = [f"loss={r}", f"loss.weight={lam[r][f]:.6g}", "loss.schedule=constant"]
+        out[f"{r}_30_exp"] = [f"loss={r}", f"loss.weight={lam[r]['30']:.6g}", "loss.schedule=exponential"]
+    base = out["cacr_30"]
+    out["cacr_30_penultimate"] = base + ["loss.layers=penultimate"]
+    out["cacr_30_all_layers"] = base + ["loss.layers=all"]
+    out["cacr_30_single_softmax"] = base + ["loss.double_softmax=false"]
+    return out
+
+
+# ------------------------------------------------------------------ jobs
+
+
+def _train(run_dir: Path, overrides: Sequence[str], threads: int, log: Path) -> None:
+    if (run_dir / "results.json").is_file():
+        return
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, str(REPO / "train.py"), *overrides, f"run_dir={run_dir}",
+           "trainer.enable_progress_bar=false"]
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        cmd.append(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")  # an interrupted job continues
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log, "a") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise RuntimeError(f"job {run_dir} failed (exit {rc}); see {log}")
+    print(f"  done {run_dir.relative_to(run_dir.parents[2])} in {time.time() - t0:.0f} s", flush=True)
+
+
+def _parallel(jobs, n: int) -> None:
+    with ThreadPoolExecutor(max_workers=n) as ex:
+        for f in [ex.submit(*j) for j in jobs]:
+            f.result()
+
+
+def checkpoint_of(out: Path, seed: int) -> Path:
+    return out / "pretrain" / f"seed{seed}" / "checkpoints" / "last.ckpt"
+
+
+def stage_pretrain(out: Path, seeds, jobs: int, threads: int, extra: Sequence[str]) -> None:
+    print(f"pretrain: {len(seeds)} job(s)", flush=True)
+    _parallel([(_train, out / "pretrain" / f"seed{s}", ["experiment=binding_pretrain", f"seed={s}", *extra],
+                threads, out / "logs" / f"pretrain_seed{s}.log") for s in seeds], jobs)
+
+
+def stage_finetune(out: Path, seeds, jobs: int, threads: int, extra: Sequence[str], only=None) -> None:
+    calibration = json.loads((out / "calibration.json").read_text())
+    todo = []
+    for name, ov in arms(calibration).items():
+        if only and name not in only:
+            continue
+        for s in seeds:
+            todo.append((_train, out / "finetune" / name / f"seed{s}",
+                         ["experiment=binding_finetune", f"seed={s}", f"model.checkpoint={checkpoint_of(out, s)}",
+                          *ov, *extra], threads, out / "logs" / f"{name}_seed{s}.log"))
+    print(f"finetune: {len(todo)} job(s)", flush=True)
+    _parallel(todo, jobs)
+
+
+# ------------------------------------------------------------------ calibration and diagnostics
+
+
+def compose_finetune(overrides: Sequence[str]):
+    """The fine-tuning config (``experiment=binding_finetune`` plus ``overrides``), composed."""
+    from hydra import compose, initialize_config_dir
+
+    from cacr.train import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=["experiment=binding_finetune", *overrides])
+
+
+def _setup(cfg):
+    """The data module of a composed config (set up), and a module with ``loss=none`` around its model."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from cacr.module import RetrievalModule
+    from cacr.regularizers import Regularizer
+    from cacr.train_data import TrainingDataModule
+
+    dm = TrainingDataModule.from_config(cfg.data, num_candidates=cfg.train.num_candidates)
+    dm.setup()
+    model = instantiate(cfg.model)
+    module = RetrievalModule(model, Regularizer("none", weight=0.0),
+                             **OmegaConf.to_container(cfg.module, resolve=True), seed=cfg.seed)
+    module.stores["train"] = dm.pair_store("train")
+    module.eval()
+    return dm, module
+
+
+def calibrate(checkpoint: Path, seed: int, n_batches: int, extra: Sequence[str]) -> Dict[str, float]:
+    """Mean ranking loss and raw regularizer losses over the first ``n_batches`` fine-tuning batches."""
+    import torch
+
+    from cacr.regularizers import Regularizer
+    from cacr.train_data import TrainBatches
+
+    cfg = compose_finetune([f"model.checkpoint={checkpoint}", f"seed={seed}", *extra])
+    dm, module = _setup(cfg)
+    split = dm.split("train")
+    batches = TrainBatches(dm.train_pools, batch_size=int(cfg.data.batch_size),
+                           num_candidates=int(cfg.train.num_candidates), seed=int(cfg.data.seed),
+                           txt_lens=torch.tensor([t.numel() for t in split.texts]),
+                           num_bbs=torch.as_tensor(dm.regions.num_regions)[split.image_rows],
+                           sampler=dm.negative_sampler())
+    sums = {"rank": 0.0, **{r: 0.0 for r in REGULARIZERS}}
+    with torch.no_grad():
+        for step in range(n_batches):
+            for r in REGULARIZERS:
+                module.regularizer = Regularizer(r, weight=1.0, schedule="constant")
+                losses = module.compute_losses(batches[step], step=0, total_steps=int(cfg.train.max_steps))
+                sums[r] += float(losses["reg_loss"])
+            sums["rank"] += float(losses["rank_loss"])
+    return {k: v / n_batches for k, v in sums.items()}
+
+
+def stage_calibrate(out: Path, seeds, n_batches: int, extra: Sequence[str]) -> Dict:
+    path = out / "calibration.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    per_seed = {str(s): calibrate(checkpoint_of(out, s), s, n_batches, extra) for s in seeds}
+    mean = {k: sum(v[k] for v in per_seed.values()) / len(per_seed) for k in next(iter(per_seed.values()))}
+    lam = {r: {f: frac * mean["rank"] / mean[r] for f, frac in FRACTIONS.items()} for r in REGULARIZERS}
+    result = {"n_batches": n_batches, "per_seed": per_seed, "mean": mean, "lambda": lam,
+              "rule": "lambda = f * mean L_rank / mean L_reg at the pre-trained checkpoints (f = 0.1, 0.3)"}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+    print("calibration:", json.dumps(result["lambda"]), flush=True)
+    return result
+
+
+def normalised_entropy(P, mask) -> float:
+    """Mean over valid rows of H(row) / log(number of valid keys) (1 = uniform); rows with one key skipped."""
+    import torch
+
+    keys = mask.sum(-1).double()  # (B,)
+    p = P.double().clamp_min(1e-30)
+    h = -(P.double() * p.log()).masked_fill(~mask[:, None, :], 0.0).sum(-1)  # (B, r)
+    norm = keys.clamp_min(2).log()[:, None]
+    ok = mask & (keys > 1)[:, None]
+    return float((h / norm)[ok].mean()) if ok.any() else float("nan")
+
+
+def diagnose(job: Path, n_pairs: int = 200) -> Dict:
+    """Raw losses of every regularizer and the normalised entropy of S_LL / S_VV (the blocks CACR
+    and IAIS act on), in the regularized layers, on the first ``n_pairs`` validation positives."""
+    import torch
+
+    from cacr.regularizers import Regularizer
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(job / ".hydra" / "config.yaml")  # the job's own resolved config
+    cfg.model.checkpoint = str(job / "checkpoints" / "last.ckpt")
+    dm, module = _setup(cfg)
+    store = dm.pair_store("val")
+    split = dm.split("val")
+    caps = torch.arange(min(n_pairs, split.num_texts))
+    pos = store.batch(caps, split.txt2img[caps])
+    layers = Regularizer("cacr", layers=cfg.loss.get("layers", "last")).layer_indices(module.model.config.num_hidden_layers)
+    with torch.no_grad():
+        o = module.model(pos, score_rows=torch.arange(len(caps)), score_layers=layers)
+    out = {"layers": layers}
+    for r in REGULARIZERS:
+        reg = Regularizer(r, weight=1.0)
+        vals = [float(reg(*reg.blocks(s, pos.word_index, pos.word_mask, pos.region_index, pos.region_mask)).loss)
+                for s in o.layer_scores]
+        out[f"L_{r}"] = sum(vals) / len(vals)
+    ents = []
+    for s in o.layer_scores:
+        b = Regularizer("cacr").blocks(s, pos.word_index, pos.word_mask, pos.region_index, pos.region_mask)
+        ents.append((normalised_entropy(b.S_LL, b.word_mask), normalised_entropy(b.S_VV, b.region_mask)))
+    out["entropy_LL"] = sum(e[0] for e in ents) / len(ents)
+    out["entropy_VV"] = sum(e[1] for e in ents) / len(ents)
+    out["entropy"] = (out["entropy_LL"] + out["entropy_VV"]) / 2
+    return out
+
+
+def stage_diagnose(out: Path) -> None:
+    jobs = sorted(p.parent for p in (out / "finetune").glob("*/seed*/results.json"))
+    jobs += sorted(p.parent for p in (out / "pretrain").glob("seed*/results.json"))
+    print(f"diagnose: {len(jobs)} model(s)", flush=True)
+    for job in jobs:
+        path = job / "diagnostics.json"
+        if path.is_file():
+            continue
+        d = diagnose(job)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(d, indent=1))
+        os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ main
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=REPO / "experiments" / "binding_study" / "runs")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1) // 1),
+                   help="training jobs at once (default: one per core)")
+    p.add_argument("--threads", type=int, default=None, help="threads per job (default: cores / jobs)")
+    p.add_argument("--stage", choices=("all", "pretrain", "calibrate", "finetune", "diagnose", "report"), default="all")
+    p.add_argument("--arms", nargs="*", default=None, help="only these arms (default: all of arms())")
+    p.add_argument("--calibration-batches", type=int, default=20)
+    p.add_argument("overrides", nargs="*", help="extra train.py overrides for every job (after --)")
+    a = p.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
+    t0 = time.time()
+    if a.stage in ("all", "pretrain"):
+        stage_pretrain(a.out, a.seeds, a.jobs, threads, a.overrides)
+    if a.stage in ("all", "calibrate"):
+        stage_calibrate(a.out, a.seeds, a.calibration_batches, a.overrides)
+    if a.stage in ("all", "finetune"):
+        stage_finetune(a.out, a.seeds, a.jobs, threads, a.overrides, a.arms)
+    if a.stage in ("all", "diagnose"):
+        stage_diagnose(a.out)
+    if a.stage in ("all", "report"):
+        subprocess.check_call([sys.executable, str(Path(__file__).with_name("report.py")), str(a.out)])
+    print(f"study stage {a.stage!r} finished in {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The binding study's statistics and pre-registered verdict, and one tiny end-to-end run of its driver."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from .conftest import REPO
+
+STUDY = REPO / "experiments" / "binding_study"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"binding_study_{name}", STUDY / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+report = _load("report")
+
+
+def _comp(mean, t, boot):
+    return {"mean": mean, "t_ci": list(t), "boot_ci": list(boot), "n_seeds": 5, "per_seed": [mean] * 5}
+
+
+def test_verdict_follows_the_pre_registered_rules():
+    v = report.verdict
+    pos = _comp(4.0, (1.0, 7.0), (2.0, 6.0))
+    assert v(pos, pos, True) == "positive"
+    assert v(pos, _comp(4.0, (-1.0, 9.0), (0.5, 7.0)), True) == "inconclusive"  # t-interval crosses 0 vs IAIS
+    assert v(pos, _comp(2.5, (1.0, 4.0), (1.0, 4.0)), True) == "inconclusive"  # under +3 points vs IAIS
+    assert v(pos, None, True) == "inconclusive"  # no IAIS arm to beat
+    assert v(_comp(0.3, (-1.5, 1.9), (-1.0, 1.2)), pos, True) == "negative"
+    assert v(_comp(0.3, (-2.5, 1.9), (-1.0, 1.2)), pos, True) == "inconclusive"  # one interval leaves +-2
+    assert v(pos, pos, False).startswith("inconclusive")  # an invalid CACR arm decides nothing
+    assert v(_comp(-4.0, (-7.0, -1.0), (-6.0, -2.0)), pos, True) == "inconclusive"  # worse is not "positive"
+
+
+def test_t_interval_and_paired_bootstrap():
+    m, lo, hi = report.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    # mean 3, sd 1.5811, t(0.975, 4) = 2.7764
+    assert m == 3.0 and hi - m == pytest.approx(2.7764 * 1.5811 / np.sqrt(5), rel=1e-3) and lo == pytest.approx(6 - hi)
+    rng = np.random.default_rng(0)
+    n = 400
+    arm = lambda p: {s: {"per_example": {"test": (rng.random(n) < p).astype(float)}} for s in range(5)}  # noqa: E731
+    a, b = arm(0.7), arm(0.5)
+    lo, hi = report.paired_bootstrap(a, b, n_boot=2000)
+    assert lo < 20.0 < hi and lo > 5.0  # true difference 20 points
+    same = report.paired_bootstrap(a, a, n_boot=200)
+    assert same == (0.0, 0.0)
+
+
+def test_dev_half_chooses_the_arm():
+    arms = {"cacr_10": {0: {"dev/binding": 60.0}, 1: {"dev/binding": 62.0}},
+            "cacr_30": {0: {"dev/binding": 65.0}, 1: {"dev/binding": 61.0}},
+            "cacr_30_exp": {0: {"dev/binding": 50.0}, 1: {"dev/binding": 51.0}}}
+    assert report.select(arms, "cacr") == "cacr_30"
+    assert report.select(arms, "iais_singular") is None
+
+
+def test_normalised_entropy_is_one_for_uniform_rows():
+    import torch
+
+    study = _load("study")
+    mask = torch.tensor([[True, True, True, False]])
+    uniform = torch.tensor([[[1 / 3, 1 / 3, 1 / 3, 0.0]] * 4])
+    peaked = torch.tensor([[[1.0, 0.0, 0.0, 0.0]] * 4])
+    assert study.normalised_entropy(uniform, mask) == pytest.approx(1.0)
+    assert study.normalised_entropy(peaked, mask) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_study_runs_end_to_end_on_a_tiny_world(tmp_path):
+    """Pre-train, calibrate, two arms, diagnose and report, with one seed and a few steps."""
+    tiny = ["data.synthetic.n_train=40", "data.synthetic.n_val=8", "data.synthetic.n_test=8",
+            "data.synthetic.n_winoground=8", "data.batch_size=4", "data.eval_batch_size=64",
+            f"data.root={tmp_path / 'world'}", "data.val_max_images=8",
+            "model.config.hidden_size=32", "model.config.num_hidden_layers=2", "model.config.intermediate_size=64",
+            "train.max_steps=4", "train.num_candidates=6", "module.num_negatives=2", "eval.val_every_n_steps=2", "eval.n_boot=20",
+            "module.warmup_steps=1", "logger=csv"]
+    out = tmp_path / "study"
+    cmd = [sys.executable, str(STUDY / "study.py"), "--out", str(out), "--seeds", "0", "--jobs", "1",
+           "--threads", "1", "--arms", "none", "cacr_30", "--calibration-batches", "2", "--", *tiny]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    cal = json.loads((out / "calibration.json").read_text())
+    for reg in ("cacr", "iais_singular", "iais_distributed"):
+        lam = cal["lambda"][reg]
+        assert lam["30"] == pytest.approx(3 * lam["10"])
+        assert lam["10"] * cal["mean"][reg] == pytest.approx(0.1 * cal["mean"]["rank"])
+    for arm in ("none", "cacr_30"):
+        job = out / "finetune" / arm / "seed0"
+        res = json.loads((job / "results.json").read_text())
+        assert set(res["winoground"]["by_tag"]["split"]) == {"dev", "test"}
+        diag = json.loads((job / "diagnostics.json").read_text())
+        assert 0.0 <= diag["entropy"] <= 1.0 and diag["L_cacr"] >= 0
+    cfg = (out / "finetune" / "cacr_30" / "seed0" / ".hydra" / "config.yaml").read_text()
+    assert f"weight: {cal['lambda']['cacr']['30']:.6g}" in cfg.replace("'", "")
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["selected"]["cacr"] == "cacr_30" and "verdict" in rep
+    assert (out / "report.md").is_file() and (out / "differences.png").is_file()
+    # Resumable: a second call finds every job done and only re-reports.
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "done " not in r.stdout
