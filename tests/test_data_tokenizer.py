@@ -93,6 +93,8 @@ def test_encode_per_whitespace_word_matches_slow_twin(tok):
     assert tok.decode(tok.encode("unaffable dogs")) == "unaffable dogs"
     # per word: U+2028 separates words for str.split()
     assert tok.encode("a\u2028dog") == tok.encode("a dog")
+    assert tok.encode("a\x1cdog") == tok.encode("a dog")  # a word separator for str.split(), not for BERT
+    assert tok.encode("do\x7fg") == tok.encode("dog")  # removed inside a word
     assert tok.encode_batch([text, "", "a [CLS] dog"]) == [slow, [], tok.encode("a [CLS] dog")]
 
 
@@ -146,7 +148,12 @@ POOLS = [
 ]
 
 
+ASCII = "".join(map(chr, range(128)))
+
+
 def random_text(rng: random.Random) -> str:
+    if rng.random() < 0.2:  # ASCII only, controls included (encoded whole, not word by word)
+        return "".join(rng.choice(ASCII if rng.random() < 0.2 else POOLS[0] + "  ,.'") for _ in range(rng.randint(1, 60)))
     out = []
     for _ in range(rng.randint(1, 30)):
         r = rng.random()

@@ -26,6 +26,7 @@ optional ``transformers`` package and its cache.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -40,6 +41,8 @@ _SPACE = Regex(r"[\t\n\r\p{Zs}]")
 # CJK Extension E starts at U+2B820; the BertNormalizer's CJK ranges start it at U+2B920,
 # so the ideographs in between are split off here, each on its own
 _CJK_GAP = Regex(r"[\x{2B820}-\x{2B91F}]")
+# ASCII controls that str.split() treats as whitespace while the cleaning removes them
+_SPLIT_CONTROLS = re.compile(r"[\x0b\x0c\x1c-\x1f]")
 
 
 class WordPieceTokenizer:
@@ -181,23 +184,40 @@ class WordPieceTokenizer:
         flush()
         return ids
 
+    def _has_special(self, text: str) -> bool:
+        return "[" in text and any(t in text for t in self.never_split)
+
+    @staticmethod
+    def _whole(text: str) -> bool:
+        """ASCII text without the control characters that ``str.split()`` splits on but the
+        BERT cleaning removes: encoding it whole gives the ids of encoding it word by word."""
+        return text.isascii() and _SPLIT_CONTROLS.search(text) is None
+
     def encode(self, text: str) -> List[int]:
         """Word-piece ids of ``text`` without [CLS]/[SEP], one whitespace word at a time."""
+        if self._whole(text) and not self._has_special(text):
+            return self.backend.encode(self._prepare(text), add_special_tokens=False).ids
         return self._encode_words(text.split())
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        """``[encode(t) for t in texts]``, the plain texts in one parallel call."""
-        split = [t.split() for t in texts]
-        plain = [i for i, t in enumerate(texts) if not ("[" in t and any(s in t for s in self.never_split))]
+        """``[encode(t) for t in texts]``, the plain texts in parallel calls."""
         out: List[Optional[List[int]]] = [None] * len(texts)
-        if plain:
-            encs = self.backend.encode_batch([[self._prepare(w) for w in split[i]] for i in plain],
+        whole, words = [], []
+        for i, t in enumerate(texts):
+            if not self._has_special(t):
+                (whole if self._whole(t) else words).append(i)
+        if whole:
+            for i, e in zip(whole, self.backend.encode_batch([self._prepare(texts[i]) for i in whole],
+                                                             add_special_tokens=False)):
+                out[i] = e.ids
+        if words:
+            encs = self.backend.encode_batch([[self._prepare(w) for w in texts[i].split()] for i in words],
                                              is_pretokenized=True, add_special_tokens=False)
-            for i, e in zip(plain, encs):
+            for i, e in zip(words, encs):
                 out[i] = e.ids
         for i, ids in enumerate(out):
             if ids is None:
-                out[i] = self._encode_words(split[i])
+                out[i] = self._encode_words(texts[i].split())
         return out  # type: ignore[return-value]
 
     def with_specials(self, ids: Sequence[int]) -> List[int]:
