@@ -129,7 +129,7 @@ class WordPieceTokenizer:
         vocab = [t for t, _ in sorted(hf.get_vocab().items(), key=lambda kv: kv[1])]
         lower = getattr(hf, "do_lower_case", None)
         if lower is None:
-            lower = getattr(getattr(hf, "init_kwargs", {}), "get", lambda *_: False)("do_lower_case", False)
+            lower = dict(getattr(hf, "init_kwargs", None) or {}).get("do_lower_case", False)
         return cls(vocab, name=name, do_lower_case=bool(lower))
 
     @classmethod
