@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -104,6 +104,7 @@ class RetrievalModule(pl.LightningModule):
         align_temperature: float = 0.1,
         mlm_weight: float = 0.0,
         mlm_prob: float = 0.15,
+        mlm_focus: Sequence[str] = (),
         val_winoground: bool = False,
     ):
         super().__init__()
@@ -122,6 +123,7 @@ class RetrievalModule(pl.LightningModule):
         self.cls = MlmHead(model.config, model.uniter.embeddings.word_embeddings) if mlm_weight > 0 else None
         self.stores: Dict[str, PairStore] = {}
         self._mask_token_id: Optional[int] = None
+        self._focus_ids: Optional[Tensor] = None
         self._t0: Optional[float] = None
 
     # ------------------------------------------------------------------ data from the datamodule
@@ -246,7 +248,8 @@ class RetrievalModule(pl.LightningModule):
 
     def mask_words(self, pos: UniterBatch):
         """UNITER's MLM corruption of a batch of positives: each word piece is chosen with
-        probability ``mlm_prob`` (at least one per caption; never [CLS], [SEP] or padding) and
+        probability ``mlm_prob``, and always if it is one of ``mlm_focus`` (at least one per
+        caption; never [CLS], [SEP] or padding), and
         replaced by ``[MASK]`` (80%), a random word piece (10%) or kept (10%). Returns the
         corrupted batch and ``chosen`` (B, n) over the batch's word slots."""
         ids = pos.input_ids  # (B, Lt) text tokens with [CLS] first
@@ -254,6 +257,8 @@ class RetrievalModule(pl.LightningModule):
         words, wm = ids[:, 1:1 + n], pos.word_mask  # (B, n) word pieces
         u = torch.rand(wm.shape, device=ids.device)
         chosen = (u < self.hparams.mlm_prob) & wm
+        if self.hparams.mlm_focus:  # these word pieces are always masked
+            chosen |= torch.isin(words, self.focus_token_ids.to(words.device)) & wm
         first = u.masked_fill(~wm, 2.0).argmin(1)  # at least one per caption: the smallest draw
         chosen[torch.arange(len(ids), device=ids.device), first] = True
         how = torch.rand(wm.shape, device=ids.device)
@@ -273,6 +278,17 @@ class RetrievalModule(pl.LightningModule):
         target = pos.input_ids[:, 1:1 + chosen.shape[1]][chosen]
         loss = torch.nn.functional.cross_entropy(logits, target)
         return loss, (logits.argmax(-1) == target).float().mean().detach()
+
+    @property
+    def focus_token_ids(self) -> Tensor:
+        """The ids of ``mlm_focus`` in the data's vocabulary (read on first use)."""
+        if self._focus_ids is None:
+            vocab = self.trainer.datamodule.tokenizer.token_to_id
+            missing = [w for w in self.hparams.mlm_focus if w not in vocab]
+            if missing:
+                raise ValueError(f"module.mlm_focus: {missing} are not word pieces of the data's vocabulary")
+            self._focus_ids = torch.tensor([vocab[w] for w in self.hparams.mlm_focus], dtype=torch.long)
+        return self._focus_ids
 
     @property
     def mask_token_id(self) -> int:

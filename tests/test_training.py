@@ -472,3 +472,19 @@ def test_regularizing_all_layers_averages_the_per_layer_losses(tiny_dm):
         got[layers] = float(m.compute_losses(batch, step=3, total_steps=10)["reg_loss"])
     assert got["last"] != pytest.approx(got["penultimate"])
     assert got["all"] == pytest.approx((got["last"] + got["penultimate"]) / 2, abs=1e-6)
+
+
+def test_mlm_focus_words_are_always_masked(tiny_dm):
+    module = _with_tokenizer(_small_module(mlm_weight=1.0, mlm_prob=0.15, mlm_focus=["left", "right"]))
+    vocab = tiny_dm.tokenizer.token_to_id
+    module._focus_ids = torch.tensor([vocab["left"], vocab["right"]])  # no trainer to read the vocabulary from
+    store = tiny_dm.pair_store("train")
+    caps = torch.arange(store.input_ids.shape[0])
+    pos = store.batch(caps, tiny_dm.split("train").txt2img[caps])
+    torch.manual_seed(1)
+    _, chosen = module.mask_words(pos)
+    words = pos.input_ids[:, 1:1 + chosen.shape[1]]
+    focus = (words == vocab["left"]) | (words == vocab["right"])
+    assert focus.any() and chosen[focus].all()
+    others = pos.word_mask & ~focus
+    assert chosen[others].float().mean() < 0.3  # the rest at about mlm_prob
