@@ -85,8 +85,18 @@ def _parallel(jobs, n: int) -> None:
             f.result()
 
 
-def checkpoint_of(out: Path, seed: int) -> Path:
-    return out / "pretrain" / f"seed{seed}" / "checkpoints" / "last.ckpt"
+def pretrain_seed(seed: int, pretrain_seeds: Sequence[int]) -> int:
+    """The pre-training seed whose checkpoint fine-tuning seed ``seed`` starts from: its own when
+    there is one per seed, else the single shared one."""
+    if seed in pretrain_seeds:
+        return seed
+    if len(pretrain_seeds) == 1:
+        return pretrain_seeds[0]
+    raise ValueError(f"fine-tuning seed {seed} has no pre-training run (pre-training seeds {list(pretrain_seeds)})")
+
+
+def checkpoint_of(out: Path, seed: int, pretrain_seeds: Sequence[int]) -> Path:
+    return out / "pretrain" / f"seed{pretrain_seed(seed, pretrain_seeds)}" / "checkpoints" / "last.ckpt"
 
 
 def stage_pretrain(out: Path, seeds, jobs: int, threads: int, extra: Sequence[str]) -> None:
@@ -95,7 +105,7 @@ def stage_pretrain(out: Path, seeds, jobs: int, threads: int, extra: Sequence[st
                 threads, out / "logs" / f"pretrain_seed{s}.log") for s in seeds], jobs)
 
 
-def stage_finetune(out: Path, seeds, jobs: int, threads: int, extra: Sequence[str], only=None) -> None:
+def stage_finetune(out: Path, seeds, pretrain_seeds, jobs: int, threads: int, extra: Sequence[str], only=None) -> None:
     calibration = json.loads((out / "calibration.json").read_text())
     todo = []
     for name, ov in arms(calibration).items():
@@ -103,7 +113,8 @@ def stage_finetune(out: Path, seeds, jobs: int, threads: int, extra: Sequence[st
             continue
         for s in seeds:
             todo.append((_train, out / "finetune" / name / f"seed{s}",
-                         ["experiment=binding_finetune", f"seed={s}", f"model.checkpoint={checkpoint_of(out, s)}",
+                         ["experiment=binding_finetune", f"seed={s}",
+                          f"model.checkpoint={checkpoint_of(out, s, pretrain_seeds)}",
                           *ov, *extra], threads, out / "logs" / f"{name}_seed{s}.log"))
     print(f"finetune: {len(todo)} job(s)", flush=True)
     _parallel(todo, jobs)
@@ -168,11 +179,11 @@ def calibrate(checkpoint: Path, seed: int, n_batches: int, extra: Sequence[str])
     return {k: v / n_batches for k, v in sums.items()}
 
 
-def stage_calibrate(out: Path, seeds, n_batches: int, extra: Sequence[str]) -> Dict:
+def stage_calibrate(out: Path, pretrain_seeds, n_batches: int, extra: Sequence[str]) -> Dict:
     path = out / "calibration.json"
     if path.is_file():
         return json.loads(path.read_text())
-    per_seed = {str(s): calibrate(checkpoint_of(out, s), s, n_batches, extra) for s in seeds}
+    per_seed = {str(s): calibrate(checkpoint_of(out, s, pretrain_seeds), s, n_batches, extra) for s in pretrain_seeds}
     mean = {k: sum(v[k] for v in per_seed.values()) / len(per_seed) for k in next(iter(per_seed.values()))}
     lam = {r: {f: frac * mean["rank"] / mean[r] for f, frac in FRACTIONS.items()} for r in REGULARIZERS}
     result = {"n_batches": n_batches, "per_seed": per_seed, "mean": mean, "lambda": lam,
@@ -251,7 +262,9 @@ def stage_diagnose(out: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "experiments" / "binding_study" / "runs")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="fine-tuning seeds (paired across arms)")
+    p.add_argument("--pretrain-seeds", type=int, nargs="+", default=None,
+                   help="pre-training runs (default: one per fine-tuning seed; a single one is shared by all)")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1) // 1),
                    help="training jobs at once (default: one per core)")
     p.add_argument("--threads", type=int, default=None, help="threads per job (default: cores / jobs)")
@@ -263,12 +276,13 @@ def main(argv=None) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
     t0 = time.time()
+    pre = a.pretrain_seeds or a.seeds
     if a.stage in ("all", "pretrain"):
-        stage_pretrain(a.out, a.seeds, a.jobs, threads, a.overrides)
+        stage_pretrain(a.out, pre, a.jobs, threads, a.overrides)
     if a.stage in ("all", "calibrate"):
-        stage_calibrate(a.out, a.seeds, a.calibration_batches, a.overrides)
+        stage_calibrate(a.out, pre, a.calibration_batches, a.overrides)
     if a.stage in ("all", "finetune"):
-        stage_finetune(a.out, a.seeds, a.jobs, threads, a.overrides, a.arms)
+        stage_finetune(a.out, a.seeds, pre, a.jobs, threads, a.overrides, a.arms)
     if a.stage in ("all", "diagnose"):
         stage_diagnose(a.out)
     if a.stage in ("all", "report"):
