@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .formats import RegionsWriter, write_captions
+from .synthetic_mc import write_multiple_choice
 from .tokenizer import SPECIAL_TOKENS, WordPieceTokenizer
 
 GENERATOR_VERSION = 2  # 2: Winoground-format set split dev/test; no training scene repeats an evaluation layout
@@ -340,6 +341,7 @@ def generate(cfg: SyntheticConfig, out_dir) -> SyntheticPaths:
             for e in wexamples:
                 if e["split"] in keep:
                     f.write(json.dumps(e) + "\n")
+    write_multiple_choice(paths.winoground_examples, paths.winoground_examples.parent / "multiple_choice.jsonl")
     _write_regions(paths.winoground_regions, wscenes, cfg, source)
     _write_scenes(paths.winoground_scenes, wscenes)
     with open(paths.root / "MANIFEST.json", "w") as f:

@@ -177,13 +177,17 @@ def results_markdown(results_by_model: Mapping[str, Mapping[str, Any]], *, digit
     overall scores, then one table per breakdown; cells read ``score [95% CI]``."""
     if not results_by_model:
         raise ValueError("results_markdown: no results")
-    metrics = ("text", "image", "group")
-    out = ["| model | n | text | image | group |", "|---|---:|---:|---:|---:|"]
+    # binding (the interaction score) where every record has it; score files of other tools do too
+    metrics = ("text", "image", "group") + (("binding",) if all("binding" in r for r in results_by_model.values())
+                                            else ())
+    head = " | ".join(metrics)
+    rule = "|".join(["---:"] * len(metrics))
+    out = [f"| model | n | {head} |", f"|---|---:|{rule}|"]
     for name, r in results_by_model.items():
         out.append(f"| {name} | {r['n']} | " + " | ".join(_cell(r, m, digits) for m in metrics) + " |")
     names = list(dict.fromkeys(b for r in results_by_model.values() for b in r.get("by_tag", {})))
     for b in names:
-        out += ["", f"By `{b}`:", "", f"| model | {b} | n | text | image | group |", "|---|---|---:|---:|---:|---:|"]
+        out += ["", f"By `{b}`:", "", f"| model | {b} | n | {head} |", f"|---|---|---:|{rule}|"]
         for name, r in results_by_model.items():
             for tag, sub in r.get("by_tag", {}).get(b, {}).items():
                 out.append(f"| {name} | {tag} | {sub['n']} | " + " | ".join(_cell(sub, m, digits) for m in metrics) + " |")
