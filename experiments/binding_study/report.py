@@ -62,7 +62,8 @@ def load_job(job: Path, examples_cache: Dict) -> Dict:
         examples_cache[key] = _examples(cfg)
     w = res["winoground"]
     halves = w["by_tag"]["split"]
-    row = {"seed": int(cfg["seed"]), "job": str(job), "rsum": float(res["retrieval"]["rsum"]),
+    rsum = float(res["retrieval"]["rsum"]) if "retrieval" in res else float("nan")
+    row = {"seed": int(cfg["seed"]), "job": str(job), "rsum": rsum,
            "per_example": per_example_binding(job, examples_cache[key])}
     for h in ("dev", "test"):
         for m in ("text", "image", "group", "binding"):
