@@ -215,12 +215,28 @@ def npz_folder(tmp_path):
     return folder
 
 
-def convert(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "cacr.data.convert", *map(str, args)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=120, **kw)
+class Done:
+    def __init__(self, returncode, stderr):
+        self.returncode, self.stderr = returncode, stderr
 
 
-def test_converter_refuses_an_existing_output(tmp_path, npz_folder):
+@pytest.fixture()
+def convert(capsys):
+    """``python -m cacr.data.convert ARGS`` in this process (the signal tests use a real one)."""
+    import cacr.data.convert as c
+
+    def call(*args):
+        old = signal.getsignal(signal.SIGTERM)
+        try:
+            rc = c.main([str(a) for a in args])
+        finally:
+            signal.signal(signal.SIGTERM, old)
+        return Done(rc, capsys.readouterr().err)
+
+    return call
+
+
+def test_converter_refuses_an_existing_output(tmp_path, npz_folder, convert):
     out = tmp_path / "regions.h5"
     out.write_bytes(b"precious")
     proc = convert("npz-dir", npz_folder, out)
@@ -228,14 +244,14 @@ def test_converter_refuses_an_existing_output(tmp_path, npz_folder):
     assert out.read_bytes() == b"precious"
 
 
-def test_converter_overwrites_only_when_told(tmp_path, npz_folder):
+def test_converter_overwrites_only_when_told(tmp_path, npz_folder, convert):
     out = tmp_path / "regions.h5"
     out.write_bytes(b"old")
     assert convert("npz-dir", npz_folder, out, "--overwrite").returncode == 0
     assert len(RegionsFile(out)) == 4
 
 
-def test_converter_never_writes_onto_its_input(tmp_path, world):
+def test_converter_never_writes_onto_its_input(tmp_path, world, convert):
     regions = tmp_path / "regions.h5"
     shutil.copy(world[1].regions, regions)
     kp = tmp_path / "karpathy.json"
@@ -247,7 +263,7 @@ def test_converter_never_writes_onto_its_input(tmp_path, world):
     assert len(proc.stderr.strip().splitlines()) == 1 and sums(regions) == before
 
 
-def test_converter_names_a_corrupt_npz(tmp_path, npz_folder):
+def test_converter_names_a_corrupt_npz(tmp_path, npz_folder, convert):
     (npz_folder / "img2.npz").write_bytes((npz_folder / "img2.npz").read_bytes()[:40])
     proc = convert("npz-dir", npz_folder, tmp_path / "r.h5")
     assert proc.returncode == 1 and no_traceback(proc)
@@ -256,7 +272,7 @@ def test_converter_names_a_corrupt_npz(tmp_path, npz_folder):
     assert not list(tmp_path.glob("r.h5*"))  # neither the output nor a temporary file
 
 
-def test_converter_names_malformed_json(tmp_path, world):
+def test_converter_names_malformed_json(tmp_path, world, convert):
     kp = tmp_path / "karpathy.json"
     kp.write_text('{"images": [\n  {"filename": "a.jpg",}\n]}')
     proc = convert("karpathy", kp, tmp_path / "c.h5", "--tokenizer", world[1].vocab)
@@ -264,7 +280,7 @@ def test_converter_names_malformed_json(tmp_path, world):
     assert "line 2" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_stale_temporary_file_of_a_killed_converter_is_removed(tmp_path, npz_folder):
+def test_stale_temporary_file_of_a_killed_converter_is_removed(tmp_path, npz_folder, convert):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = tmp_path / f"regions.h5.tmp-{dead.pid}"
@@ -576,14 +592,15 @@ def test_a_run_killed_anywhere_resumes_exactly(killed_and_resumed, point):
 
 
 @pytest.mark.slow
-def test_resuming_a_finished_run_says_so_in_one_line(killed_and_resumed, world):
+def test_resuming_a_finished_run_says_so_in_one_line(killed_and_resumed, world, capsys):
     root, _ = killed_and_resumed
     full = root / "full"
     before = sums(full)
-    proc = train_cli(*TINY, f"data.root={world[0]}", *RUN, f"run_dir={full}",
-                     f"ckpt_path={full / 'checkpoints' / 'last.ckpt'}")
-    assert proc.returncode == 0 and no_traceback(proc)
-    assert proc.stdout.strip().splitlines()[-1] == (
+    from cacr.train import main_entry
+
+    assert main_entry(compose_train(world[0], *RUN, f"run_dir={full}",
+                                    f"ckpt_path={full / 'checkpoints' / 'last.ckpt'}")) == {}
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
         f"train.py: the run of {full / 'checkpoints' / 'last.ckpt'} finished at step 8 of train.max_steps=8; its "
         f"results are in {full / 'results.json'} (+rerun_eval=true evaluates it again)")
     assert unchanged(before, full)
