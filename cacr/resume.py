@@ -13,7 +13,7 @@ that run or says why not.
   (``checkpoint["cacr"]``), with the history of resumes and accepted config changes.
 - :func:`inspect_resume` reads ``ckpt_path`` before anything runs: a truncated or foreign
   file is refused naming it; a config that differs from the checkpoint's in anything but
-  bookkeeping is refused with a one-line diff unless ``+resume_override=true``; a
+  bookkeeping is refused with a one-line diff unless ``resume_override=true``; a
   finished run is reported as such.
 """
 from __future__ import annotations
@@ -252,7 +252,7 @@ def inspect_resume(cfg: DictConfig, resolved: Mapping[str, Any]) -> Optional[Res
     if info.diff:
         if not cfg.get("resume_override"):
             raise CacrError(f"ckpt_path={path}: the config differs from the checkpoint's: " + "; ".join(info.diff)
-                            + " (resume with the checkpoint's settings, or pass +resume_override=true to accept "
+                            + " (resume with the checkpoint's settings, or pass resume_override=true to accept "
                               "and record the change)")
         info.overridden = True
         log.warning("resuming %s with a changed config (recorded): %s", path, "; ".join(info.diff))

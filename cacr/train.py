@@ -258,7 +258,7 @@ def run(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Dict[st
     """One training job: settings checked, the run directory claimed, the checkpoint to
     resume from (if any) read and compared, then :func:`_fit_and_evaluate` (data checked
     before step 0). Raises :class:`RunFinished` for a resume of a finished run whose results
-    exist (``+rerun_eval=true`` evaluates again)."""
+    exist (``rerun_eval=true`` evaluates again)."""
     from cacr import rundir
     from cacr.checks import check_settings
     from cacr.launch import job_processes
@@ -285,7 +285,7 @@ def run(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Dict[st
                 if d is not None and (Path(d) / "results.json").is_file():
                     raise RunFinished(f"train.py: the run of {resume.path} finished at step {resume.step} of "
                                       f"train.max_steps={cfg.train.max_steps}; its results are in "
-                                      f"{Path(d) / 'results.json'} (+rerun_eval=true evaluates it again)")
+                                      f"{Path(d) / 'results.json'} (rerun_eval=true evaluates it again)")
         run_dir.mkdir(parents=True, exist_ok=True)
         with job_processes(cfg, run_dir):
             return _fit_and_evaluate(cfg, run_dir, extra_callbacks, resume, resolved)
@@ -318,33 +318,6 @@ def _best_weights(best_path: str, ckpt_dir: Path) -> str:
                       f"beside it; expected the file the run recorded")
 
 
-def _resumable(datamodule_cls):
-    """``datamodule_cls`` whose training loader claims ``train.max_steps`` batches however
-    many it has left to yield. A resumed fit restores Lightning's batch counter to the step
-    it resumes at; a loader of only the remaining ``max_steps - s`` batches made Lightning
-    end the epoch early and start it again from the loader's first batch, training steps
-    ``s, s+1, ...`` a second time with later steps' numbers."""
-    from torch.utils.data import DataLoader
-
-    from cacr.train_data import StepRange
-
-    class FullLength(StepRange):
-        def __len__(self) -> int:
-            return self.total
-
-    class Resumable(datamodule_cls):
-        def train_dataloader(self):
-            loader = super().train_dataloader()
-            if not isinstance(loader.sampler, StepRange):
-                return loader
-            return DataLoader(loader.dataset, batch_size=None,
-                              sampler=FullLength(loader.sampler.start, loader.sampler.total),
-                              num_workers=loader.num_workers, persistent_workers=loader.persistent_workers)
-
-    Resumable.__name__ = Resumable.__qualname__ = datamodule_cls.__name__
-    return Resumable
-
-
 def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[List[Any]], resume=None,
                       resolved: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     from hydra.utils import instantiate
@@ -363,7 +336,7 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
     model = instantiate(cfg.model)
     collator = UniterCollator(img_dim=model.config.img_dim,
                               max_txt_positions=model.config.max_position_embeddings)
-    dm = _resumable(TrainingDataModule).from_config(cfg.data, collator=collator, num_candidates=cfg.train.num_candidates)
+    dm = TrainingDataModule.from_config(cfg.data, collator=collator, num_candidates=cfg.train.num_candidates)
     dm.setup()  # every split and the Winoground-format set, opened and checked before step 0
     check_data(dm, cfg)
     regularizer = instantiate(cfg.loss)
@@ -412,7 +385,7 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
                                                n_boot=cfg.eval.n_boot, output_dir=run_dir))
         results["config"] = recorded_config(resolved)
         if any(h["config_changes"] for h in history):
-            results["resumes"] = history  # accepted config changes (+resume_override=true) stay on record
+            results["resumes"] = history  # accepted config changes (resume_override=true) stay on record
         if trainer.is_global_zero:
             from cacr.evaluation.scorefile import write_results_json
 

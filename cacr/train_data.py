@@ -26,7 +26,10 @@ from cacr.data.negatives import NegativeSampler
 
 
 class StepRange(Sampler):
-    """Yields the steps ``start, ..., total - 1``."""
+    """Yields the steps ``start, ..., total - 1`` but claims ``total`` of them: a resumed fit
+    restores Lightning's batch counter to ``start``, and a loader that claimed only the
+    remaining ``total - start`` batches made Lightning end the epoch early and start it again
+    from the first batch (training steps ``start, start+1, ...`` twice, under later numbers)."""
 
     def __init__(self, start: int, total: int):
         self.start, self.total = int(start), int(total)
@@ -35,7 +38,7 @@ class StepRange(Sampler):
         return iter(range(self.start, self.total))
 
     def __len__(self) -> int:
-        return max(0, self.total - self.start)
+        return self.total
 
 
 def _mix(*xs: int) -> int:

@@ -206,7 +206,7 @@ def test_resume_of_a_2_process_checkpoint_in_1_process(tmp, single, sweep):
     start = run_dir / "checkpoints" / "last.ckpt"
     # the 2-process, batch-2 layout becomes 1 process of batch 4 (the same 4 positives per step: no
     # config difference); the longer run and the evaluation switches are, so the resume says so
-    results = _one_process(tmp, "resumed", f"ckpt_path={start}", "+resume_override=true")
+    results = _one_process(tmp, "resumed", f"ckpt_path={start}", "resume_override=true")
     assert results["resumes"][0]["config_changes"] == ["eval.test: True -> False", "eval.winoground: True -> False",
                                                        "train.max_steps: 2 -> 4", "trainer.max_steps: 2 -> 4"]
     resumed = _state(tmp / "resumed" / "checkpoints" / "last.ckpt")

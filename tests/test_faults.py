@@ -602,7 +602,7 @@ def test_resuming_a_finished_run_says_so_in_one_line(killed_and_resumed, world, 
                                     f"ckpt_path={full / 'checkpoints' / 'last.ckpt'}")) == {}
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         f"train.py: the run of {full / 'checkpoints' / 'last.ckpt'} finished at step 8 of train.max_steps=8; its "
-        f"results are in {full / 'results.json'} (+rerun_eval=true evaluates it again)")
+        f"results are in {full / 'results.json'} (rerun_eval=true evaluates it again)")
     assert unchanged(before, full)
 
 
@@ -618,9 +618,9 @@ def test_a_changed_config_is_refused_then_recorded_when_overridden(killed_and_re
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"ckpt_path={src}: the config differs from the checkpoint's: ")
     assert "module.lr: 0.0003 -> 0.001" in msg and "loss.name: 'cacr' -> 'none'" in msg
-    assert "train.max_steps: 8 -> 10" in msg and "+resume_override=true" in msg
+    assert "train.max_steps: 8 -> 10" in msg and "resume_override=true" in msg
     cfg = compose_train(world[0], *RUN, "train.max_steps=10", "module.lr=1e-3", f"ckpt_path={src}",
-                        f"run_dir={tmp_path / 'r'}", "+resume_override=true")
+                        f"run_dir={tmp_path / 'r'}", "resume_override=true")
     res = run(cfg)
     assert res["resumes"][-1]["resumed_at_step"] == 8 and res["resumes"][-1]["config_changes"] == [
         "module.lr: 0.0003 -> 0.001", "train.max_steps: 8 -> 10", "trainer.max_steps: 8 -> 10"]
@@ -634,7 +634,7 @@ def test_a_changed_config_is_refused_then_recorded_when_overridden(killed_and_re
 def test_rerun_eval_evaluates_a_finished_run_again(killed_and_resumed, world, tmp_path):
     root, _ = killed_and_resumed
     src = root / "full" / "checkpoints" / "last.ckpt"
-    cfg = compose_train(world[0], *RUN, f"ckpt_path={src}", f"run_dir={tmp_path / 'again'}", "+rerun_eval=true")
+    cfg = compose_train(world[0], *RUN, f"ckpt_path={src}", f"run_dir={tmp_path / 'again'}", "rerun_eval=true")
     res = run(cfg)
     full = json.loads((root / "full" / "results.json").read_text())
     assert res["retrieval"] == full["retrieval"] and res["winoground"] == full["winoground"]

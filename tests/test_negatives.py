@@ -184,3 +184,22 @@ def test_training_batches_draw_through_the_sampler(world):
             assert not any(_truth(texts[c], scenes[int(j)]) for j in ni)
         for i, nc in zip(b["img_idx"].tolist(), b["neg_cap"]):
             assert not any(_truth(texts[int(t)], scenes[i]) for t in nc)
+
+
+def test_a_killed_generation_leaves_nothing_behind(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cfg = SyntheticConfig(**{**WORLD, "n_train": 12, "n_winoground": 4})
+    final = f"seed{cfg.seed}-{cfg.key()}"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".tmp-{final}-{dead.pid}"
+    (stale / "winoground").mkdir(parents=True)
+    (stale / "regions.h5").write_bytes(b"half written")
+    mine = tmp_path / f".tmp-{final}-{os.getpid()}-other"  # not a pid suffix: left alone
+    mine.mkdir()
+    ensure_synthetic(cfg, tmp_path)
+    assert not stale.exists() and mine.exists()
+    assert (tmp_path / final / "MANIFEST.json").is_file()

@@ -359,6 +359,10 @@ def ensure_synthetic(cfg: SyntheticConfig = SyntheticConfig(), root="data/synthe
     paths = SyntheticPaths.under(final)
     if (final / "MANIFEST.json").is_file():
         return paths
+    for stale in Path(root).glob(f".tmp-{final.name}-*"):  # left by a killed generation
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(root) / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -371,6 +375,16 @@ def ensure_synthetic(cfg: SyntheticConfig = SyntheticConfig(), root="data/synthe
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return paths
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_scenes(path) -> Dict[str, List[dict]]:
