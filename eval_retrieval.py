@@ -1,4 +1,4 @@
-"""Image-text retrieval recalls (FACTS 6) of a checkpoint on a split of the data config, or
+"""Image-text retrieval recalls (docs/reference.md §6) of a checkpoint on a split of the data config, or
 recomputed from a saved score matrix without the model.
 
     python eval_retrieval.py ckpt_path=outputs/<date>/<time>/checkpoints/best-stepN.ckpt

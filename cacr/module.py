@@ -1,5 +1,5 @@
-"""The LightningModule: UNITER image-text retrieval fine-tuning with hard negatives (FACTS 2)
-plus one relation-alignment regularizer (CACR, IAIS or none; FACTS 3.4).
+"""The LightningModule: UNITER image-text retrieval fine-tuning with hard negatives (docs/reference.md §2)
+plus one relation-alignment regularizer (CACR, IAIS or none; docs/reference.md §3.4).
 
 A training batch holds ``B`` positive pairs and, for each, ``K`` candidate negative images
 (for its caption) and ``K`` candidate negative captions (for its image), none a true match.

@@ -2,7 +2,7 @@
 
 CACR is the loss of Pandey et al., "Cross-modal Attention Congruence Regularization for
 Vision-Language Relation Alignment" (paper Eqs. 3-6); IAIS (singular, distributed) is
-Ren et al. (2021), the paper's baseline. Semantics are those of the public code (FACTS 3),
+Ren et al. (2021), the paper's baseline. Semantics are those of the public code (docs/reference.md §3),
 written as batched, masked functions on tensors (no project imports):
 
 - :func:`relation_blocks` cuts ``S_LL`` (words->words), ``S_VV`` (regions->regions),
@@ -19,7 +19,7 @@ written as batched, masked functions on tensors (no project imports):
 - :func:`soft_alignment_loss`: paper Alg. 1 as explicit loops over examples and matrix
   entries (``a*_{i->j} = sum_{p,k} S_VL[i,p] S_VL[j,k] S_LL[p,k]``): the slow oracle.
 - :func:`schedule_weight` and :class:`Regularizer`: ``loss = rank + lambda w(t) L_reg``
-  with ``w(t) = exp(5 (t/T - 1))`` by default (FACTS 3.4), driven by the global step.
+  with ``w(t) = exp(5 (t/T - 1))`` by default (docs/reference.md §3.4), driven by the global step.
 
 Every loss returns the mean over examples of ``L_L + L_V`` and is exact under padding:
 values in padded rows and columns (word or region beyond an example's length) never

@@ -1,4 +1,4 @@
-"""Winoground's ``examples.jsonl`` (FACTS 5), read by both the data layer (which pairs the
+"""Winoground's ``examples.jsonl`` (docs/reference.md §5), read by both the data layer (which pairs the
 examples with their regions) and the evaluators (which score them and write score files).
 
 One JSON object per line with ``id``, ``image_0``, ``image_1``, ``caption_0``,
@@ -59,7 +59,7 @@ def jsonl_objects(path: Path, what: str):
 
 
 def read_winoground_examples(path: PathLike) -> List[WinogroundExample]:
-    """Read and validate the official ``examples.jsonl`` (fields of FACTS 5)."""
+    """Read and validate the official ``examples.jsonl`` (fields: docs/reference.md §5)."""
     path = Path(path)
     examples: List[WinogroundExample] = []
     seen: Dict[str, int] = {}

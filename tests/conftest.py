@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def parity():
-    """The public code's outputs on a small random UNITER (FACTS 3.5)."""
+    """The public code's outputs on a small random UNITER (docs/reference.md §3.5)."""
     return torch.load(FIXTURES / "uniter_parity.pt", weights_only=True)
 
 

@@ -69,7 +69,7 @@ def slow_score(model, pairs, head):
 
 
 def strict_counts(s):
-    """Text/image/group percentages by the definitions of FACTS 5, one example at a time."""
+    """Text/image/group percentages by the definitions of docs/reference.md §5, one example at a time."""
     text = image = group = 0
     for (c0i0, c0i1), (c1i0, c1i1) in s.tolist():
         t = c0i0 > c1i0 and c1i1 > c0i1

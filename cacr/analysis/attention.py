@@ -6,7 +6,7 @@ words -> regions), ``S_VL`` (m x n) and ``S_VV`` (m x m) (paper Eq. 2) from the 
 ``score_rows`` output (pre-softmax ``QK^T/sqrt(d)``, no mask) with
 ``cacr.regularizers.relation_blocks``. Two normalisations:
 
-- ``block`` (default; what the regularizers see, FACTS 3.1): each block is a softmax over
+- ``block`` (default; what the regularizers see, docs/reference.md §3.1): each block is a softmax over
   its own keys, so every row of every block sums to 1;
 - ``joint``: the attention the model applies, a softmax over the whole joint sequence
   (key mask applied, [CLS]/[SEP] included) of which the blocks are slices; a row of

@@ -1,4 +1,4 @@
-"""Converters from the public formats (FACTS 4, 5) to the project's regions / captions files.
+"""Converters from the public formats (docs/reference.md §4, §5) to the project's regions / captions files.
 
 ``python -m cacr.data.convert <subcommand> ...``:
 
@@ -70,7 +70,7 @@ def _decode_img_value(value: bytes, compressed: bool, where: str) -> Dict[str, n
 
 
 def nbb_json_for(db: Path) -> Path:
-    """``.../feat_th0.2_max100_min10`` -> ``.../nbb_th0.2_max100_min10.json`` (FACTS 4)."""
+    """``.../feat_th0.2_max100_min10`` -> ``.../nbb_th0.2_max100_min10.json`` (docs/reference.md §4)."""
     name = db.name.replace("_compressed", "")
     return db.parent / (name.replace("feat_", "nbb_", 1) + ".json")
 

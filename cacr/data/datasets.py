@@ -5,7 +5,7 @@ Items are ``cacr.model.PairExample`` (``input_ids`` with [CLS]/[SEP]); datasets 
 training or evaluation code needs to locate add the caption and image indices
 (``IndexedPair``), batched by ``IndexedCollator`` around ``cacr.model.UniterCollator``.
 
-Negatives (FACTS 2): for a positive caption ``t`` the candidate images are every image of
+Negatives (docs/reference.md §2): for a positive caption ``t`` the candidate images are every image of
 the split except ``t``'s own; for a positive image ``j`` the candidate captions are every
 training caption except ``j``'s captions. ``TrainPools.sample_negative_images`` /
 ``sample_negative_texts`` draw ``k`` of them uniformly without replacement (random

@@ -1,5 +1,5 @@
-"""The evaluators' command lines: ``eval_winoground.py`` (Winoground, FACTS 5) and
-``eval_retrieval.py`` (full-ranking recalls on a split, FACTS 6).
+"""The evaluators' command lines: ``eval_winoground.py`` (Winoground, docs/reference.md §5) and
+``eval_retrieval.py`` (full-ranking recalls on a split, docs/reference.md §6).
 
 Shared here: the model from ``ckpt_path`` (a ``.ckpt`` of this project's ``train.py``; its
 model config is read from ``hyper_parameters["model_config"]``) or from a model group

@@ -1,4 +1,4 @@
-"""Image-text retrieval recalls from a full score matrix (Flickr30k / COCO protocol, FACTS 6).
+"""Image-text retrieval recalls from a full score matrix (Flickr30k / COCO protocol, docs/reference.md §6).
 
 ``scores[c, i]`` is the score of caption ``c`` against image ``i`` (``Nc x Ni``) and
 ``txt2img[c]`` the one image caption ``c`` describes; every image has at least one caption.

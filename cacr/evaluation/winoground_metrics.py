@@ -1,4 +1,4 @@
-"""Winoground text, image and group scores (Thrush et al., 2022; FACTS 5), breakdowns and bootstrap CIs.
+"""Winoground text, image and group scores (Thrush et al., 2022; docs/reference.md §5), breakdowns and bootstrap CIs.
 
 ``scores`` is ``(N, 2, 2)`` with ``scores[n, k, j] = s(c_k, i_j)``, caption ``k`` against
 image ``j`` of example ``n``. With strict inequalities (ties are wrong):

@@ -1,7 +1,7 @@
 """Load UNITER weights: official ``.pt`` state dicts, fine-tuned retrieval checkpoints, and
 this project's Lightning ``.ckpt`` files, into :class:`UniterForImageTextRetrieval`.
 
-Key normalisation (what the official loader accepts, FACTS 1):
+Key normalisation (what the official loader accepts, docs/reference.md §1):
 - LayerNorm ``gamma`` / ``beta`` are renamed ``weight`` / ``bias``;
 - a ``bert.`` prefix, or no prefix at all on backbone keys, becomes ``uniter.``;
 - ``module.`` (saved from DDP) and the Lightning module's ``model.`` prefix are stripped;
