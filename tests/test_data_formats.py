@@ -208,3 +208,15 @@ def test_validator_cli_lists_problems_and_exits_nonzero(tmp_path):
     assert "unknown image 'img_1'" in res.stdout and "gone.h5: 1 problem" in res.stdout
     assert f"{r}: ok" in res.stdout
     assert validate_main([str(r), str(good)]) == 0
+
+
+def test_validator_groups_repeated_unknown_images(tmp_path):
+    r = write_regions(tmp_path / "r.h5", random_images(np.random.default_rng(8), n=1))
+    n = 9
+    many = write_caps(tmp_path / "many.h5", caption_ids=[f"c{k}" for k in range(n)],
+                      image_ids=[f"img_{k % 3 + 1}" for k in range(n)], texts=["a dog"] * n,
+                      token_ids=[[5, 6]] * n, splits=["train"] * n)
+    probs = validate([r, many])[str(many)]
+    assert len(probs) == 4  # the first three, then one line with the count of the rest
+    assert probs[0].startswith("caption ") and "unknown image 'img_1'" in probs[0]
+    assert probs[-1].startswith("... and 6 more caption(s) with the same problem: unknown image")

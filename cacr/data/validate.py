@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from cacr.errors import EXPECTED, exit_on_error
+
 from .datasets import read_winoground_examples
-from .formats import FormatError, RegionsFile, check_captions_file, check_regions_file, file_kind
+from .formats import FormatError, RegionsFile, check_captions_file, check_regions_file, file_kind, group_problems
 
 
 def validate(paths: Sequence) -> Dict[str, List[str]]:
@@ -42,15 +44,15 @@ def validate(paths: Sequence) -> Dict[str, List[str]]:
                 from .formats import read_captions
 
                 t = read_captions(p, check=False)
-                probs = [f"caption {c!r}: unknown image {i!r} (in none of {region_files})"
-                         for c, i in zip(t.caption_ids, t.image_ids) if i not in known]
+                probs = group_problems([f"caption {c!r}: unknown image {i!r} (in none of {region_files})"
+                                        for c, i in zip(t.caption_ids, t.image_ids) if i not in known])
             out[p] = probs
         elif k == "winoground":
             try:
                 exs = read_winoground_examples(p)
-                out[p] = [] if known is None else [
+                out[p] = [] if known is None else group_problems([
                     f"example {ex['id']!r}: image {ex[f]!r} ({f}) missing from {region_files}"
-                    for ex in exs for f in ("image_0", "image_1") if ex[f] not in known]
+                    for ex in exs for f in ("image_0", "image_1") if ex[f] not in known])
             except ValueError as e:  # the first problem, with file, line and id
                 out[p] = [str(e)]
         elif k != "regions":
@@ -62,7 +64,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cacr.data.validate", description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="+")
     args = ap.parse_args(argv)
-    results = validate(args.files)
+    try:
+        results = validate(args.files)
+    except EXPECTED as e:  # a file that cannot even be opened as what it claims to be
+        exit_on_error("python -m cacr.data.validate", e)
     bad = 0
     for p, probs in results.items():
         if probs:
