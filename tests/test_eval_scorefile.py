@@ -130,9 +130,11 @@ def test_results_json_and_markdown(tmp_path, examples_file):
     assert back["by_tag"]["collapsed_tag"]["Object"]["n"] == 3
     md = results_markdown({"ours": r, "other": r})
     lines = md.splitlines()
-    assert lines[0] == "| model | n | text | image | group |"
+    assert lines[0] == "| model | n | text | image | group | binding |"
     assert lines[2].startswith("| ours | 8 | 50.00 [")
     assert "By `secondary_tag`:" in md and "| other | Symbolic | 2 | 50.00 [0.0, 100.0] |" in md
+    r_old = {k: v for k, v in r.items() if k != "binding"}  # a record from before the binding score
+    assert results_markdown({"old": r_old, "ours": r}).splitlines()[0] == "| model | n | text | image | group |"
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

@@ -275,13 +275,14 @@ def test_resume_continues_exactly(tmp_path):
     del full, resumed
 
 
+SYNTHETIC_EXPERIMENTS = {"synthetic_study", "binding_pilot", "binding_pretrain", "binding_finetune"}
 PAPER_EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")
-                           if not p.stem.startswith("synthetic"))
+                           if p.stem not in SYNTHETIC_EXPERIMENTS)
 
 
-def test_experiment_configs_are_the_paper_settings_or_the_synthetic_study():
+def test_experiment_configs_are_the_paper_settings_or_the_synthetic_studies():
     names = {p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")}
-    assert names - set(PAPER_EXPERIMENTS) == {"synthetic_study"}
+    assert names - set(PAPER_EXPERIMENTS) == SYNTHETIC_EXPERIMENTS
     assert {f"{m}_{size}" for m in ("uniter", "cacr") for size in ("base", "large")} <= set(PAPER_EXPERIMENTS)
 
 
@@ -297,6 +298,20 @@ def test_every_experiment_config_composes_and_builds(name):
     assert cfg.module.num_negatives == 31 and cfg.train.num_candidates == 399 and cfg.module.lr == 5e-5
     assert cfg.trainer.precision == "bf16-mixed" and cfg.data.name == "flickr30k"
     assert cfg.module.ranking == "hinge" and cfg.module.mining is True and cfg.module.align_weight == 0
+
+
+@pytest.mark.parametrize("name", ["binding_pilot", "binding_pretrain", "binding_finetune"])
+def test_binding_study_configs_compose_and_build(name):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={name}", "loss=cacr", "seed=3"])
+    assert instantiate(cfg.loss).name == "cacr" and cfg.data.source == "synthetic"
+    with torch.device("meta"):
+        assert instantiate(cfg.model).config.hidden_size == 256
+    if name == "binding_finetune":  # the paper's objective only; the seed varies the data
+        assert cfg.data.p_hard == 0 and cfg.module.mlm_weight == 0 and cfg.module.align_weight == 0
+        assert cfg.module.mining and cfg.data.seed == 3 and cfg.eval.val_every_n_steps == cfg.train.max_steps
+    else:  # pre-training: MLM and compositional hard negatives, dev-half curves
+        assert cfg.data.p_hard > 0 and cfg.module.mlm_weight > 0 and cfg.module.val_winoground
 
 
 @pytest.mark.parametrize("loss", ["none", "iais_singular", "iais_distributed", "cacr"])
