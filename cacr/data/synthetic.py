@@ -32,6 +32,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from cacr.outputs import pid_alive
+
 from .formats import RegionsWriter, write_captions
 from .synthetic_mc import write_multiple_choice
 from .tokenizer import SPECIAL_TOKENS, WordPieceTokenizer
@@ -361,7 +363,7 @@ def ensure_synthetic(cfg: SyntheticConfig = SyntheticConfig(), root="data/synthe
         return paths
     for stale in Path(root).glob(f".tmp-{final.name}-*"):  # left by a killed generation
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(root) / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -375,16 +377,6 @@ def ensure_synthetic(cfg: SyntheticConfig = SyntheticConfig(), root="data/synthe
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return paths
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def load_scenes(path) -> Dict[str, List[dict]]:
