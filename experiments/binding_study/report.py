@@ -296,7 +296,7 @@ def plot_differences(comps: Dict, path: Path) -> None:
 
     if not comps:
         return
-    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.5 * len(comps)))
+    fig, ax = plt.subplots(figsize=(8, 1.0 + 0.5 * len(comps)))
     for i, (k, c) in enumerate(comps.items()):
         ax.errorbar(c["mean"], i, xerr=[[c["mean"] - c["boot_ci"][0]], [c["boot_ci"][1] - c["mean"]]], fmt="o",
                     color="C0", capsize=3)
@@ -304,7 +304,7 @@ def plot_differences(comps: Dict, path: Path) -> None:
     for x, style in ((0, "-"), (POSITIVE, ":"), (-NEGATIVE_BAND, "--"), (NEGATIVE_BAND, "--")):
         ax.axvline(x, color="grey", ls=style, lw=0.8)
     ax.set_yticks(range(len(comps)), list(comps))
-    ax.set_xlabel("paired difference in test binding (points; bars: bootstrap 95% CI; dots: seeds)")
+    ax.set_xlabel("paired difference in test binding, points (bars: bootstrap 95% CI; dots: seeds)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
