@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
@@ -96,7 +96,7 @@ class RetrievalModule(pl.LightningModule):
         mining_start: int = 0,
         mining_batch_size: int = 1024,
         eval_batch_size: int = 1024,
-        eval_bf16: bool = False,
+        eval_bf16: Union[bool, str] = False,
         seed: int = 42,
         score_head: str = "rank",
         compile_scoring: bool = False,
@@ -383,9 +383,26 @@ class RetrievalModule(pl.LightningModule):
         self.model.eval()
         try:
             return fn(self.model, *args, head=self.hparams.score_head, batch_size=self.hparams.eval_batch_size,
-                      device=self.device, bf16=self.hparams.eval_bf16 and self.device.type == "cuda", **kwargs)
+                      device=self.device, bf16=self.eval_bf16, **kwargs)
         finally:
             self.model.train(was_training)
+
+    @property
+    def eval_bf16(self) -> bool:
+        """Whether evaluation scores in bf16 (``module.eval_bf16``: true, false or auto; auto = on
+        CUDA and on CPUs with native bf16 matrix units, :mod:`cacr.precision`)."""
+        from cacr.precision import resolve_bf16
+
+        return resolve_bf16(self.hparams.eval_bf16, self.device)[0]
+
+    def on_fit_start(self):
+        from cacr.precision import resolve_bf16
+
+        use, why = resolve_bf16(self.hparams.eval_bf16, self.device)
+        if self.trainer.is_global_zero:
+            import logging
+
+            logging.getLogger(__name__).info("evaluation scoring in %s (%s)", "bf16" if use else "fp32", why)
 
     def validation_step(self, batch, batch_idx):
         # The val loader holds one item per rank; the evaluation itself runs once per
