@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import IO, Callable, Iterable, Optional, Union
 
 from cacr.errors import CacrError
 
@@ -95,3 +95,27 @@ def remove_stale_temps(path: PathLike) -> int:
             tmp.unlink(missing_ok=True)
             n += 1
     return n
+
+
+def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path`` (mode
+    0644 under the usual umask; the temporary file is removed on any failure or interrupt)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        publish_mode(tmp)  # mkstemp's 0600 would hide results from colleagues on a shared machine
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))

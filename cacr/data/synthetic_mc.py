@@ -10,11 +10,10 @@ example's ``collapsed_tag`` and, where the examples have them, ``relation`` and 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List
 
+from cacr.outputs import atomic_write_text
 from cacr.winoground import read_winoground_examples
 
 TAG_FIELDS = ("collapsed_tag",)
@@ -40,16 +39,5 @@ def write_multiple_choice(examples_jsonl, out_path) -> Path:
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(item) + "\n" for item in multiple_choice_items(examples_jsonl))
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; give the file the usual mode
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(out_path, text)
     return out_path

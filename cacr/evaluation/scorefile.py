@@ -18,15 +18,14 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, IO, List, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from cacr.outputs import publish_mode
+from cacr.outputs import atomic_write, atomic_write_text  # noqa: F401 - re-exported for the evaluators
 
 from cacr.winoground import (COLLAPSED_TAGS, EXAMPLE_FIELDS, WinogroundExample, jsonl_objects,  # noqa: F401
                               read_winoground_examples)
@@ -38,30 +37,6 @@ _LABEL = re.compile(r"^(?P<id>.+)_c(?P<k>[01])_i(?P<j>[01])$")
 
 
 # --------------------------------------------------------------------------- atomic writes
-
-def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path`` (mode
-    0644 under the usual umask; the temporary file is removed on any failure or interrupt)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        publish_mode(tmp)  # mkstemp's 0600 would hide results from colleagues on a shared machine
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: PathLike, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
 
 def read_tag_file(path: PathLike, examples: Sequence[WinogroundExample]) -> Dict[str, List[str]]:
     """Read a JSON object ``{id: [tag, ...]}``; every id must be an example's id."""

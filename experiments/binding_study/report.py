@@ -282,8 +282,10 @@ def write(root: Path, out: Path) -> Dict:
         plot_differences(comps, out / "differences.png")
     if pre:
         plot_curves(pre, out / "pretrain_curves.png")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    from cacr.outputs import atomic_write_text
+
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=float))
     print("\n".join(lines))
     return report
 

@@ -35,6 +35,8 @@ from typing import Dict, List, Sequence
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from cacr.outputs import atomic_write_text  # noqa: E402 - after the repository is on sys.path
+
 REGULARIZERS = ("cacr", "iais_singular", "iais_distributed")
 FRACTIONS = {"10": 0.1, "30": 0.3}  # lambda * L_reg = f * L_rank at the start checkpoint
 SEEDS = (0, 1, 2, 3, 4)
@@ -188,17 +190,13 @@ def stage_calibrate(out: Path, pretrain_seeds, n_batches: int, extra: Sequence[s
     lam = {r: {f: frac * mean["rank"] / mean[r] for f, frac in FRACTIONS.items()} for r in REGULARIZERS}
     result = {"n_batches": n_batches, "per_seed": per_seed, "mean": mean, "lambda": lam,
               "rule": "lambda = f * mean L_rank / mean L_reg at the pre-trained checkpoints (f = 0.1, 0.3)"}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(result, indent=1))
     print("calibration:", json.dumps(result["lambda"]), flush=True)
     return result
 
 
 def normalised_entropy(P, mask) -> float:
     """Mean over valid rows of H(row) / log(number of valid keys) (1 = uniform); rows with one key skipped."""
-    import torch
-
     keys = mask.sum(-1).double()  # (B,)
     p = P.double().clamp_min(1e-30)
     h = -(P.double() * p.log()).masked_fill(~mask[:, None, :], 0.0).sum(-1)  # (B, r)
@@ -250,10 +248,7 @@ def stage_diagnose(out: Path) -> None:
         path = job / "diagnostics.json"
         if path.is_file():
             continue
-        d = diagnose(job)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(d, indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(diagnose(job), indent=1))
 
 
 # ------------------------------------------------------------------ main
