@@ -7,7 +7,17 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 out="experiments/binding_study/runs/gate"
 common=(experiment=binding_pilot train.max_steps=20000 eval.val_every_n_steps=1000 eval.test=false "$@")
-run() { local name=$1; shift; [ -f "$out/$name/results.json" ] || python train.py "${common[@]}" "$@" "run_dir=$out/$name"; }
+# GATE_VARIANTS="focus_l4 simple_world" runs only those. A variant stopped part-way (killed, machine
+# returned) resumes from its last checkpoint (saved at every validation) when the script runs again.
+run() {
+  local name=$1; shift
+  if [ -n "${GATE_VARIANTS:-}" ] && [[ " $GATE_VARIANTS " != *" $name "* ]]; then return 0; fi
+  local dir="$out/$name"
+  if [ -f "$dir/results.json" ]; then return 0; fi
+  local resume=()
+  if [ -f "$dir/checkpoints/last.ckpt" ]; then resume=("ckpt_path=$dir/checkpoints/last.ckpt"); fi
+  python train.py "${common[@]}" "$@" "run_dir=$dir" "${resume[@]}"
+}
 run base                                                            # the recipe as it stands
 run layers4      model.config.num_hidden_layers=4 module.align_weight=0
 run focus        "module.mlm_focus=[left,right,above,below]"         # relation words always masked
@@ -15,6 +25,7 @@ run focus_l4     "module.mlm_focus=[left,right,above,below]" model.config.num_hi
 run hard_only    data.p_hard=1.0 module.num_negatives=7
 run simple_world data.synthetic.max_objects=2 data.synthetic.max_distractors=1 "module.mlm_focus=[left,right,above,below]"   # another world: its own held-out set
 for d in "$out"/*/; do
+  [ -f "$d/metrics.csv" ] || continue
   python - "$d" <<'PY'
 import csv, sys
 rows = [r for r in csv.DictReader(open(sys.argv[1] + "metrics.csv")) if r.get("val/wino_binding")]
