@@ -10,7 +10,7 @@ All logic lives in cacr.train.run; see conf/train.yaml for every option.
 import hydra
 from omegaconf import DictConfig
 
-from cacr.train import register_resolvers
+from cacr.config import register_resolvers
 
 register_resolvers()  # before Hydra resolves the run and sweep directory names
 

@@ -5,14 +5,17 @@ multirun (``python train.py -m loss=cacr,none trainer=ddp``) that is the whole s
 under a single Hydra run each process would pick its own ``${now:}`` run directory. Here the
 process that runs the job (local rank 0) instead writes the job's fully resolved config,
 with ``run_dir`` pinned to its own run directory, to ``<run_dir>/ddp_config.yaml`` and
-starts one ``python -m cacr.launch <run_dir>/ddp_config.yaml`` per extra local rank, with
-``MASTER_ADDR``, ``MASTER_PORT`` (a free port per job), ``NODE_RANK``, ``LOCAL_RANK`` and
+starts the job's worker command with that file (``python -m cacr.train
+<run_dir>/ddp_config.yaml``: the same :func:`cacr.train.run` as rank 0) per extra local rank,
+with ``MASTER_ADDR``, ``MASTER_PORT`` (a free port per job), ``NODE_RANK``, ``LOCAL_RANK`` and
 ``WORLD_SIZE`` set. Lightning then sees externally created processes and only joins them
 into a process group. When the job ends, the workers are joined, the environment is
 restored and the process group destroyed, so the next job of a sweep starts afresh.
 
 Nothing is started where a cluster already created the processes (SLURM's ``srun``,
 ``torchrun``, LSF, MPI, or ``LOCAL_RANK`` set): each of those processes runs the job itself.
+This module only manages processes: it knows nothing of the job it runs; which processes a
+config asks for is decided by the rank helpers of :mod:`cacr.distributed`.
 """
 from __future__ import annotations
 
@@ -22,62 +25,20 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
+
+from cacr.config import ConfigError
+from cacr.distributed import is_script_ddp, num_local_processes, processes_created_externally
 
 log = logging.getLogger(__name__)
 
 WORKER_CONFIG = "ddp_config.yaml"
 _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
-# Strategies that run one process per device started by a launcher (not spawn/fork).
-_SCRIPT_DDP = ("ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
-
-
-def num_local_processes(trainer_cfg: Mapping[str, Any]) -> Optional[int]:
-    """Processes per node that ``trainer_cfg`` asks for (one per device), or None for an
-    accelerator other than cpu / gpu / cuda / auto (left to Lightning)."""
-    from pytorch_lightning.accelerators import CPUAccelerator, CUDAAccelerator
-
-    accelerator = str(trainer_cfg.get("accelerator", "auto"))
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and CUDAAccelerator.is_available()):
-        acc = CUDAAccelerator
-    elif accelerator in ("cpu", "auto"):
-        acc = CPUAccelerator
-    else:
-        return None
-    devices = trainer_cfg.get("devices", "auto")
-    if devices == "auto":
-        devices = acc.auto_device_count()
-    if OmegaConf.is_config(devices):
-        devices = OmegaConf.to_container(devices)
-    return len(acc.get_parallel_devices(acc.parse_devices(devices)))
-
-
-def is_script_ddp(trainer_cfg: Mapping[str, Any]) -> bool:
-    """Whether the job runs one process per device that a launcher starts: ``strategy`` ddp,
-    or ``auto`` with several devices or nodes (where Lightning picks ddp)."""
-    strategy = trainer_cfg.get("strategy", "auto")
-    if not isinstance(strategy, str):
-        return False
-    n = num_local_processes(trainer_cfg)
-    if strategy == "auto":
-        return n is not None and n * int(trainer_cfg.get("num_nodes", 1)) > 1
-    return strategy in _SCRIPT_DDP
-
-
-def processes_created_externally() -> bool:
-    """True where a cluster or ``torchrun`` started every rank (Lightning's detection order)."""
-    if "LOCAL_RANK" in os.environ:
-        return True
-    from lightning_fabric.plugins.environments import (LSFEnvironment, MPIEnvironment, SLURMEnvironment,
-                                                      TorchElasticEnvironment)
-
-    return any(env.detect() for env in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment))
 
 
 def _free_port() -> int:
@@ -99,7 +60,7 @@ def _launch_dir() -> str:
 def write_worker_config(cfg: DictConfig, run_dir: Path) -> Path:
     """The job's config with every interpolation resolved (so ``${now:}`` and Hydra's own
     values are those of rank 0) and ``run_dir`` pinned; written atomically."""
-    from cacr.evaluation.scorefile import atomic_write_text
+    from cacr.outputs import atomic_write_text
 
     container = OmegaConf.to_container(cfg, resolve=True)
     container["run_dir"] = str(run_dir.resolve())
@@ -110,11 +71,13 @@ def write_worker_config(cfg: DictConfig, run_dir: Path) -> Path:
 
 class DDPWorkers:
     """Context manager run by local rank 0 around a whole training job: starts ranks
-    ``1 .. num_processes - 1`` of this node on entry, joins them on exit."""
+    ``1 .. num_processes - 1`` of this node on entry (each runs ``worker_command`` followed
+    by the path of the job's resolved config), joins them on exit."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, num_processes: int, num_nodes: int = 1,
-                 join_timeout_s: float = 600.0):
+    def __init__(self, cfg: DictConfig, run_dir: Path, num_processes: int, num_nodes: int = 1, *,
+                 worker_command: Sequence[str], join_timeout_s: float = 600.0):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.worker_command = list(worker_command)
         self.num_processes, self.num_nodes = num_processes, num_nodes
         self.join_timeout_s = join_timeout_s
         self.procs: List[subprocess.Popen] = []
@@ -125,8 +88,6 @@ class DDPWorkers:
 
     def _environment(self) -> Dict[str, str]:
         if self.num_nodes > 1 and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
-            from cacr.train import ConfigError
-
             raise ConfigError(f"trainer.num_nodes={self.num_nodes} outside SLURM/torchrun: set MASTER_ADDR and "
                               f"MASTER_PORT (and NODE_RANK on each node) in the environment, or submit with "
                               f"hydra/launcher=slurm")
@@ -147,7 +108,7 @@ class DDPWorkers:
         for local_rank in range(1, self.num_processes):
             child = dict(os.environ, LOCAL_RANK=str(local_rank))
             child["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "cacr.launch", str(config)], env=child,
+            self.procs.append(subprocess.Popen([*self.worker_command, str(config)], env=child,
                                                cwd=_launch_dir()))
         log.info("DDP: started local ranks 1..%d (pids %s) on node %s, master %s:%s, run dir %s",
                  self.num_processes - 1, [p.pid for p in self.procs], env["NODE_RANK"], env["MASTER_ADDR"],
@@ -224,13 +185,14 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def job_processes(cfg: DictConfig, run_dir: Path):
-    """The context a training job runs in: :class:`DDPWorkers` where this process must start
-    the other local ranks itself, else one that only tears the process group down."""
+def job_processes(cfg: DictConfig, run_dir: Path, worker_command: Sequence[str]):
+    """The context a training job runs in: :class:`DDPWorkers` (starting ``worker_command``
+    for each other local rank) where this process must start them itself, else one that only
+    tears the process group down."""
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if is_script_ddp(tcfg) and not processes_created_externally():
         n = num_local_processes(tcfg)
-        return DDPWorkers(cfg, run_dir, n, int(tcfg.get("num_nodes", 1)))
+        return DDPWorkers(cfg, run_dir, n, int(tcfg.get("num_nodes", 1)), worker_command=worker_command)
     return _teardown_only()
 
 
@@ -240,26 +202,3 @@ def _teardown_only():
         yield None
     finally:
         _destroy_process_group()
-
-
-def worker_main(argv: Optional[List[str]] = None) -> None:
-    """``python -m cacr.launch RUN_DIR/ddp_config.yaml``: one rank > 0 of a job."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        sys.exit("usage: python -m cacr.launch RUN_DIR/ddp_config.yaml (started by cacr.train.run, not by hand)")
-    rank = os.environ.get("LOCAL_RANK")
-    if rank is None:
-        sys.exit("cacr.launch: LOCAL_RANK is not set; workers are started by cacr.train.run for a DDP job")
-    logging.basicConfig(level=logging.WARNING, format=f"[local rank {rank}] %(levelname)s %(name)s: %(message)s")
-    from cacr.train import ConfigError, register_resolvers, run
-
-    register_resolvers()
-    cfg = OmegaConf.load(argv[0])
-    try:
-        run(cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        sys.exit(f"cacr.launch (local rank {rank}): {e}")
-
-
-if __name__ == "__main__":
-    worker_main()

@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+from cacr.distributed import primary_process  # DDP ranks > 0 use the directory their rank 0 claimed
 from cacr.errors import CacrError
 
 LOCK_NAME = ".lock"
-_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK",
-                   "PMI_RANK")
 _held: Dict[str, int] = {}  # claimed directory -> open lock file descriptor
 _resolved: Dict[Tuple, str] = {}  # resolver memo: Hydra resolves its directory keys more than once
 _resumed_in_place: Dict[str, str] = {}  # run dir -> Hydra output subdir of this resume
@@ -34,11 +33,6 @@ _resumed_in_place: Dict[str, str] = {}  # run dir -> Hydra output subdir of this
 
 class RunDirInUse(CacrError):
     """Another process holds the run directory."""
-
-
-def primary_process() -> bool:
-    """False in DDP ranks other than 0 (they use the directory their rank 0 claimed)."""
-    return all(os.environ.get(k, "0").strip() in ("", "0") for k in _RANK_VARIABLES)
 
 
 def _key(path) -> str:

@@ -15,7 +15,8 @@ the learning-rate and regularizer schedules count optimizer steps whatever the w
 from __future__ import annotations
 
 import logging
-import re
+import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -24,82 +25,15 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cacr.config import ConfigError, register_resolvers  # noqa: F401 (register_resolvers: scripts import it here)
+from cacr.distributed import is_script_ddp, primary_process, trainer_global_rank
+from cacr.launch import job_processes
+
 log = logging.getLogger(__name__)
 
-
-def _swept_keys(argv: Optional[List[str]] = None) -> List[str]:
-    """Keys given several values on a multirun command line (``seed=0,1,2``, ``lr=range(...)``)."""
-    import sys
-
-    keys = []
-    for a in (sys.argv[1:] if argv is None else argv):
-        k, sep, v = a.partition("=")
-        if not sep or a.startswith("-") or k.startswith("hydra"):
-            continue
-        if re.search(r"(?<!\\),", v) or re.match(r"\s*(range|choice|interval|glob)\(", v):
-            keys.append(k.lstrip("+~"))
-    return keys
-
-
-def job_dirname(overrides: str, limit: int = 96, argv: Optional[List[str]] = None) -> str:
-    """A sweep job's directory name from its overrides (Hydra's ``override_dirname``): no
-    slashes, the overrides that differ between the sweep's jobs first and whole, then the
-    others while they fit in ``limit`` characters; a name that had to drop something ends
-    with a hash of all the overrides, so two jobs never share a folder."""
-    import hashlib
-
-    if not overrides:
-        return "default"
-    parts = [p.replace("/", "_") for p in re.split(r"(?<!\\),", overrides)]
-    swept = _swept_keys(argv)
-    first = [p for p in parts if p.partition("=")[0].lstrip("+~") in swept]
-    rest = [p for p in parts if p not in first]
-    name = ",".join(first + rest)
-    if len(name) <= limit:
-        return name
-    tag = "-" + hashlib.sha1(overrides.encode()).hexdigest()[:8]
-    kept = list(first)
-    for p in rest:
-        if len(",".join(kept + [p])) + len(tag) <= limit:
-            kept.append(p)
-    name = ",".join(kept)
-    if len(name) + len(tag) > limit and not rest:
-        name = name[: limit - len(tag)]
-    return name + tag
-
-
-def register_resolvers() -> None:
-    from cacr import rundir
-
-    if not OmegaConf.has_resolver("cacr.dirname"):
-        OmegaConf.register_new_resolver("cacr.dirname", job_dirname)
-    if not OmegaConf.has_resolver("cacr.first"):  # the first argument that is not null
-        OmegaConf.register_new_resolver("cacr.first", lambda *xs: next((x for x in xs if x is not None), None))
-    for name, fn in (("cacr.run_dir", rundir.hydra_run_dir), ("cacr.sweep_dir", rundir.hydra_sweep_dir),
-                     ("cacr.hydra_subdir", rundir.hydra_subdir)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, _exit_in_one_line(fn))
-
-
-def _exit_in_one_line(fn):
-    """A resolver whose expected failures end ``train.py`` in one line (OmegaConf would wrap
-    them in a multi-line interpolation error)."""
-    import functools
-
-    from cacr.errors import CacrError, exit_on_error
-
-    @functools.wraps(fn)
-    def wrapped(*args):
-        try:
-            return fn(*args)
-        except CacrError as e:
-            exit_on_error("train.py", e)
-
-    return wrapped
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run, explained in one message."""
+# What each DDP rank > 0 of a job started by this process runs, followed by the job's
+# resolved config (cacr.launch starts it): :func:`worker_main`, hence the same :func:`run`.
+WORKER_COMMAND = (sys.executable, "-m", "cacr.train")
 
 
 def _run_dir(cfg: DictConfig) -> Path:
@@ -142,17 +76,6 @@ def describe_scale(s: Dict[str, Any]) -> str:
             f"{s['batch_per_process']} positives per process -> effective batch {s['effective_batch']} positives "
             f"per optimizer step; LR {s['lr']:g}: linear warmup over {s['warmup_steps']} steps, then linear decay "
             f"to 0 at step {s['max_steps']} (optimizer steps, whatever the number of processes)")
-
-
-def global_rank(trainer: pl.Trainer) -> int:
-    """This process's global rank, known as soon as the trainer exists (before the process
-    group): ``node_rank * processes per node + local_rank``."""
-    from pytorch_lightning.strategies import ParallelStrategy
-
-    s = trainer.strategy
-    if isinstance(s, ParallelStrategy) and s.cluster_environment is not None:
-        return int(s.node_rank) * int(s.num_processes) + int(s.local_rank)
-    return 0
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path, rank: int = 0, resume_step: Optional[int] = None) -> List[Any]:
@@ -233,8 +156,6 @@ def _strategy(tcfg: Dict[str, Any]):
     """``ddp`` (or ``auto`` on several devices) as a DDPStrategy with a static graph: the
     training step never uses some parameters (the ITM head, the image mask embedding), which
     plain DDP would wait for; a static graph finds them once, in the first step."""
-    from cacr.launch import is_script_ddp
-
     if tcfg["strategy"] in ("ddp", "auto") and is_script_ddp(tcfg):
         from pytorch_lightning.strategies import DDPStrategy
 
@@ -261,7 +182,6 @@ def run(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Dict[st
     exist (``rerun_eval=true`` evaluates again)."""
     from cacr import rundir
     from cacr.checks import check_settings
-    from cacr.launch import job_processes
     from cacr.resume import inspect_resume
 
     run_dir = _run_dir(cfg)
@@ -271,7 +191,7 @@ def run(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Dict[st
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resume = inspect_resume(cfg, resolved)
     claimed = False
-    if rundir.primary_process() and not rundir.holds(run_dir):
+    if primary_process() and not rundir.holds(run_dir):
         here = resume is not None and rundir.same_dir(rundir.resume_dir(resume.path), run_dir)
         rundir.claim(run_dir)
         claimed = True
@@ -287,7 +207,7 @@ def run(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Dict[st
                                       f"train.max_steps={cfg.train.max_steps}; its results are in "
                                       f"{Path(d) / 'results.json'} (rerun_eval=true evaluates it again)")
         run_dir.mkdir(parents=True, exist_ok=True)
-        with job_processes(cfg, run_dir):
+        with job_processes(cfg, run_dir, WORKER_COMMAND):
             return _fit_and_evaluate(cfg, run_dir, extra_callbacks, resume, resolved)
     finally:
         if claimed:
@@ -323,10 +243,8 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
     from hydra.utils import instantiate
 
     from cacr.checks import check_data
-    from cacr.model import UniterCollator
     from cacr import rundir
     from cacr.module import RetrievalModule
-    from cacr.rundir import primary_process as rank_zero_process
     from cacr.resume import BestCheckpoint, LastCheckpoint, RecordConfig
     from cacr.train_data import TrainingDataModule
 
@@ -334,9 +252,7 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
     pl.seed_everything(cfg.seed, workers=True)
 
     model = instantiate(cfg.model)
-    collator = UniterCollator(img_dim=model.config.img_dim,
-                              max_txt_positions=model.config.max_position_embeddings)
-    dm = TrainingDataModule.from_config(cfg.data, collator=collator, num_candidates=cfg.train.num_candidates)
+    dm = TrainingDataModule.from_config(cfg.data, num_candidates=cfg.train.num_candidates)
     dm.setup()  # every split and the Winoground-format set, opened and checked before step 0
     check_data(dm, cfg)
     regularizer = instantiate(cfg.loss)
@@ -344,7 +260,7 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
                              seed=cfg.seed)
 
     ckpt_dir = run_dir / "checkpoints"
-    if rank_zero_process():
+    if primary_process():
         from cacr.outputs import remove_stale_temps
 
         for name in {p.name.split(".tmp-")[0] for p in ckpt_dir.glob("*.ckpt.tmp-*")}:
@@ -363,7 +279,7 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.* when logging on epoch level in distributed")
     # The module's batch hook (the host-side mining plan) is meant to run with the data module's loaders.
     warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transfer` in `LightningModule`")
-    rank = global_rank(trainer)
+    rank = trainer_global_rank(trainer)
     in_place = resume is not None and rundir.same_dir(rundir.resume_dir(resume.path), run_dir)
     trainer.loggers = build_loggers(cfg, run_dir, rank, resume.step if in_place else None)
     sizes = scale(cfg, trainer)
@@ -454,3 +370,29 @@ def main_entry(cfg: DictConfig) -> Dict[str, Any]:
 
     report()
     return results
+
+
+def worker_main(argv: Optional[List[str]] = None) -> None:
+    """``python -m cacr.train RUN_DIR/ddp_config.yaml``: one rank > 0 of a DDP job, started by
+    the job's local rank 0 (:mod:`cacr.launch`) with the job's resolved config; runs the same
+    :func:`run` as rank 0."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.exit("usage: python -m cacr.train RUN_DIR/ddp_config.yaml (a DDP worker started by cacr.train.run, "
+                 "not by hand)")
+    rank = os.environ.get("LOCAL_RANK")
+    if rank is None:
+        sys.exit("cacr.train: LOCAL_RANK is not set; workers are started by cacr.train.run for a DDP job")
+    logging.basicConfig(level=logging.WARNING, format=f"[local rank {rank}] %(levelname)s %(name)s: %(message)s")
+    register_resolvers()
+    cfg = OmegaConf.load(argv[0])
+    try:
+        run(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        sys.exit(f"cacr.train (local rank {rank}): {e}")
+
+
+if __name__ == "__main__":
+    from cacr.train import worker_main as _worker_main  # the package's module, not a second copy as __main__
+
+    _worker_main()

@@ -47,6 +47,7 @@ def main(argv) -> None:
     point, step, overrides = argv[0], int(argv[1]), argv[2:]
     torch.set_num_threads(1)
     from cacr import resume, train
+    from cacr.config import register_resolvers
     from cacr.module import RetrievalModule
 
     if point == "before_last":
@@ -74,7 +75,7 @@ def main(argv) -> None:
             die()
 
         RetrievalModule.final_evaluation = final_evaluation
-    train.register_resolvers()
+    register_resolvers()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides))
     original_run = train.run

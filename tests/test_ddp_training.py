@@ -16,8 +16,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cacr.launch import DDPWorkers, is_script_ddp, job_processes, num_local_processes, processes_created_externally
-from cacr.train import ConfigError, run
+from cacr.config import ConfigError
+from cacr.distributed import (is_script_ddp, num_local_processes, processes_created_externally,
+                              trainer_global_rank)
+from cacr.launch import DDPWorkers, job_processes
+from cacr.train import WORKER_COMMAND, run
 
 from .conftest import REPO
 from .test_training import TINY_WORLD
@@ -255,16 +258,16 @@ def test_processes_started_by_slurm_are_not_started_again(monkeypatch, tmp_path)
         monkeypatch.setenv(k, v)
     assert processes_created_externally()
     cfg = _compose("trainer=ddp_cpu", "trainer.devices=4", "trainer.num_nodes=2", "logger=wandb")
-    assert not isinstance(job_processes(cfg, tmp_path), DDPWorkers)
+    assert not isinstance(job_processes(cfg, tmp_path, WORKER_COMMAND), DDPWorkers)
     from pytorch_lightning.plugins.environments import SLURMEnvironment
 
-    from cacr.train import _wandb_run, build_trainer, global_rank
+    from cacr.train import _wandb_run, build_trainer
 
     trainer = build_trainer(cfg, tmp_path, [], [])
     assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
     assert trainer.strategy._ddp_kwargs == {"static_graph": True} and trainer.world_size == 8
-    assert global_rank(trainer) == 5
-    assert _wandb_run(cfg, tmp_path, global_rank(trainer)) is None
+    assert trainer_global_rank(trainer) == 5
+    assert _wandb_run(cfg, tmp_path, trainer_global_rank(trainer)) is None
     assert not (tmp_path / "wandb").exists()
 
 
@@ -275,7 +278,7 @@ def test_a_dead_worker_stops_the_job_with_its_rank(tmp_path):
     before = {k: os.environ.get(k) for k in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match=r"DDP worker local rank 1 \(pid \d+\) exited with code 1"):
-        with DDPWorkers(cfg, tmp_path, 2):
+        with DDPWorkers(cfg, tmp_path, 2, worker_command=WORKER_COMMAND):
             time.sleep(120)
     assert time.monotonic() - t0 < 100
     assert {k: os.environ.get(k) for k in before} == before

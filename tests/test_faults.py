@@ -26,7 +26,8 @@ from cacr import rundir
 from cacr.checks import SettingsError, check_data, settings_problems
 from cacr.data.formats import FormatError, RegionsFile, check_regions_file, read_captions
 from cacr.errors import CacrError, one_line
-from cacr.train import RunFinished, job_dirname, run
+from cacr.config import job_dirname
+from cacr.train import RunFinished, run
 
 from .conftest import REPO
 

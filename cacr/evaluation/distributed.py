@@ -7,7 +7,8 @@ owned by exactly one rank and nothing is padded or duplicated, unlike a
 After scoring its block, each rank contributes a tensor of its own length; the gather
 concatenates the blocks in rank order, which is the original row order.
 
-Everything works without an initialised process group (one process, world size 1).
+Everything works without an initialised process group (one process, world size 1). The
+rank helpers themselves are in :mod:`cacr.distributed`.
 """
 from __future__ import annotations
 
@@ -17,19 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from cacr.distributed import is_distributed, rank_and_world_size  # noqa: F401 (re-exported)
+
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
            torch.int16, torch.int8, torch.uint8, torch.bool)
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank_and_world_size(group=None) -> Tuple[int, int]:
-    """``(rank, world size)`` in ``group``; ``(0, 1)`` with no process group."""
-    if not is_distributed():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def shard_bounds(n: int, world_size: int, rank: int) -> Tuple[int, int]:
