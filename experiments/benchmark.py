@@ -10,16 +10,24 @@ both uniform. Weights are random (speed does not depend on them).
    CPU, which is also timed in bf16 to show why it is not used there). Every utilisation
    below is achieved model FLOP/s over this measured rate.
 2. Evaluation: ``cacr.evaluation.score_pairs`` (pairs sorted by joint length, batches cut
-   from a PairStore on the device, compact layout, fused attention, bf16 autocast on a
-   GPU) against the reference: the public code's approach, one caption against chunks of
-   images, each batch padded to its longest caption and longest image, explicit
-   attention, fp32. Useful FLOPs are counted on the real lengths, so padding is waste.
-   Also the largest score difference and the R@1 agreement (same best image per caption).
+   from a PairStore on the device, compact layout, fused attention; bf16 autocast where
+   ``--bf16 auto`` resolves to it: CUDA, or a CPU with AVX-512 BF16 / AMX) against the public
+   code's own practice (its ``ItmEvalDataset``): images sorted by region count once, each
+   caption against consecutive chunks of them, each chunk padded to its largest image,
+   explicit attention, fp32. Useful FLOPs are counted on the real lengths, so padding is
+   waste. Also the largest score difference and the R@1 agreement (same best image per caption).
 3. Training: one hard-negative step (mining ``2 B K`` candidates without gradient in eval
    mode, training on ``B + 2Bk`` pairs with backward, the regularizer on the positives,
    grad clip, AdamW) through ``RetrievalModule.compute_losses``, against the reference
    step (padded layout, explicit attention, fp32, the regularizer one example at a time).
    The regularizer's share is its own forward+backward time over the step time.
+
+Every path is timed ``--repeats`` times (default 3) round-robin with the others, after one
+warm-up call each; the table shows the fastest repeat and the median. The header names the
+machine: CPU model, the flags that decide bf16 (AVX2, AVX-512, AVX-512 BF16, AMX), threads,
+GPU, and the load average at start and end (figures taken under load are not comparable).
+The public code itself is not imported (it needs its own environment); its batching is
+re-implemented here from its description (docs/performance.md).
 
 Run: ``python experiments/benchmark.py [--device cuda] [--json out.json]``; the CPU
 defaults are small (UNITER-base scores ~10 pairs/s on 2 cores).
@@ -40,11 +48,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository, for `cacr`
 from bench_regularizers import LOSSES, loop_loss  # noqa: E402
 
 from cacr.evaluation import score_pairs  # noqa: E402
 from cacr.model import PairExample, PairStore, UniterConfig, UniterForImageTextRetrieval, collate  # noqa: E402
 from cacr.module import RetrievalModule, ranking_loss  # noqa: E402
+from cacr.precision import cpu_flags, resolve_bf16  # noqa: E402
 from cacr.regularizers import Regularizer  # noqa: E402
 
 CLS, SEP = 101, 102
@@ -133,17 +143,49 @@ def int8_linear_rate(tokens=4096, d_in=768, d_out=3072, reps=5):
     return out
 
 
+# ---------------------------------------------------------------------------------------- timing
+def interleaved(paths: dict, device, repeats: int) -> dict:
+    """Time every path ``repeats`` times, round-robin (A B C A B C ...), so that a change of
+    machine load hits every path alike; one untimed warm-up call each first.
+    Returns ``{name: {"times": [...], "min": s, "median": s, "out": last result}}`` (or an error)."""
+    res = {}
+    for name, fn in paths.items():
+        try:
+            t_warm, out = timed(fn, device)
+            res[name] = {"times": [], "warmup_seconds": t_warm, "out": out}
+        except Exception as e:  # noqa: BLE001 - a failing optional variant is reported, not fatal
+            res[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    live = [n for n in paths if "error" not in res[n]]
+    for _ in range(repeats):
+        for name in live:
+            reset_peak(device)
+            dt, out = timed(paths[name], device)
+            res[name]["times"].append(dt)
+            res[name]["out"] = out
+            res[name]["peak_gib"] = peak_gib(device)
+    for name in live:
+        res[name]["min"] = min(res[name]["times"])
+        res[name]["median"] = statistics.median(res[name]["times"])
+    return res
+
+
 # ---------------------------------------------------------------------------------------- evaluation
-def reference_scores(model, pairs, caps, imgs, chunk, device):
-    """The public code's evaluation: each caption against chunks of images, padded batches,
-    explicit attention (the model passed is in eager mode), fp32, under no_grad."""
-    out = torch.empty(len(pairs))
+def public_practice_scores(model, caps, imgs, cap_rows, chunk, device):
+    """The public UNITER evaluation's own batching (its ``ItmEvalDataset``): all images sorted
+    by region count once, then each caption against consecutive chunks of ``chunk`` images,
+    each chunk padded to its largest image (one caption: no text padding), explicit
+    attention (the model passed is in eager mode), fp32, under no_grad. Returns
+    ``(len(cap_rows), n_img)`` scores in the original image order."""
+    n_img = len(imgs)
+    by_regions = sorted(range(n_img), key=lambda i: imgs[i][0].shape[0])
+    out = torch.empty(len(cap_rows), n_img)
     with torch.no_grad():
-        for s in range(0, len(pairs), chunk):
-            rows = pairs[s:s + chunk].tolist()
-            batch = collate([PairExample(caps[c], imgs[i][0].float(), imgs[i][1]) for c, i in rows],
-                            layout="padded", img_dim=IMG_DIM).to(device)
-            out[s:s + len(rows)] = model.score(batch).float().cpu()
+        for r, c in enumerate(cap_rows):
+            for s in range(0, n_img, chunk):
+                ids = by_regions[s:s + chunk]
+                batch = collate([PairExample(caps[c], imgs[i][0].float(), imgs[i][1]) for i in ids],
+                                layout="padded", img_dim=IMG_DIM).to(device)
+                out[r, ids] = model.score(batch).float().cpu()
     return out
 
 
@@ -152,57 +194,56 @@ def r1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.argmax(1) == b.argmax(1)).float().mean())
 
 
-def bench_eval(model, device, n_cap, n_img, ref_cap, batch_size, ref_chunk, gen, compile_=False):
+def bench_eval(model, device, n_cap, n_img, ref_cap, batch_size, ref_chunk, gen, repeats, bf16_cpu=False,
+               compile_=False, batch_sweep=()):
+    """Project paths and the public code's practice on the same captions and images, interleaved."""
     cfg = model.config
     caps, imgs = flickr_like(n_cap, n_img, gen)
     t_len = torch.tensor([c.numel() for c in caps])
     m_len = torch.tensor([f.shape[0] for f, _ in imgs])
     pairs = torch.stack(torch.meshgrid(torch.arange(n_cap), torch.arange(n_img), indexing="ij"), -1).view(-1, 2)
     flops = pair_flops(cfg, t_len[pairs[:, 0]].double(), m_len[pairs[:, 1]].double()).sum().item()
+    ref_pairs = pairs[: ref_cap * n_img]
+    ref_flops = pair_flops(cfg, t_len[ref_pairs[:, 0]].double(), m_len[ref_pairs[:, 1]].double()).sum().item()
     gpu = device.type == "cuda"
     fast = model.eval()
     fast.set_attn_impl("sdpa")
-    res = {"pairs": len(pairs), "captions": n_cap, "images": n_img, "flops_per_pair": flops / len(pairs)}
+    res = {"pairs": len(pairs), "captions": n_cap, "images": n_img, "flops_per_pair": flops / len(pairs),
+           "batch_size": batch_size, "reference_captions": ref_cap, "reference_chunk": ref_chunk, "repeats": repeats}
 
-    compiled = fast.scorer(compile=True) if compile_ else None
+    def project(bf16, fn=fast.score, bs=batch_size):
+        return lambda: score_pairs(fn, pairs, caps, imgs, batch_size=bs, device=device, bf16=bf16).view(n_cap, n_img)
 
-    def run_fast(bf16, ps=pairs, fn=fast.score):
-        return score_pairs(lambda b: fn(b), ps, caps, imgs, batch_size=batch_size, device=device, bf16=bf16)
-
-    variants = [("project_bf16", True, fast.score), ("project_fp32", False, fast.score)] if gpu else \
-        [("project_fp32", False, fast.score)]
-    if compiled is not None:
-        variants.append(("project_bf16_compiled" if gpu else "project_fp32_compiled", gpu, compiled))
-    scores = {}
-    for name, bf16, fn in variants:
-        try:
-            t_warm, _ = timed(lambda: run_fast(bf16, pairs[: min(len(pairs), 4 * batch_size)], fn), device)  # warm-up
-            reset_peak(device)
-            dt, s = timed(lambda: run_fast(bf16, pairs, fn), device)
-        except Exception as e:  # noqa: BLE001 - a failing optional variant is reported, not fatal
-            res[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            continue
-        scores[name] = s.view(n_cap, n_img)
-        res[name] = {"seconds": dt, "pairs_per_s": len(pairs) / dt, "flop_per_s": flops / dt, "peak_gib": peak_gib(device),
-                     "warmup_seconds": t_warm}
-
+    paths = {"project_fp32": project(False)}
+    if gpu or bf16_cpu:
+        paths["project_bf16"] = project(True)
+    if compile_:
+        compiled = fast.scorer(compile=True)
+        paths["project_bf16_compiled" if gpu else "project_fp32_compiled"] = project(gpu, compiled)
+    for bs in batch_sweep:
+        paths[f"project_fp32_batch{bs}"] = project(False, bs=bs)
     ref = copy.deepcopy(model).eval()
     ref.set_attn_impl("eager")
-    ref_pairs = pairs[: ref_cap * n_img]
-    ref_flops = pair_flops(cfg, t_len[ref_pairs[:, 0]].double(), m_len[ref_pairs[:, 1]].double()).sum().item()
-    reference_scores(ref, ref_pairs[:ref_chunk], caps, imgs, ref_chunk, device)  # warm-up
-    reset_peak(device)
-    dt, s_ref = timed(lambda: reference_scores(ref, ref_pairs, caps, imgs, ref_chunk, device), device)
-    s_ref = s_ref.view(ref_cap, n_img)
-    res["reference_fp32_eager_padded"] = {"seconds": dt, "pairs": len(ref_pairs), "pairs_per_s": len(ref_pairs) / dt,
-                                          "flop_per_s": ref_flops / dt, "peak_gib": peak_gib(device)}
+    paths["public_practice"] = lambda: public_practice_scores(ref, caps, imgs, range(ref_cap), ref_chunk, device)
+
+    timings = interleaved(paths, device, repeats)
+    scores = {}
+    for name, t in timings.items():
+        if "error" in t:
+            res[name] = {"error": t["error"]}
+            continue
+        scores[name] = t.pop("out")
+        n, fl = (len(ref_pairs), ref_flops) if name == "public_practice" else (len(pairs), flops)
+        res[name] = {**t, "pairs": n, "pairs_per_s": n / t["min"], "pairs_per_s_median": n / t["median"],
+                     "flop_per_s": fl / t["min"]}
+    s_ref = scores["public_practice"]
     fp32 = scores["project_fp32"][:ref_cap]
-    res["fidelity"] = {"fp32_vs_reference_max_abs": float((fp32 - s_ref).abs().max()),
+    res["fidelity"] = {"fp32_vs_public_practice_max_abs": float((fp32 - s_ref).abs().max()),
                        "score_std": float(s_ref.std())}
     if "project_bf16_compiled" in scores:
         res["fidelity"]["compiled_vs_eager_bf16_max_abs"] = float((scores["project_bf16_compiled"] -
                                                                   scores["project_bf16"]).abs().max())
-    if gpu:
+    if "project_bf16" in scores:
         b, f = scores["project_bf16"], scores["project_fp32"]
         res["fidelity"].update(bf16_vs_fp32_max_abs=float((b - f).abs().max()), bf16_vs_fp32_r1_agreement=r1_agreement(b, f),
                                fp32_score_std=float(f.std()))
@@ -291,14 +332,16 @@ def regularizer_time(model, store, batch, reg_name, device, reps):
     return statistics.median(times)
 
 
-def bench_train(model, device, n_items, B, K, k, reps, ref_reps, mining_batch, gen, compile_=False):
+def bench_train(model, device, n_items, B, K, k, reps, mining_batch, gen, bf16, compile_=False):
+    """Project training steps (CACR, none, optionally compiled mining) and the reference step,
+    interleaved one step each per round; bf16 autocast for the project paths if ``bf16``."""
     cfg = model.config
     gpu = device.type == "cuda"
     caps, imgs = flickr_like(n_items, n_items, gen)
     t_len = torch.tensor([c.numel() for c in caps])
     m_len = torch.tensor([f.shape[0] for f, _ in imgs])
     store = PairStore.from_examples(caps, imgs, feat_dtype=torch.float16 if gpu else torch.float32).to(device)
-    batches = [training_inputs(n_items, B, K, gen) for _ in range(reps + 2)]
+    batches = [training_inputs(n_items, B, K, gen) for _ in range(reps + 1)]
 
     def step_flops(b):
         """Mining forward FLOPs + 3x the forward FLOPs of the trained pairs (forward + backward)."""
@@ -310,8 +353,15 @@ def bench_train(model, device, n_items, B, K, k, reps, ref_reps, mining_batch, g
         per_neg = mine / (2 * B * K)
         return float(mine + 3 * (pos + 2 * B * k * per_neg))
 
-    res = {"positives": B, "candidates": K, "hard_negatives": k,
+    res = {"positives": B, "candidates": K, "hard_negatives": k, "repeats": reps, "bf16": bf16,
            "pairs_per_step": B + 2 * B * k + 2 * B * K}
+    model.set_attn_impl("sdpa")
+    ref = copy.deepcopy(model).float()
+    ref.set_attn_impl("eager")
+    ref_store = PairStore.from_flat(store.input_ids, store.txt_lens_cpu, store.region_feat[:-1].float(),
+                                    store.region_pos_feat[:-1], store.num_bbs_cpu, layout="padded")
+    ref_opt = make_optimizer(ref)
+    paths, step_no = {}, {}
     variants = [("cacr", False), ("none", False)] + ([("cacr", True)] if compile_ else [])
     for reg_name, comp in variants:
         name = f"project_{reg_name}" + ("_compiled" if comp else "")
@@ -319,88 +369,117 @@ def bench_train(model, device, n_items, B, K, k, reps, ref_reps, mining_batch, g
                                  mining_batch_size=mining_batch, ranking="hinge", compile_scoring=comp).to(device)
         module.stores["train"] = store
         opt = make_optimizer(module.model)
-        model.set_attn_impl("sdpa")
-        t_warm, _ = timed(lambda: project_step(module, opt, batches[0], device, gpu), device)
-        reset_peak(device)
-        times = []
-        for b in batches[1:1 + reps]:
-            times.append(timed(lambda: project_step(module, opt, b, device, gpu), device)[0])
-        dt = statistics.median(times)
-        fl = statistics.mean(step_flops(b) for b in batches[1:1 + reps])
-        res[name] = {"seconds_per_step": dt, "positives_per_s": B / dt, "pairs_per_s": res["pairs_per_step"] / dt,
-                     "flop_per_s": fl / dt, "peak_gib": peak_gib(device), "warmup_seconds": t_warm}
-        del opt
+        step_no[name] = 0
+
+        def step(name=name, module=module, opt=opt):  # a new batch each call: round r uses batches[r]
+            b = batches[step_no[name] % len(batches)]
+            step_no[name] += 1
+            return project_step(module, opt, b, device, bf16)
+        paths[name] = step
+    step_no["reference_cacr"] = 0
+
+    def ref_step():
+        b = batches[step_no["reference_cacr"] % len(batches)]
+        step_no["reference_cacr"] += 1
+        return reference_step(ref, ref_opt, ref_store, b, k, "cacr", mining_batch)
+    paths["reference_cacr"] = ref_step
+
+    timings = interleaved(paths, device, reps)
+    fl = statistics.mean(step_flops(b) for b in batches)
+    for name, t in timings.items():
+        if "error" in t:
+            res[name] = {"error": t["error"]}
+            continue
+        t.pop("out")
+        res[name] = {**t, "seconds_per_step": t["min"], "seconds_per_step_median": t["median"],
+                     "positives_per_s": B / t["min"], "pairs_per_s": res["pairs_per_step"] / t["min"],
+                     "flop_per_s": fl / t["min"]}
     res["regularizer_seconds"] = {name: regularizer_time(model, store, batches[0], name, device, 10)
                                   for name in ("cacr", "iais_singular", "iais_distributed")}
     res["regularizer_share"] = {name: t / res["project_cacr"]["seconds_per_step"]
                                 for name, t in res["regularizer_seconds"].items()}
-
-    ref = copy.deepcopy(model).float()
-    ref.set_attn_impl("eager")
-    ref_store = PairStore.from_flat(store.input_ids, store.txt_lens_cpu, store.region_feat[:-1].float(),
-                                    store.region_pos_feat[:-1], store.num_bbs_cpu, layout="padded")
-    opt = make_optimizer(ref)
-    reference_step(ref, opt, ref_store, batches[0], k, "cacr", mining_batch)
-    reset_peak(device)
-    times = [timed(lambda: reference_step(ref, opt, ref_store, b, k, "cacr", mining_batch), device)[0]
-             for b in batches[1:1 + ref_reps]]
-    dt = statistics.median(times)
-    fl = statistics.mean(step_flops(b) for b in batches[1:1 + ref_reps])
-    res["reference_cacr"] = {"seconds_per_step": dt, "positives_per_s": B / dt,
-                             "pairs_per_s": res["pairs_per_step"] / dt, "flop_per_s": fl / dt,
-                             "peak_gib": peak_gib(device)}
     return res
 
 
 # ---------------------------------------------------------------------------------------- report
-def describe_device(device):
+def describe_machine(device):
+    """Device, the CPU flags that decide bf16 (AVX2 / AVX-512 / AVX-512 BF16 / AMX), threads, load."""
+    flags = cpu_flags()
+    cpu = {"model": cpu_model(), "threads": torch.get_num_threads(), "cores": os.cpu_count(),
+           "flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}}
+    out = {"cpu": cpu, "torch": torch.__version__, "load_average_start": os.getloadavg()[0]}
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}")
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(m) -> str:
+    c = m["cpu"]
+    has = [f for f, v in c["flags"].items() if v] or ["none of avx2/avx512f/avx512_bf16/amx_bf16"]
+    gpu = f"{m['gpu']}; " if "gpu" in m else ""
+    return (f"{gpu}{c['model']}, {c['cores']} cores, {c['threads']} threads, flags: {' '.join(has)}; torch {m['torch']}; "
+            f"load average {m['load_average_start']:.1f} at start, {m.get('load_average_end', float('nan')):.1f} at end")
 
 
 def report(r):
     rate = r["device_rate"]
     peak = rate["model_dtype_flop_per_s"]
-    lines = [f"device: {r['device']}",
+    lines = [f"machine: {machine_line(r['machine'])}",
              "matmul rate: " + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in rate.items()
                                          if k.endswith("_flop_per_s") and k != "model_dtype_flop_per_s"),
-             f"utilisation below = achieved model FLOP/s / {rate['model_dtype']} matmul rate ({peak / 1e12:.3g} TFLOP/s)"]
+             f"utilisation below = achieved model FLOP/s / {rate['model_dtype']} matmul rate ({peak / 1e12:.3g} TFLOP/s); "
+             "pairs/s from the fastest of the interleaved repeats, median in brackets"]
     if "cpu_int8" in r:
         q = r["cpu_int8"]
         lines.append(f"Linear 768->3072 on 4096 tokens: fp32 {q['fp32_linear_flop_per_s'] / 1e9:.1f} GFLOP/s, dynamic int8 "
                      f"{q['int8_dynamic_linear_flop_per_s'] / 1e9:.1f} GFLOP/s (max abs error {q['int8_dynamic_max_abs_error']:.3g})")
     if "eval" in r:
         e = r["eval"]
-        lines += ["", f"Evaluation, UNITER-base, {e['captions']} captions x {e['images']} images "
-                      f"({e['flops_per_pair'] / 1e9:.1f} GFLOP per pair on average)",
-                  f"{'path':<30}{'pairs/s':>10}{'util':>8}{'peak GiB':>10}{'x ref':>8}"]
-        base = e["reference_fp32_eager_padded"]["pairs_per_s"]
-        for name in ("project_bf16", "project_bf16_compiled", "project_fp32", "project_fp32_compiled",
-                     "reference_fp32_eager_padded"):
-            if name in e and "error" in e[name]:
-                lines.append(f"{name:<30}failed: {e[name]['error']}")
-            elif name in e:
-                x = e[name]
-                mem = "-" if x["peak_gib"] is None else f"{x['peak_gib']:.2f}"
-                lines.append(f"{name:<30}{x['pairs_per_s']:>10.1f}{100 * x['flop_per_s'] / peak:>7.1f}%"
-                             f"{mem:>10}{x['pairs_per_s'] / base:>7.2f}x")
+        lines += ["", f"Evaluation, UNITER-{r['layers']}L, {e['captions']} captions x {e['images']} images "
+                      f"({e['flops_per_pair'] / 1e9:.1f} GFLOP per pair on average), project batch {e['batch_size']}; "
+                      f"public practice: {e['reference_captions']} caption(s), images sorted by region count in chunks "
+                      f"of {e['reference_chunk']}; {e['repeats']} interleaved repeats",
+                  f"{'path':<30}{'pairs/s':>10}{'(median)':>10}{'util':>8}{'peak GiB':>10}{'x public':>9}"]
+        base = e["public_practice"]["pairs_per_s"]
+        for name, x in e.items():
+            if not isinstance(x, dict) or name == "fidelity":
+                continue
+            if "error" in x:
+                lines.append(f"{name:<30}failed: {x['error']}")
+                continue
+            mem = "-" if x.get("peak_gib") is None else f"{x['peak_gib']:.2f}"
+            lines.append(f"{name:<30}{x['pairs_per_s']:>10.1f}{x['pairs_per_s_median']:>10.1f}"
+                         f"{100 * x['flop_per_s'] / peak:>7.1f}%{mem:>10}{x['pairs_per_s'] / base:>8.2f}x")
         best = max(x["pairs_per_s"] for k, x in e.items() if k.startswith("project_") and "pairs_per_s" in x)
-        lines.append(f"full Flickr30k test ranking (5000 x 1000 pairs) at this rate: {5e6 / best / 60:.1f} min")
+        lines.append(f"full Flickr30k test ranking (5000 x 1000 pairs) at the best project rate: {5e6 / best / 60:.1f} min")
         lines.append("fidelity: " + ", ".join(f"{k} {v:.3g}" for k, v in e["fidelity"].items()))
     if "train" in r:
         t = r["train"]
-        lines += ["", f"Training step, UNITER-base: {t['positives']} positives, {t['candidates']} candidates mined per "
-                      f"direction, {t['hard_negatives']} hard negatives kept ({t['pairs_per_step']} pairs scored)",
-                  f"{'path':<20}{'s/step':>9}{'pos/s':>9}{'pairs/s':>10}{'util':>8}{'peak GiB':>10}{'x ref':>8}"]
+        lines += ["", f"Training step, UNITER-{r['layers']}L: {t['positives']} positives, {t['candidates']} candidates mined "
+                      f"per direction, {t['hard_negatives']} hard negatives kept ({t['pairs_per_step']} pairs scored), "
+                      f"project {'bf16 autocast' if t['bf16'] else 'fp32'}; {t['repeats']} interleaved rounds",
+                  f"{'path':<24}{'s/step':>9}{'(median)':>10}{'pos/s':>9}{'pairs/s':>10}{'util':>8}{'peak GiB':>10}{'x ref':>8}"]
         base = t["reference_cacr"]["seconds_per_step"]
         for name in ("project_cacr", "project_cacr_compiled", "project_none", "reference_cacr"):
             if name not in t:
                 continue
             x = t[name]
-            mem = "-" if x["peak_gib"] is None else f"{x['peak_gib']:.2f}"
-            lines.append(f"{name:<20}{x['seconds_per_step']:>9.3f}{x['positives_per_s']:>9.2f}{x['pairs_per_s']:>10.1f}"
+            if "error" in x:
+                lines.append(f"{name:<24}failed: {x['error']}")
+                continue
+            mem = "-" if x.get("peak_gib") is None else f"{x['peak_gib']:.2f}"
+            lines.append(f"{name:<24}{x['seconds_per_step']:>9.3f}{x['seconds_per_step_median']:>10.3f}"
+                         f"{x['positives_per_s']:>9.2f}{x['pairs_per_s']:>10.1f}"
                          f"{100 * x['flop_per_s'] / peak:>7.1f}%{mem:>10}{base / x['seconds_per_step']:>7.2f}x")
         lines.append("regularizer fwd+bwd: " + ", ".join(
             f"{k} {1e3 * v:.2f} ms ({100 * t['regularizer_share'][k]:.2f}% of the CACR step)"
@@ -414,12 +493,19 @@ def main(argv=None):
     ap.add_argument("--parts", default="eval,train")
     ap.add_argument("--captions", type=int, default=None, help="eval captions (default 100 GPU, 2 CPU)")
     ap.add_argument("--images", type=int, default=None, help="eval images (default 1000 GPU, 32 CPU)")
-    ap.add_argument("--ref-captions", type=int, default=None, help="captions the reference scores (default 10 GPU, 1 CPU)")
-    ap.add_argument("--batch-size", type=int, default=None, help="eval pairs per batch (default 1024 GPU, 32 CPU)")
+    ap.add_argument("--ref-captions", type=int, default=None, help="captions the public practice scores (default 10 GPU, 1 CPU)")
+    ap.add_argument("--ref-chunk", type=int, default=None,
+                    help="images per public-practice batch (the public evaluation's mini_batch_size; default 400 GPU, 16 CPU)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="project eval pairs per batch (default: the evaluators' choice for the device, "
+                         "cacr.evaluation.default_batch_size if it exists, else 1024 GPU / 16 CPU)")
+    ap.add_argument("--batch-sweep", default="", help="also time the project fp32 path at these batch sizes, e.g. 8,16,64,512")
+    ap.add_argument("--bf16", default="auto", choices=["auto", "true", "false"],
+                    help="project bf16 paths (auto: CUDA, or a CPU with AVX-512 BF16 / AMX; cacr.precision.resolve_bf16)")
     ap.add_argument("--positives", type=int, default=None, help="training positives per step (default 4 GPU, 1 CPU)")
     ap.add_argument("--candidates", type=int, default=None, help="mined candidates per direction (default 399 GPU, 7 CPU)")
     ap.add_argument("--hard", type=int, default=None, help="hard negatives kept (default 31 GPU, 3 CPU)")
-    ap.add_argument("--reps", type=int, default=None, help="timed training steps (default 5 GPU, 2 CPU)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timed repeats of every path (at least 3)")
     ap.add_argument("--layers", type=int, default=12, help="encoder layers (12 = UNITER-base; fewer for a quick check)")
     ap.add_argument("--compile", action="store_true",
                     help="also time evaluation and training with torch.compile'd scoring (model.scorer(compile=True))")
@@ -430,12 +516,14 @@ def main(argv=None):
     pick = lambda v, g, c: v if v is not None else (g if gpu else c)  # noqa: E731
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
+    bf16, why = resolve_bf16(args.bf16, device)
 
-    r = {"device": describe_device(device), "date": time.strftime("%Y-%m-%d")}
-    rate = {"model_dtype": "bf16" if gpu else "fp32"}
+    r = {"machine": describe_machine(device), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+         "layers": args.layers, "bf16": bf16, "bf16_reason": why}
+    rate = {"model_dtype": "bf16" if bf16 else "fp32"}
     rate["fp32_flop_per_s"] = matmul_rate(device, torch.float32)
-    rate["bf16_flop_per_s"] = matmul_rate(device, torch.bfloat16, n=None if gpu else 512)
-    rate["model_dtype_flop_per_s"] = rate["bf16_flop_per_s" if gpu else "fp32_flop_per_s"]
+    rate["bf16_flop_per_s"] = matmul_rate(device, torch.bfloat16, n=None if (gpu or bf16) else 512)
+    rate["model_dtype_flop_per_s"] = rate["bf16_flop_per_s" if bf16 else "fp32_flop_per_s"]
     r["device_rate"] = rate
     if not gpu:
         r["cpu_int8"] = int8_linear_rate()
@@ -443,20 +531,32 @@ def main(argv=None):
     parts = {p.strip() for p in args.parts.split(",")}
     if "eval" in parts:
         r["eval"] = bench_eval(model, device, pick(args.captions, 100, 2), pick(args.images, 1000, 32),
-                               pick(args.ref_captions, 10, 1), pick(args.batch_size, 1024, 32),
-                               pick(args.batch_size, 400, 32), gen, compile_=args.compile)
+                               pick(args.ref_captions, 10, 1), args.batch_size or default_eval_batch(device),
+                               pick(args.ref_chunk, 400, 16), gen, max(1, args.repeats), bf16_cpu=bf16,
+                               compile_=args.compile,
+                               batch_sweep=[int(b) for b in args.batch_sweep.split(",") if b.strip()])
     if "train" in parts:
         r["train"] = bench_train(model, device, 2000 if gpu else 64, pick(args.positives, 4, 1),
-                                 pick(args.candidates, 399, 7), pick(args.hard, 31, 3), pick(args.reps, 5, 2),
-                                 2 if gpu else 1, 1024 if gpu else 32, gen, compile_=args.compile)
+                                 pick(args.candidates, 399, 7), pick(args.hard, 31, 3), max(1, args.repeats),
+                                 1024 if gpu else 32, gen, bf16, compile_=args.compile)
+    r["machine"]["load_average_end"] = os.getloadavg()[0]
     text = report(r)
     print(text)
     if args.json:
+        from cacr.outputs import atomic_write_text
+
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps(r, indent=1))
-        tmp.replace(args.json)
+        atomic_write_text(args.json, json.dumps(r, indent=1))
     return r
+
+
+def default_eval_batch(device) -> int:
+    """The evaluators' batch size for this device where the project defines one, else 1024 GPU / 16 CPU."""
+    try:
+        from cacr.evaluation import default_batch_size
+    except ImportError:
+        return 1024 if device.type == "cuda" else 16
+    return default_batch_size(device)
 
 
 if __name__ == "__main__":
