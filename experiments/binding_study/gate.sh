@@ -3,6 +3,8 @@
 # steps (val/wino_binding, val/wino_group in each run's metrics.csv). Meant for a GPU:
 #   bash experiments/binding_study/gate.sh trainer=gpu
 # On this project's 2-core CPU one variant runs at about 1-2 steps/s (3-6 hours for 20k).
+# GATE_PARALLEL=1 starts all chosen variants at once (a GPU has room for six tiny models; each
+# logs to <variant>.log beside its run directory) and waits for them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out="experiments/binding_study/runs/gate"
@@ -16,7 +18,12 @@ run() {
   if [ -f "$dir/results.json" ]; then return 0; fi
   local resume=()
   if [ -f "$dir/checkpoints/last.ckpt" ]; then resume=("ckpt_path=$dir/checkpoints/last.ckpt"); fi
-  python train.py "${common[@]}" "$@" "run_dir=$dir" "${resume[@]}"
+  if [ "${GATE_PARALLEL:-0}" = 1 ]; then
+    mkdir -p "$out"
+    python train.py "${common[@]}" "$@" "run_dir=$dir" "${resume[@]}" > "$out/$name.log" 2>&1 &
+  else
+    python train.py "${common[@]}" "$@" "run_dir=$dir" "${resume[@]}"
+  fi
 }
 run base                                                            # the recipe as it stands
 run layers4      model.config.num_hidden_layers=4 module.align_weight=0
@@ -24,6 +31,7 @@ run focus        "module.mlm_focus=[left,right,above,below]"         # relation 
 run focus_l4     "module.mlm_focus=[left,right,above,below]" model.config.num_hidden_layers=4
 run hard_only    data.p_hard=1.0 module.num_negatives=7
 run simple_world data.synthetic.max_objects=2 data.synthetic.max_distractors=1 "module.mlm_focus=[left,right,above,below]"   # another world: its own held-out set
+wait
 for d in "$out"/*/; do
   [ -f "$d/metrics.csv" ] || continue
   python - "$d" <<'PY'
