@@ -13,6 +13,10 @@ conf/multiple_choice.yaml for every option.
 import hydra
 from omegaconf import DictConfig
 
+from cacr.outputs import register_output_dir_resolver
+
+register_output_dir_resolver()  # before Hydra resolves the output directory
+
 
 @hydra.main(config_path="conf", config_name="multiple_choice", version_base="1.3")
 def main(cfg: DictConfig) -> None:

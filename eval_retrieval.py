@@ -11,6 +11,10 @@ All logic lives in cacr.evaluation.cli.run_retrieval; see conf/retrieval.yaml fo
 import hydra
 from omegaconf import DictConfig
 
+from cacr.outputs import register_output_dir_resolver
+
+register_output_dir_resolver()  # before Hydra resolves the output directory
+
 
 @hydra.main(config_path="conf", config_name="retrieval", version_base="1.3")
 def main(cfg: DictConfig) -> None:

@@ -191,6 +191,7 @@ def log_final_dashboards(cfg, loggers: Sequence[Any], run_dir, datamodule, *, st
     """After the final evaluation: the per-example Winoground table (``logger.winoground_table``)
     from ``<run_dir>/winoground_scores.jsonl``; returns its number of rows (0: nothing logged)."""
     wino = getattr(datamodule, "winoground", None)
-    if cfg.logger.kind != "wandb" or not cfg.logger.get("winoground_table", True) or wino is None:
+    if (cfg.logger.kind != "wandb" or not cfg.logger.get("winoground_table", True) or wino is None
+            or not cfg.get("eval", {}).get("winoground", True)):  # no final evaluation: no table (nor an old file's)
         return 0
     return log_winoground_table(loggers, Path(run_dir) / "winoground_scores.jsonl", wino.examples, step=step)

@@ -119,3 +119,27 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+_fresh: dict = {}  # resolver memo: Hydra resolves its directory keys more than once
+
+
+def fresh_dir(base) -> str:
+    """``base``, or ``base-1``, ``base-2``, ... when another run already took that name (two
+    runs started in the same second): created here by the primary process, as ``train.py``
+    makes its default run directories (:func:`cacr.rundir.unique_dir`); DDP ranks > 0 take
+    ``base``. Resolver ``cacr.output_dir`` of the evaluators' ``hydra.run.dir``."""
+    from cacr import rundir
+
+    key = str(base)
+    if key not in _fresh:
+        _fresh[key] = str(rundir.unique_dir(base)) if rundir.primary_process() else os.path.abspath(key)
+    return _fresh[key]
+
+
+def register_output_dir_resolver() -> None:
+    """Register ``${cacr.output_dir:...}`` (:func:`fresh_dir`) before Hydra composes an evaluator's config."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("cacr.output_dir"):
+        OmegaConf.register_new_resolver("cacr.output_dir", fresh_dir)

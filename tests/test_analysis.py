@@ -195,7 +195,7 @@ def test_drawn_patches_sit_on_the_chosen_boxes():
 def test_figures_are_written_and_draw_the_argmax_of_the_matrix_shown(model, wino, world, tmp_path):
     paths, _ = world
     att = relation_attention(model, [wino.pair(4, 1, 0)])[0]
-    image_id = wino.examples[4]["image_0"]
+    image_id = wino.examples[4].image_0
     scene = load_scenes(paths.winoground_scenes)[image_id]
     image = render_scene(scene, size=128)
     for d in ("LV", "VL"):
@@ -321,7 +321,7 @@ def test_winoground_entropies_agree_with_the_evaluator(model, wino):
     att = relation_attention(model, [wino.pair(6, 0, 0), wino.pair(6, 1, 1)])
     want = np.mean([entropy.pair_entropies(a)["LV"] for a in att])
     assert recs[6].entropy_LV == pytest.approx(want)
-    assert recs[6].tag == wino.examples[6]["collapsed_tag"]
+    assert recs[6].tag == wino.examples[6].collapsed_tag
 
 
 # --------------------------------------------------------------------------- command lines

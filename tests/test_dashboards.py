@@ -7,6 +7,7 @@ import csv
 import inspect
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -198,14 +199,15 @@ def test_table_of_per_example_outcomes(wandb_run, tmp_path, monkeypatch):
     import wandb
     from pytorch_lightning.loggers import WandbLogger
 
-    tmp, _, run_dir, _, _ = wandb_run
+    tmp, cfg, run_dir, _, _ = wandb_run
     _offline(monkeypatch, tmp_path)
     examples = _examples(tmp)
+    data = SimpleNamespace(winoground=SimpleNamespace(examples=examples))  # the datamodule's set
     scores_path = run_dir / "winoground_scores.jsonl"
     experiment = wandb.init(project="cacr", mode="offline", dir=str(tmp_path))
     try:
         logger = WandbLogger(experiment=experiment)
-        assert dashboards.log_winoground_table([logger], scores_path, examples, step=4) == len(examples)
+        assert dashboards.log_final_dashboards(cfg, [logger], run_dir, data, step=4) == len(examples)
         assert dashboards.log_winoground_table([], scores_path, examples) == 0  # no wandb logger: nothing
     finally:
         wandb.finish()
@@ -243,18 +245,16 @@ def test_csv_records_the_scalars_wandb_logs(wandb_run, csv_run):
 
 
 def test_callbacks_only_for_wandb_with_a_winoground_set(tmp_path):
-    class Data:
-        winoground, tokenizer = None, None
-
+    no_set = SimpleNamespace(winoground=None, tokenizer=None)
     cfg = compose_train(tmp_path, "logger=wandb")
     assert [type(c) for c in dashboards.dashboard_callbacks(cfg)] == [dashboards.CongruencePictures]
-    assert dashboards.dashboard_callbacks(cfg, Data()) == []
+    assert dashboards.dashboard_callbacks(cfg, no_set) == []
     assert dashboards.dashboard_callbacks(compose_train(tmp_path, "logger=wandb", "logger.congruence=false")) == []
     for kind in ("csv", "none"):
         c = compose_train(tmp_path, f"logger={kind}")
         assert dict(c.logger) == {"kind": kind}  # only its own keys
         assert dashboards.dashboard_callbacks(c) == []
-        assert dashboards.log_final_dashboards(c, [], tmp_path, Data()) == 0
+        assert dashboards.log_final_dashboards(c, [], tmp_path, no_set) == 0
 
 
 def test_fixed_example_is_the_first_of_the_dev_half():

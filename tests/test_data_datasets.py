@@ -1,4 +1,4 @@
-"""Region sources, caps, negative sampling, DDP sharding, the datamodule on the synthetic world."""
+"""Region sources, caps, negative sampling, the data config reader and the datamodule on the synthetic world."""
 import logging
 import pickle
 
@@ -9,10 +9,9 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from cacr.data.datamodule import RetrievalDataModule
-from cacr.data.datasets import (AllPairs, IndexedCollator, LazyRegions, PositivePairs, RegionCaps, RegionStore,
-                                TrainPools, build_split, shard_rows)
+from cacr.data.datasets import LazyRegions, RegionCaps, RegionStore, TrainPools, build_split
 from cacr.data.formats import FormatError, read_captions, write_captions
-from cacr.model import UniterBatch, UniterCollator
+from cacr.model import collate
 
 from .conftest import FIXTURES, REPO
 from .test_data_formats import TOK, random_images, write_regions
@@ -131,23 +130,6 @@ def test_negative_samplers_never_draw_a_true_match(tiny_split, caplog):
         pools.sample_negative_images(txt, 7, g)
 
 
-@pytest.mark.parametrize("n, world", [(0, 3), (5, 8), (13, 4), (5000, 3), (7, 1)])
-def test_shard_rows_cover_each_row_once(n, world):
-    rows = [r for rank in range(world) for r in shard_rows(n, rank, world)]
-    assert rows == list(range(n))
-
-
-def test_all_pairs_shards_cover_every_pair_once(tiny_split):
-    seen = []
-    collate = IndexedCollator(UniterCollator(img_dim=5))
-    for rank in range(3):
-        ds = AllPairs(tiny_split, shard_rows(tiny_split.num_texts, rank, 3))
-        for b in DataLoader(ds, batch_size=10, collate_fn=collate):
-            assert isinstance(b.batch, UniterBatch) and len(b.batch) == len(b.txt_index)
-            seen += list(zip(b.txt_index.tolist(), b.img_index.tolist()))
-    assert sorted(seen) == [(t, j) for t in range(13) for j in range(7)]
-
-
 def test_unknown_image_in_split(tmp_path):
     p = write_regions(tmp_path / "r.h5", random_images(np.random.default_rng(4), n=1))
     c = write_captions(tmp_path / "c.h5", caption_ids=["c0"], image_ids=["img_9"], texts=["a"], token_ids=[[5]],
@@ -170,32 +152,44 @@ def test_datamodule_on_synthetic_world(tmp_path):
     dm.setup("fit")
     tr = dm.split("train")
     assert tr.num_images == 60 and tr.num_texts == 300
-    b = next(iter(dm.train_dataloader()))
-    assert len(b.batch) == 4 and b.batch.img_feat.shape[-1] == 64
-    for n in range(4):  # each row is the caption with its own image
-        t, j = int(b.txt_index[n]), int(b.img_index[n])
-        assert tr.txt2img[t] == j
-        L = int(b.batch.txt_lens[n])
-        assert b.batch.input_ids[n, :L].tolist() == tr.texts[t].tolist()
     val = dm.split("val")
-    assert val.num_images == 5 and val.num_texts == 25
-    assert sum(len(x.txt_index) for x in dm.val_dataloader()) == 25 * 5
-    assert sum(len(x.txt_index) for x in dm.test_dataloader()) == 50 * 10
-    wb = list(dm.winoground_dataloader())
-    pairs = sorted((int(t), int(i)) for x in wb for t, i in zip(x.txt_index, x.img_index))
-    assert pairs == sorted((2 * e + c, 2 * e + i) for e in range(8) for c in (0, 1) for i in (0, 1))
-    # the mining path: candidates gathered from the store copy
+    assert val.num_images == 5 and val.num_texts == 25  # val_max_images
+    assert dm.split("test").num_texts == 50 and len(dm.winoground) == 8
+    assert dm.paths["scenes"].name == "scenes.jsonl" and dm.train_truth is not None
+    # the training pools: positives with their own image, negatives never a true match
+    pools = dm.train_pools
+    assert torch.equal(pools.txt2img, tr.txt2img) and len(pools.positives) == 300
     g = torch.Generator().manual_seed(0)
-    cand = dm.train_pools.sample_negative_images(b.txt_index, 39, g)
-    feat, box, num = dm.mining_regions.gather(tr.image_rows[cand.flatten()])
-    assert feat.shape[0] == 4 * 39 and (num > 0).all()
+    sampler = dm.negative_sampler()
+    for t in (0, 7, 299):
+        j = int(tr.txt2img[t])
+        assert j not in sampler.images(t, 39, g).tolist()
+        assert all(int(tr.txt2img[c]) != j for c in sampler.texts(j, 20, g).tolist())
+    store = dm.pair_store("train")
+    assert store.num_captions == 300 and store.num_images == 60
 
 
-def test_datamodule_lazy_with_workers_and_errors(tmp_path):
-    dm = _dm(tmp_path, in_memory=False, num_workers=2)
+def test_datamodule_reads_what_open_data_reads(tmp_path):
+    """The datamodule and the evaluators read a data config through the same reader."""
+    from cacr.data.sources import open_data
+
+    dm = _dm(tmp_path)
     dm.setup()
-    batches = list(dm.val_dataloader())
-    assert sum(len(x.txt_index) for x in batches) == 125
+    data = open_data(dm.data_config)
+    for role in ("train", "val", "test"):
+        ours, theirs = data.split(role), dm.splits[role]
+        assert ours.caption_ids == theirs.caption_ids and ours.image_ids == theirs.image_ids
+        assert all(torch.equal(a, b) for a, b in zip(ours.texts, theirs.texts))
+    wino = data.winoground()
+    assert wino.examples == dm.winoground.examples
+    assert all(torch.equal(a, b) for x, y in zip(wino.texts, dm.winoground.texts) for a, b in zip(x, y))
+    assert torch.equal(wino.image_rows, dm.winoground.image_rows)
+
+
+def test_datamodule_lazy_and_errors(tmp_path):
+    dm = _dm(tmp_path, in_memory=False)
+    dm.setup()
+    assert isinstance(dm.regions, LazyRegions) and dm.split("val").num_texts == 25
     with pytest.raises(ValueError, match="unknown keys \\['bogus'\\]"):
         RetrievalDataModule.from_config({**OmegaConf.to_container(OmegaConf.load(REPO / "conf/data/synthetic.yaml")),
                                          "bogus": 1})
@@ -220,23 +214,14 @@ def test_winoground_missing_image_is_an_error(tmp_path):
         bad.setup()
 
 
-def test_positive_pairs_dataset(tiny_split):
-    ds = PositivePairs(TrainPools(tiny_split, 60))
-    assert len(ds) == 13
-    it = ds[5]
-    assert tiny_split.txt2img[it.txt_index] == it.img_index
-    assert it.example.input_ids.tolist() == tiny_split.texts[it.txt_index].tolist()
-
-
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_pair_store_batches_equal_collate(tmp_path, in_memory):
-    from cacr.model import collate
-
+    """``PairStore`` batches (the fast path of training and evaluation) against ``collate`` of
+    the split's own pairs (the slow, obvious twin), on random caption/image pairs."""
     dm = _dm(tmp_path, in_memory=in_memory)
     dm.setup()
     s = dm.split("val")
     store = dm.pair_store("val", layout="padded")  # compact PairStore batches carry extra tail padding
-    assert torch.equal(dm.txt2img("val"), s.txt2img)
     g = torch.Generator().manual_seed(1)
     cap = torch.randint(s.num_texts, (9,), generator=g)
     img = torch.randint(s.num_images, (9,), generator=g)
@@ -251,26 +236,8 @@ def test_datamodule_pickles_after_setup_for_ddp_spawn(tmp_path, in_memory):
     dm = _dm(tmp_path, in_memory=in_memory)
     dm.setup()
     clone = pickle.loads(pickle.dumps(dm))
-    a = next(iter(dm.val_dataloader()))
-    b = next(iter(clone.val_dataloader()))
-    assert torch.equal(a.batch.img_feat, b.batch.img_feat) and torch.equal(a.txt_index, b.txt_index)
-    store = clone.mining_regions
-    if in_memory:
-        moved = store.to("cpu")
-        for x, y in zip(moved.gather(torch.tensor([0, 2])), store.gather(torch.tensor([0, 2]))):
-            assert torch.equal(x, y)
-
-
-def test_winoground_store_matches_pairs(tmp_path):
-    from cacr.data.datasets import WinogroundPairs
-    from cacr.model import collate
-
-    dm = _dm(tmp_path)
-    dm.setup()
-    store = dm.winoground_store(layout="padded")
-    ds = WinogroundPairs(dm.winoground)
-    items = [ds[n] for n in range(len(ds))]
-    fast = store.batch(torch.tensor([it.txt_index for it in items]), torch.tensor([it.img_index for it in items]))
-    slow = collate([it.example for it in items], layout="padded")
-    for name in ("input_ids", "img_feat", "img_pos_feat", "attn_mask", "txt_lens", "num_bbs"):
-        torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=0, atol=0, msg=name)
+    a, b = dm.pair_store("val", layout="padded"), clone.pair_store("val", layout="padded")
+    cap, img = torch.arange(4), torch.tensor([0, 1, 2, 0])
+    for name in ("input_ids", "img_feat", "img_pos_feat", "attn_mask"):
+        assert torch.equal(getattr(a.batch(cap, img), name), getattr(b.batch(cap, img), name))
+    assert clone.winoground.examples == dm.winoground.examples

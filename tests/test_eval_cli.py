@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from cacr.data import WinogroundSet, WordPieceTokenizer
+from cacr.data import WinogroundSet, WordPieceTokenizer, open_data
 from cacr.evaluation import cli
 from cacr.evaluation.retrieval_metrics import retrieval_metrics
 from cacr.evaluation.scorefile import load_score_matrix, read_score_file, read_winoground_examples, results_markdown
@@ -51,8 +51,13 @@ def ckpt(tmp_path_factory):
 
 
 def make_cfg(name: str, overrides):
+    """The evaluator's config; scoring in fp32 unless ``bf16=`` is given (``auto`` would pick
+    bf16 on a CPU with AMX, and the scores are compared with fp32 twins)."""
+    overrides = list(overrides)
+    if not any(o.startswith("bf16=") for o in overrides):
+        overrides.append("bf16=false")
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
+        return compose(config_name=name, overrides=overrides)
 
 
 def load_model(ckpt_path: Path):
@@ -105,6 +110,7 @@ def test_winoground_checkpoint_matches_slow_twin(world, ckpt, tmp_path, head, ca
     assert 0 < saved["binding"] < 100  # a non-trivial outcome for this tiny model (on exact swaps, text and
     # image are often 0: each caption's and image's own effect outweighs the pair's)
     assert saved["n"] == len(examples) == 16 and saved["model"] == "tiny" and saved["head"] == head
+    assert (saved["bf16"], saved["bf16_reason"]) == (False, "set explicitly")
     assert set(saved["ci95"]) == {"text", "image", "group", "binding"}
     assert set(saved["by_tag"]) == {"collapsed_tag", "num_main_preds", "secondary_tag"}
     assert sum(v["n"] for v in saved["by_tag"]["collapsed_tag"].values()) == 16
@@ -145,26 +151,6 @@ def test_winoground_official_file_through_model_group(world, tmp_path):
     pairs = [wino.pair(e, c, i) for e in range(len(wino)) for c in (0, 1) for i in (0, 1)]
     torch.testing.assert_close(scores.float(), slow_score(reference.eval(), pairs, "itm").view(-1, 2, 2),
                                atol=1e-5, rtol=0)
-
-
-def test_winoground_data_layer_inputs_match_datamodule(world):
-    """The command line reads the same Winoground texts and test split as training's datamodule."""
-    from cacr.data.datamodule import RetrievalDataModule
-
-    _, data = world
-    cfg = make_cfg("retrieval", data)
-    dm = RetrievalDataModule.from_config(cfg.data)
-    dm.setup()
-    files = cli.data_files(cfg.data)
-    tok = cli.load_tokenizer(files)
-    wino = WinogroundSet(files.winoground_examples, files.winoground_regions, tok, cli.region_caps(cfg.data))
-    assert all(torch.equal(a, b) for x, y in zip(wino.texts, dm.winoground.texts) for a, b in zip(x, y))
-    ours, theirs = cli.retrieval_split(cfg.data, "test"), dm.split("test")
-    assert ours.caption_ids == theirs.caption_ids and ours.image_ids == theirs.image_ids
-    assert torch.equal(ours.txt2img, theirs.txt2img)
-    assert all(torch.equal(a, b) for a, b in zip(ours.texts, theirs.texts))
-    for j in range(ours.num_images):
-        assert all(torch.equal(a, b) for a, b in zip(ours.image(j), theirs.image(j)))
 
 
 # --------------------------------------------------------------------------- Winoground from score files
@@ -322,7 +308,7 @@ def test_retrieval_checkpoint_saved_matrix_and_recompute(world, ckpt, tmp_path, 
                                         "progress=false", "device=cpu", "batch_size=33"])
     res = cli.run_retrieval(cfg)
     m = load_score_matrix(matrix)
-    split = cli.retrieval_split(cfg.data, "test")
+    split = open_data(cfg.data).split("test")
     assert m.caption_ids == split.caption_ids and m.image_ids == split.image_ids
     assert m.scores.shape == (50, 10)
     model = load_model(ckpt)
@@ -338,6 +324,75 @@ def test_retrieval_checkpoint_saved_matrix_and_recompute(world, ckpt, tmp_path, 
     printed = capsys.readouterr().out
     assert printed.count("| model | captions | images | IR R@1 |") == 2
     assert f"| m | 50 | 10 | {expected['ir_r1']:.2f} |" in printed
+
+
+# --------------------------------------------------------------------------- precision, output folders
+
+
+def test_bf16_option_resolved_with_the_cpu_flags():
+    from cacr.evaluation.inputs import scoring_bf16
+
+    cpu = torch.device("cpu")
+    assert scoring_bf16("auto", cpu, flags={"avx2", "fma"}) == \
+        (False, "auto: CPU without AVX-512 BF16 or AMX (bf16 would be emulated, slower than fp32)")
+    assert scoring_bf16("auto", cpu, flags={"avx2", "avx512_bf16"}) == \
+        (True, "auto: CPU with native bf16 matrix support (avx512_bf16)")
+    assert scoring_bf16("auto", cpu, flags={"amx_bf16"})[0] is True
+    assert scoring_bf16("auto", torch.device("cuda", 0), flags=set()) == (True, "auto: CUDA device")
+    assert scoring_bf16(True, cpu, flags=set()) == (True, "set explicitly")
+    assert scoring_bf16("false", cpu, flags={"amx_bf16"}) == (False, "set explicitly")
+    with pytest.raises(cli.ConfigError, match="bf16='fast': expected true, false or auto"):
+        scoring_bf16("fast", cpu)
+
+
+def test_bf16_auto_is_the_default_and_recorded(world, ckpt, tmp_path, caplog):
+    from cacr.precision import resolve_bf16
+
+    _, data = world
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="retrieval", overrides=data + [f"ckpt_path={ckpt}", f"output={tmp_path}",
+                                                                 "progress=false", "device=cpu"])
+    assert cfg.bf16 == "auto"
+    with caplog.at_level("INFO"):
+        res = cli.run_retrieval(cfg)
+    use, why = resolve_bf16("auto", "cpu")  # this machine's CPU flags
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (res["bf16"], res["bf16_reason"]) == (saved["bf16"], saved["bf16_reason"]) == (use, why)
+    assert f"scoring in {'bf16' if use else 'fp32'} ({why})" in caplog.text
+
+
+def test_overwrite_key_replaces_earlier_outputs(tmp_path):
+    ex = hand_examples(tmp_path / "examples.jsonl")
+    scores = hand_scores(tmp_path / "mine.jsonl", HAND)
+    run = ["scorer=file", f"scores={scores}", f"examples={ex}", f"output={tmp_path / 'out'}", "n_boot=10"]
+    cli.run_winoground(make_cfg("winoground", run))
+    assert exit_message("winoground", run) == (
+        f"eval_winoground.py: output={tmp_path / 'out' / 'results.json'}: exists; pass overwrite=true to replace it, "
+        f"or give another output=DIR")
+    assert cli.run_winoground(make_cfg("winoground", run + ["overwrite=true"]))["n"] == 4
+
+
+def test_default_output_dirs_never_collide(tmp_path, monkeypatch):
+    """Two evaluator runs started in the same second get two folders (``-1``), made as
+    train.py makes its default run directories; every evaluator config resolves through it."""
+    from cacr import outputs
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(outputs, "_fresh", {})
+    first = outputs.fresh_dir("outputs/eval_winoground/d/t")
+    assert outputs.fresh_dir("outputs/eval_winoground/d/t") == first  # Hydra resolves it more than once
+    monkeypatch.setattr(outputs, "_fresh", {})  # a second process, the same second
+    second = outputs.fresh_dir("outputs/eval_winoground/d/t")
+    assert first == str(tmp_path / "outputs/eval_winoground/d/t") and second == first + "-1"
+    assert Path(first).is_dir() and Path(second).is_dir()
+
+    outputs.register_output_dir_resolver()
+    for name in ("winoground", "retrieval", "multiple_choice"):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose(config_name=name, return_hydra_config=True)
+        run_dir = Path(cfg.hydra.run.dir)
+        assert run_dir.is_dir() and run_dir.parent.parent == tmp_path / "outputs" / f"eval_{name}"
+        assert cfg.overwrite is False and cfg.bf16 == "auto"
 
 
 # --------------------------------------------------------------------------- 1 vs 2 processes

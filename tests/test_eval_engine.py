@@ -9,7 +9,7 @@ import torch
 
 from cacr.evaluation.engine import score_matrix, score_pairs, score_winoground
 from cacr.evaluation.retrieval_metrics import retrieval_metrics
-from cacr.model import PairExample, UniterCollator, collate
+from cacr.model import PairExample, collate
 
 sys.path.insert(0, str(Path(__file__).parent / "ddp_scripts"))
 from eval_problem import ragged_data, tiny_model  # noqa: E402
@@ -32,16 +32,11 @@ def all_pairs(nc, ni):
     return [(c, i) for c in range(nc) for i in range(ni)]
 
 
-@pytest.mark.parametrize("batch_size,layout,builder", [
-    (1, "compact", "store"), (5, "compact", "store"), (64, "compact", "store"), (7, "padded", "store"),
-    (5, "compact", "collate"), (7, "padded", "collate"),
-])
-def test_matches_one_pair_at_a_time(problem, batch_size, layout, builder):
+@pytest.mark.parametrize("batch_size,layout", [(1, "compact"), (5, "compact"), (64, "compact"), (7, "padded")])
+def test_matches_one_pair_at_a_time(problem, batch_size, layout):
     model, captions, images, ref = problem
     pairs = all_pairs(9, 7)
-    collate_fn = UniterCollator(img_dim=16, layout=layout) if builder == "collate" else None
-    got = score_pairs(model.score, pairs, captions, images, batch_size=batch_size, layout=layout,
-                      collate_fn=collate_fn)
+    got = score_pairs(model.score, pairs, captions, images, batch_size=batch_size, layout=layout)
     assert got.dtype == torch.float32 and got.shape == (63,)
     torch.testing.assert_close(got.view(9, 7), ref, atol=ATOL, rtol=0)
     assert ref.std() > 0.1  # the comparison is not between constants
@@ -94,13 +89,12 @@ def test_callable_lookups_fetch_each_item_once(problem):
         score_matrix(model.score, cap, img, num_images=7)
 
 
-def test_itm_head_and_workers(problem):
+def test_itm_head(problem):
     model, captions, images, _ = problem
     with torch.inference_mode():
         ref = torch.stack([model.score(collate([PairExample(captions[c], *images[i])]), head="itm")[0]
                            for c, i in all_pairs(3, 7)])
-    got = score_pairs(functools.partial(model.score, head="itm"), all_pairs(3, 7), captions, images,
-                      batch_size=4, num_workers=1, collate_fn=collate)
+    got = score_pairs(functools.partial(model.score, head="itm"), all_pairs(3, 7), captions, images, batch_size=4)
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
 
 
@@ -157,8 +151,6 @@ def test_errors(problem):
     with pytest.raises(ValueError, match=r"score_fn returned shape \(\)"):
         score_pairs(lambda b: model.score(b).sum(), [(0, 0), (1, 1)], captions, images)
     assert score_pairs(model.score, [], captions, images).shape == (0,)
-    with pytest.raises(ValueError, match="num_workers > 0 needs a collate_fn"):
-        score_pairs(model.score, [(0, 0)], captions, images, num_workers=2)
     with pytest.raises(ValueError, match=r"captions\[0\]: expected 1-d token ids"):
         score_pairs(model.score, [(0, 0)], [torch.tensor([2, 3])], images)
     bad = (images[0][0].clone(), images[0][1])

@@ -199,8 +199,12 @@ def fixture_inputs(tmp_path_factory):
 
 
 def make_cfg(overrides):
+    """Scoring in fp32 unless ``bf16=`` is given (the scores are compared with fp32 twins)."""
+    overrides = list(overrides)
+    if not any(o.startswith("bf16=") for o in overrides):
+        overrides.append("bf16=false")
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="multiple_choice", overrides=list(overrides))
+        return compose(config_name="multiple_choice", overrides=overrides)
 
 
 def set_overrides():
@@ -320,7 +324,7 @@ def test_synthetic_default_agrees_with_winoground(world, ckpt, tmp_path):
     """With no sets, the synthetic world's set (two items per Winoground-format example);
     its scores are the Winoground evaluator's s(c_k, i_k) and s(c_1-k, i_k)."""
     paths, data = world
-    common = data + [f"ckpt_path={ckpt}", "progress=false", "device=cpu", "n_boot=200", "batch_size=6"]
+    common = data + [f"ckpt_path={ckpt}", "progress=false", "device=cpu", "n_boot=200", "batch_size=6", "bf16=false"]
     rec = run_multiple_choice(make_cfg(common + [f"output={tmp_path / 'mc'}"]))
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         wcfg = compose(config_name="winoground", overrides=common + [f"output={tmp_path / 'w'}"])
@@ -352,7 +356,8 @@ def test_synthetic_default_agrees_with_winoground(world, ckpt, tmp_path):
 def test_two_processes_match_one(fixture_inputs, tmp_path):
     d, ckpt, _ = fixture_inputs
     common = ["data=flickr30k", f"data.tokenizer={d / 'vocab.txt'}", f"regions={d / 'regions.h5'}",
-              f"ckpt_path={ckpt}", "progress=false", "device=cpu", "n_boot=300", "batch_size=4"] + set_overrides()
+              f"ckpt_path={ckpt}", "progress=false", "device=cpu", "n_boot=300", "batch_size=4",
+              "bf16=false"] + set_overrides()
     one = run_multiple_choice(make_cfg(common + [f"output={tmp_path / 'p1'}"]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            str(REPO / "eval_multiple_choice.py"), *common, f"output={tmp_path / 'p2'}", f"hydra.run.dir={tmp_path / 'h'}"]

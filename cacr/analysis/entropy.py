@@ -103,8 +103,7 @@ def winoground_entropies(model: nn.Module, wino, *, pairs: str = "matched", norm
         per_pair = [pair_entropies(atts[4 * e + combos.index(ci)]) for ci in used]
         entropies.append({d: float(np.mean([h[d] for h in per_pair])) for d in DIRECTIONS})
     ex = wino.examples[:N]
-    return example_records([str(x["id"]) for x in ex], [str(x.get("collapsed_tag", "")) for x in ex], scores,
-                           entropies)
+    return example_records([x.key for x in ex], [x.collapsed_tag for x in ex], scores, entropies)
 
 
 def _corr(fn, x: np.ndarray, y: np.ndarray):
@@ -191,8 +190,7 @@ def entropy_scatter(records: Sequence[ExampleEntropy], rows: Sequence[Dict[str, 
 
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
-    from cacr.data import WinogroundSet
-    from cacr.evaluation.cli import check_inputs, region_caps, winoground_inputs
+    from cacr.evaluation.inputs import check_inputs, winoground_inputs
     from cacr.evaluation.scorefile import atomic_write_text, write_results_json
 
     from . import inputs, pictures
@@ -200,9 +198,9 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     out_dir = Path(args.out)
     src = inputs.open_sources(args.ckpt, args.overrides, device=args.device)
     examples_path, regions_path, _ = winoground_inputs(src.cfg, need_regions=True)
-    wino = WinogroundSet(examples_path, regions_path, src.tokenizer, region_caps(src.cfg.data), in_memory=True)
+    wino = src.data.winoground(examples_path, regions_path, in_memory=True)
     check_inputs(src.model, [t for pair in wino.texts for t in pair],
-                 [f"example {ex['id']!r} caption_{c}" for ex in wino.examples for c in (0, 1)],
+                 [f"example {ex.id!r} caption_{c}" for ex in wino.examples for c in (0, 1)],
                  wino.regions.feature_dim, str(examples_path))
     records = winoground_entropies(src.model, wino, pairs=args.pairs, normalisation=args.normalisation,
                                    score_head=src.head, batch_size=args.batch_size, device=src.device,

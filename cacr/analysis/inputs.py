@@ -2,9 +2,10 @@
 
 Everything is read from the configuration ``eval_winoground.py`` reads
 (``conf/winoground.yaml`` and its data config, with the same ``key=value`` overrides) and
-through the same helpers (``cacr.evaluation.cli``): the model from ``ckpt_path`` (a
-``.ckpt`` of ``train.py``) or a model option, the tokenizer and region caps of the data
-config, and its Winoground-format set (the synthetic world's by default). A pair is a
+through the same readers: the model from ``ckpt_path`` (a ``.ckpt`` of ``train.py``) or a
+model option (:mod:`cacr.evaluation.inputs`), the tokenizer and region caps of the data
+config (:func:`cacr.data.sources.open_data`), and its Winoground-format set (the synthetic
+world's by default). A pair is a
 Winoground-format example's (caption, image), or any caption with any image of a regions
 file. Its background picture is an image file when given, else, for the synthetic world,
 its scene rendered by ``cacr.data.render`` after checking that the scene's boxes are the
@@ -13,7 +14,6 @@ regions file's boxes.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from cacr.data.sources import OpenedData
 from cacr.model import PairExample
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -39,6 +40,7 @@ class Sources:
     name: str
     device: torch.device
     head: str  # rank | itm: the score shown with each pair
+    data: OpenedData  # the data config's files
     tokenizer: object
 
 
@@ -79,20 +81,22 @@ def compose_config(ckpt: Optional[str], overrides: Sequence[str]) -> DictConfig:
 
 
 def open_sources(ckpt: Optional[str], overrides: Sequence[str], device: str = "auto") -> Sources:
-    from cacr.evaluation.cli import build_model, check_head, data_files, load_tokenizer, select_device
+    from cacr.data.sources import open_data
+    from cacr.evaluation.inputs import build_model, check_head, select_device
 
     cfg = compose_config(ckpt, overrides)
     dev = select_device(device)
     model, name = build_model(cfg, dev)
-    return Sources(cfg, model, name, dev, check_head(cfg.head), load_tokenizer(data_files(cfg.data)))
+    data = open_data(cfg.data)
+    return Sources(cfg, model, name, dev, check_head(cfg.head), data, data.tokenizer)
 
 
 def synthetic_scenes(cfg: DictConfig, which: str) -> Optional[Path]:
     """The synthetic world's ``scenes.jsonl`` (``which``: winoground | main), None for other data."""
     if cfg.data.source != "synthetic":
         return None
+    from cacr.data.sources import data_files
     from cacr.data.synthetic import SyntheticPaths
-    from cacr.evaluation.cli import data_files
 
     paths = SyntheticPaths.under(data_files(cfg.data).regions.parent)
     return paths.winoground_scenes if which == "winoground" else paths.scenes
@@ -121,14 +125,13 @@ def _words(tokenizer, ids: Sequence[int]) -> List[str]:
 def winoground_pairs(src: Sources, example_id: str, which: str = "matched",
                      scenes: Optional[str] = None) -> List[Pair]:
     """The pairs of Winoground-format example ``example_id``: matched (c0, i0), (c1, i1) or all four."""
-    from cacr.data import WinogroundSet
-    from cacr.evaluation.cli import check_inputs, region_caps, winoground_inputs
+    from cacr.evaluation.inputs import check_inputs, winoground_inputs
 
     if which not in ("matched", "all"):
         raise ValueError(f"pairs must be 'matched' or 'all', got {which!r}")
     examples_path, regions_path, _ = winoground_inputs(src.cfg, need_regions=True)
-    wino = WinogroundSet(examples_path, regions_path, src.tokenizer, region_caps(src.cfg.data), in_memory=False)
-    ids = [str(ex["id"]) for ex in wino.examples]
+    wino = src.data.winoground(examples_path, regions_path, in_memory=False)
+    ids = [ex.key for ex in wino.examples]
     if str(example_id) not in ids:
         raise KeyError(f"{examples_path}: no example with id {example_id!r} (ids {', '.join(ids[:5])}, ...)")
     e = ids.index(str(example_id))
@@ -141,9 +144,10 @@ def winoground_pairs(src: Sources, example_id: str, which: str = "matched",
     out = []
     for c, i in combos:
         pair = wino.pair(e, c, i)
-        image_id = ex[f"image_{i}"]
+        image_id = getattr(ex, f"image_{i}")
         out.append(Pair(pair, _words(src.tokenizer, pair.input_ids.tolist()),
-                        label=f"example {example_id}: caption_{c} {ex[f'caption_{c}']!r} / image_{i} ({image_id})",
+                        label=f"example {example_id}: caption_{c} {getattr(ex, f'caption_{c}')!r} / image_{i} "
+                              f"({image_id})",
                         stem=f"ex{example_id}_c{c}_i{i}", image_id=image_id,
                         scene=_scene(Path(scenes) if scenes else None, image_id, pair.img_pos_feat),
                         scene_source=str(scenes) if scenes else None))
@@ -154,17 +158,17 @@ def free_pair(src: Sources, text: str, image_id: str, regions: Optional[str] = N
               scenes: Optional[str] = None) -> Pair:
     """Any caption with image ``image_id`` of ``regions`` (default: the data config's regions file)."""
     from cacr.data import open_regions
-    from cacr.evaluation.cli import check_inputs, data_files, region_caps
+    from cacr.evaluation.inputs import check_inputs
     from cacr.paths import resolve_path
 
     if not text.strip():
         raise ValueError("--text is empty")
-    path = resolve_path(regions) if regions else data_files(src.cfg.data).regions
+    path = resolve_path(regions) if regions else src.data.files.regions
     if path is None:
         raise ValueError("no regions file: give --regions PATH or a data config with data.regions")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: regions file not found")
-    store = open_regions(path, region_caps(src.cfg.data), in_memory=False)
+    store = open_regions(path, src.data.caps, in_memory=False)
     feat, box = store.get(store.index(image_id))
     tok = src.tokenizer
     ids = torch.tensor(tok.with_specials(tok.encode(text)), dtype=torch.long)

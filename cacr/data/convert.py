@@ -31,6 +31,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from cacr.winoground import read_winoground_examples
+
 from .datasets import winoground_problems
 from .formats import FormatError, RegionsFile, RegionsWriter, write_captions
 from .tokenizer import WordPieceTokenizer
@@ -443,7 +445,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out = convert_karpathy(args.json, args.out, WordPieceTokenizer.load(args.tokenizer),
                                    args.image_id_format, regions=args.regions)
         else:
-            problems = winoground_problems(args.examples, args.regions)
+            problems = winoground_problems(read_winoground_examples(args.examples),
+                                           RegionsFile(args.regions).image_ids, args.regions)
             for p in problems[:MAX_SHOWN]:
                 print(p)
             if len(problems) > MAX_SHOWN:

@@ -1,9 +1,8 @@
 """Region sources (lazy HDF5, in-memory store), retrieval splits, training pools with negative
-sampling, evaluation pair sets with exact DDP sharding, and the Winoground-format set.
+sampling, and the Winoground-format set.
 
-Items are ``cacr.model.PairExample`` (``input_ids`` with [CLS]/[SEP]); datasets that the
-training or evaluation code needs to locate add the caption and image indices
-(``IndexedPair``), batched by ``IndexedCollator`` around ``cacr.model.UniterCollator``.
+A pair is a ``cacr.model.PairExample`` (``input_ids`` with [CLS]/[SEP]); training and
+evaluation batch pairs from a ``cacr.model.PairStore`` built from these objects.
 
 Negatives (docs/reference.md §2): for a positive caption ``t`` the candidate images are every image of
 the split except ``t``'s own; for a positive image ``j`` the candidate captions are every
@@ -17,16 +16,14 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
-from cacr.model import PairExample, UniterBatch, UniterCollator
-from cacr.winoground import EXAMPLE_FIELDS
-from cacr.winoground import read_winoground_examples as read_examples
+from cacr.model import PairExample
+from cacr.winoground import WinogroundExample, read_winoground_examples
 
 from .formats import CaptionsTable, FormatError, RegionsFile
 
@@ -331,131 +328,49 @@ class TrainPools:
         return self.positives.to(device)[r.topk(k, dim=1).indices]
 
 
-class IndexedPair(NamedTuple):
-    example: PairExample
-    txt_index: int
-    img_index: int
-
-
-class IndexedBatch(NamedTuple):
-    batch: UniterBatch
-    txt_index: Tensor  # (B,) long, caption index within the split
-    img_index: Tensor  # (B,) long, image index within the split
-
-    def to(self, device, non_blocking: bool = False) -> "IndexedBatch":
-        return IndexedBatch(self.batch.to(device, non_blocking), self.txt_index.to(device, non_blocking),
-                            self.img_index.to(device, non_blocking))
-
-
-class IndexedCollator:
-    """Picklable: collates ``IndexedPair``s with a ``UniterCollator`` and keeps their indices."""
-
-    def __init__(self, collator: UniterCollator):
-        self.collator = collator
-
-    def __call__(self, items: Sequence[IndexedPair]) -> IndexedBatch:
-        return IndexedBatch(self.collator([it.example for it in items]),
-                            torch.tensor([it.txt_index for it in items], dtype=torch.long),
-                            torch.tensor([it.img_index for it in items], dtype=torch.long))
-
-
-class PositivePairs(Dataset):
-    """Training items: the kept (caption, own image) pairs."""
-
-    def __init__(self, pools: TrainPools):
-        self.pools = pools
-        self._pos = pools.positives.tolist()
-
-    def __len__(self) -> int:
-        return len(self._pos)
-
-    def __getitem__(self, n: int) -> IndexedPair:
-        t = self._pos[n]
-        j = int(self.pools.txt2img[t])
-        return IndexedPair(self.pools.split.pair(t, j), t, j)
-
-
-# ------------------------------------------------------------------ evaluation
-
-
-def shard_rows(n: int, rank: int, world_size: int) -> range:
-    """Rank ``rank``'s contiguous share of ``n`` rows; the shares cover each row exactly once."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside [0, {world_size})")
-    return range(n * rank // world_size, n * (rank + 1) // world_size)
-
-
-class AllPairs(Dataset):
-    """Every (caption, image) pair of ``txt_rows`` x ``img_rows``, caption-major."""
-
-    def __init__(self, split: RetrievalSplit, txt_rows: Optional[Sequence[int]] = None,
-                 img_rows: Optional[Sequence[int]] = None):
-        self.split = split
-        self.txt_rows = list(range(split.num_texts) if txt_rows is None else txt_rows)
-        self.img_rows = list(range(split.num_images) if img_rows is None else img_rows)
-
-    def __len__(self) -> int:
-        return len(self.txt_rows) * len(self.img_rows)
-
-    def __getitem__(self, n: int) -> IndexedPair:
-        t = self.txt_rows[n // len(self.img_rows)]
-        j = self.img_rows[n % len(self.img_rows)]
-        return IndexedPair(self.split.pair(t, j), t, j)
-
-
 # ------------------------------------------------------------------ Winoground
 
 
-def read_winoground_examples(path) -> List[dict]:
-    """The examples of a Winoground-format ``examples.jsonl`` as dicts (validated by
-    :func:`cacr.winoground.read_winoground_examples`; extra keys kept)."""
-    return [{**ex.extra, **{k: getattr(ex, k) for k in EXAMPLE_FIELDS}} for ex in read_examples(path)]
-
-
-def winoground_problems(examples_path, regions_path) -> List[str]:
-    """Every Winoground example whose image is missing from the regions file (``[]`` if none)."""
-    examples = read_winoground_examples(examples_path)
-    known = set(RegionsFile(regions_path).image_ids)
-    return [f"example {ex['id']!r}: image {ex[k]!r} ({k}) missing from {regions_path}"
-            for ex in examples for k in ("image_0", "image_1") if ex[k] not in known]
+def winoground_problems(examples: Sequence[WinogroundExample], image_ids, where) -> List[str]:
+    """Every example whose image is not among ``image_ids`` (those of the regions file
+    ``where``), ``[]`` if none."""
+    known = set(image_ids)
+    return [f"example {ex.id!r}: image {getattr(ex, k)!r} ({k}) missing from {where}"
+            for ex in examples for k in ("image_0", "image_1") if getattr(ex, k) not in known]
 
 
 class WinogroundSet:
-    """Winoground-format examples with their regions; ``pair(e, c, i)`` = (caption_c, image_i) of example e."""
+    """Winoground-format examples (:class:`cacr.winoground.WinogroundExample`, as read from
+    ``examples.jsonl``) with their regions and tokenized captions.
+
+    ``texts[e][c]``: caption ``c`` of example ``e`` as ``[CLS] w.. [SEP]``;
+    ``image_rows[2e + i]``: the row of example ``e``'s ``image_i`` in ``regions``;
+    ``pair(e, c, i)``: the pair (caption_c, image_i) of example ``e``.
+    """
 
     def __init__(self, examples_path, regions_path, tokenizer, caps: Optional[RegionCaps] = RegionCaps(),
                  in_memory: bool = True):
-        self.examples = read_winoground_examples(examples_path)
-        problems = winoground_problems(examples_path, regions_path)
+        self.examples: List[WinogroundExample] = read_winoground_examples(examples_path)
+        self.regions = open_regions(regions_path, caps, in_memory)
+        problems = winoground_problems(self.examples, self.regions.image_ids, regions_path)
         if problems:
             raise FormatError(examples_path, problems)
-        self.regions = open_regions(regions_path, caps, in_memory)
-        self.texts = [[torch.tensor(tokenizer.with_specials(tokenizer.encode(ex[f"caption_{c}"])), dtype=torch.long)
-                       for c in (0, 1)] for ex in self.examples]
-        for ex, (t0, t1) in zip(self.examples, self.texts):
-            for c, t in ((0, t0), (1, t1)):
+        self.image_rows = torch.tensor([self.regions.index(getattr(ex, f"image_{i}"))
+                                        for ex in self.examples for i in (0, 1)], dtype=torch.long)  # (2N,)
+        self.texts = [[torch.tensor(tokenizer.with_specials(tokenizer.encode(getattr(ex, f"caption_{c}"))),
+                                    dtype=torch.long) for c in (0, 1)] for ex in self.examples]
+        for ex, pair in zip(self.examples, self.texts):
+            for c, t in enumerate(pair):
                 if t.numel() < 3:
-                    raise FormatError(examples_path, [f"example {ex['id']!r}: caption_{c} has no word pieces"])
+                    raise FormatError(examples_path, [f"example {ex.id!r}: caption_{c} has no word pieces"])
 
     def __len__(self) -> int:
         return len(self.examples)
 
+    def image(self, i: int) -> Tuple[Tensor, Tensor]:
+        """``(features, boxes)`` of image ``i = 2e + j``: example ``e``'s ``image_j``."""
+        return self.regions.get(int(self.image_rows[i]))
+
     def pair(self, e: int, c: int, i: int) -> PairExample:
-        feat, box = self.regions.get(self.regions.index(self.examples[e][f"image_{i}"]))
+        feat, box = self.image(2 * e + i)
         return PairExample(self.texts[e][c], feat, box)
-
-
-class WinogroundPairs(Dataset):
-    """The 4 pairs of every example as ``IndexedPair(example, txt_index=2e+c, img_index=2e+i)``."""
-
-    def __init__(self, wino: WinogroundSet, examples: Optional[Sequence[int]] = None):
-        self.wino = wino
-        self.rows = list(range(len(wino)) if examples is None else examples)
-
-    def __len__(self) -> int:
-        return 4 * len(self.rows)
-
-    def __getitem__(self, n: int) -> IndexedPair:
-        e = self.rows[n // 4]
-        c, i = divmod(n % 4, 2)
-        return IndexedPair(self.wino.pair(e, c, i), 2 * e + c, 2 * e + i)

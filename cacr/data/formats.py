@@ -69,11 +69,11 @@ def _str_array(values: Iterable[str]) -> np.ndarray:
     return np.array([str(v) for v in values], dtype=object)
 
 
-def strings_digest(values: Iterable) -> str:
+def strings_digest(values: Iterable[str]) -> str:
     """SHA-256 of a string column (HDF5 filters cannot checksum variable-length strings)."""
     h = hashlib.sha256()
     for v in values:
-        h.update((v.decode() if isinstance(v, bytes) else str(v)).encode("utf-8"))
+        h.update(str(v).encode("utf-8"))
         h.update(b"\0")
     return h.hexdigest()
 
@@ -85,14 +85,17 @@ def _write_strings(f: h5py.File, name: str, values) -> None:
 
 
 def read_strings(f: h5py.File, name: str, path) -> List[str]:
-    """A string column, checked against its stored digest when it has one."""
+    """A string column (decoded by h5py's ``asstr``), checked against its stored digest when
+    it has one."""
     ds = f[name]
+    if ds.dtype.kind not in "OSU":
+        raise FormatError(path, [f"dataset {name!r}: {ds.dtype} values, expected utf-8 strings"])
     try:
-        values = [s.decode() if isinstance(s, bytes) else s for s in ds[:]]
+        values = ds.asstr()[:].tolist()
     except (OSError, UnicodeDecodeError) as e:
         raise FormatError(path, [f"dataset {name!r}: unreadable bytes ({e}); the file is corrupted"]) from None
     want = ds.attrs.get(DIGEST_ATTR)
-    if want is not None and strings_digest(values) != (want.decode() if isinstance(want, bytes) else want):
+    if want is not None and strings_digest(values) != str(want):
         raise FormatError(path, [f"dataset {name!r}: content differs from its stored SHA-256; the file is corrupted"])
     return values
 

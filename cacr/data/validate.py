@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from cacr.errors import EXPECTED, exit_on_error
+from cacr.winoground import read_winoground_examples
 
-from .datasets import read_winoground_examples
+from .datasets import winoground_problems
 from .formats import FormatError, RegionsFile, check_captions_file, check_regions_file, file_kind, group_problems
 
 
@@ -50,9 +51,7 @@ def validate(paths: Sequence) -> Dict[str, List[str]]:
         elif k == "winoground":
             try:
                 exs = read_winoground_examples(p)
-                out[p] = [] if known is None else group_problems([
-                    f"example {ex['id']!r}: image {ex[f]!r} ({f}) missing from {region_files}"
-                    for ex in exs for f in ("image_0", "image_1") if ex[f] not in known])
+                out[p] = [] if known is None else group_problems(winoground_problems(exs, known, region_files))
             except ValueError as e:  # the first problem, with file, line and id
                 out[p] = [str(e)]
         elif k != "regions":

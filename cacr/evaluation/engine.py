@@ -23,10 +23,9 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cacr.model.batch import PairExample, UniterBatch
+from cacr.model.batch import UniterBatch
 from cacr.model.pair_store import PairStore
 
 from .distributed import gather_shards, rank_and_world_size, shard_range
@@ -58,27 +57,6 @@ def _as_pairs(pairs) -> Tensor:
     return pairs.long().cpu()
 
 
-def _identity(x):
-    return x
-
-
-class _CollatedBatches(Dataset):
-    """Batch ``b`` = the pairs ``order[b*B:(b+1)*B]``, collated from the fetched items."""
-
-    def __init__(self, cap_pos, img_pos, order, batch_size, captions, images, collate_fn):
-        self.cap_pos, self.img_pos, self.order, self.batch_size = cap_pos, img_pos, order, batch_size
-        self.captions, self.images, self.collate_fn = captions, images, collate_fn
-
-    def __len__(self):
-        return (len(self.order) + self.batch_size - 1) // self.batch_size
-
-    def __getitem__(self, b):
-        idx = self.order[b * self.batch_size:(b + 1) * self.batch_size]
-        examples = [PairExample(self.captions[c], *self.images[i])
-                    for c, i in zip(self.cap_pos[idx].tolist(), self.img_pos[idx].tolist())]
-        return idx, self.collate_fn(examples)
-
-
 def _store_batches(store: PairStore, cap_pos: Tensor, img_pos: Tensor, order: Tensor, batch_size: int):
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -91,12 +69,10 @@ def score_pairs(
     captions: CaptionLookup,
     images: ImageLookup,
     *,
-    collate_fn: Optional[Callable[[Sequence[PairExample]], UniterBatch]] = None,
     layout: str = "compact",
     batch_size: int = 256,
     device: Union[str, torch.device] = "cpu",
     bf16: bool = False,
-    num_workers: int = 0,
     progress: bool = False,
     desc: str = "scoring",
 ) -> Tensor:
@@ -104,20 +80,16 @@ def score_pairs(
     ``(P,)`` float32 scores in the order of ``pairs``.
 
     ``score_fn(batch) -> (B,)`` is e.g. ``functools.partial(model.score, head="rank")``; a
-    model it belongs to must be in eval mode. By default the fetched captions and images
-    are packed once into a :class:`cacr.model.PairStore` on ``device`` and every batch is
-    cut out of it with tensor ops (``layout`` picks the batch layout); with ``collate_fn``
-    (e.g. a :class:`cacr.model.UniterCollator`) batches are collated from
-    :class:`PairExample` s instead, in ``num_workers`` DataLoader workers if ``> 0``.
-    ``bf16`` runs the scoring under bf16 autocast on ``device``.
+    model it belongs to must be in eval mode. The fetched captions and images are packed
+    once into a :class:`cacr.model.PairStore` on ``device`` and every batch is cut out of
+    it with tensor ops (``layout`` picks the batch layout; the tests check the batches
+    against ``cacr.model.collate``). ``bf16`` runs the scoring under bf16 autocast on ``device``.
     """
     owner = _owner_module(score_fn)
     if owner is not None and owner.training:
         raise ValueError("score_pairs: the model is in training mode (dropout on); call model.eval() first")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if num_workers and collate_fn is None:
-        raise ValueError("num_workers > 0 needs a collate_fn (the default PairStore path builds batches on the device)")
     pairs = _as_pairs(pairs)
     P = pairs.shape[0]
     out = torch.empty(P, dtype=torch.float32)
@@ -150,16 +122,8 @@ def score_pairs(
     num_bb = torch.tensor([f.shape[0] for f, _ in img_items])[img_pos]  # (P,)
     order = torch.argsort(txt_len + num_bb, descending=True, stable=True)  # (P,)
 
-    if collate_fn is None:
-        store = PairStore.from_examples(cap_items, img_items, layout=layout).to(device)
-        loader = _store_batches(store, cap_pos, img_pos, order, batch_size)
-    else:
-        batches = _CollatedBatches(cap_pos, img_pos, order, batch_size, cap_items, img_items, collate_fn)
-        if num_workers > 0:
-            loader = DataLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers,
-                                collate_fn=_identity, pin_memory=device.type == "cuda")
-        else:
-            loader = (batches[b] for b in range(len(batches)))
+    store = PairStore.from_examples(cap_items, img_items, layout=layout).to(device)
+    loader = _store_batches(store, cap_pos, img_pos, order, batch_size)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     bar = tqdm(total=P, desc=desc, unit="pair", unit_scale=True, disable=not progress, dynamic_ncols=True)
     out = torch.empty(P, dtype=torch.float32, device=device)  # filled on the device: no sync per batch

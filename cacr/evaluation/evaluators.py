@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 from torch import nn
 
+from cacr.distributed import is_main_process
+
 from .engine import score_matrix, score_winoground
 from .retrieval_metrics import retrieval_metrics
-from .scorefile import EXAMPLE_FIELDS, WinogroundExample, example_tag_sets, read_tag_file, save_score_matrix
+from .scorefile import example_tag_sets, read_tag_file, save_score_matrix
 from .winoground_metrics import winoground_results
 
 
@@ -53,7 +55,7 @@ def evaluate_retrieval(
         bf16=bf16,
         progress=progress,
     )
-    if save_scores is not None and _is_rank_zero():
+    if save_scores is not None and is_main_process():
         save_score_matrix(save_scores, scores.cpu(), split.caption_ids, split.image_ids, split.txt2img)
     return retrieval_metrics(scores.cpu(), split.txt2img)
 
@@ -76,31 +78,17 @@ def evaluate_winoground(
     CIs and breakdowns) of a ``cacr.data.datasets.WinogroundSet``; ``extra_tags`` adds
     breakdowns ``{name: {example id: [tags]}}`` beside those of ``tag_files``."""
     device = device or next(model.parameters()).device
-    n = len(wino)
-    rows = [wino.regions.index(ex[f"image_{j}"]) for ex in wino.examples for j in (0, 1)]
     scores = score_winoground(
         _score_fn(model, head),
         lambda c: wino.texts[c // 2][c % 2],
-        lambda i: wino.regions.get(rows[i]),
-        n,
+        wino.image,
+        len(wino),
         batch_size=batch_size,
         device=device,
         bf16=bf16,
         progress=progress,
     )
-    examples = winoground_examples(wino.examples)
-    extra = {name: read_tag_file(path, examples) for name, path in (tag_files or {}).items()}
+    extra = {name: read_tag_file(path, wino.examples) for name, path in (tag_files or {}).items()}
     extra.update(extra_tags or {})
-    results = winoground_results(scores.cpu(), example_tag_sets(examples, extra), n_boot=n_boot, seed=seed)
+    results = winoground_results(scores.cpu(), example_tag_sets(wino.examples, extra), n_boot=n_boot, seed=seed)
     return scores.cpu(), results
-
-
-def winoground_examples(raw: Sequence[Mapping[str, Any]]) -> list:
-    """``WinogroundExample`` records from already validated example dicts."""
-    return [WinogroundExample(**{k: ex[k] for k in EXAMPLE_FIELDS}) for ex in raw]
-
-
-def _is_rank_zero() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

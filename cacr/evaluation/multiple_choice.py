@@ -457,11 +457,12 @@ def default_synthetic_set(examples_jsonl: Path, image_key: str = "stem") -> Mult
 
 def run_multiple_choice(cfg) -> Dict[str, Any]:
     """``eval_multiple_choice.py``: score every set with a model, results on rank 0."""
+    from cacr.data.sources import open_data
     from cacr.paths import resolve_path
 
-    from .cli import (ConfigError, build_model, check_head, check_inputs, check_outputs, data_files, is_rank_zero,
-                      load_tokenizer, region_caps, setup_distributed)
+    from .cli import ConfigError, check_outputs, is_rank_zero, setup_distributed
     from .scorefile import atomic_write_text, write_results_json
+    from .inputs import build_model, check_head, check_inputs, model_file, scoring_bf16
 
     head = check_head(cfg.head)
     n_boot, seed = int(cfg.n_boot), int(cfg.seed)
@@ -470,7 +471,8 @@ def run_multiple_choice(cfg) -> Dict[str, Any]:
     image_key = str(cfg.image_key)
     if image_key not in IMAGE_KEYS:
         raise ConfigError(f"image_key={image_key!r}: expected one of {list(IMAGE_KEYS)}")
-    files = data_files(cfg.data)
+    data = open_data(cfg.data)
+    files = data.files
     regions_cfg = cfg.get("regions")
     specs = dict(cfg.get("sets") or {})
     if specs:
@@ -494,20 +496,19 @@ def run_multiple_choice(cfg) -> Dict[str, Any]:
     for s in sets:
         if not regions[s.name].is_file():
             raise FileNotFoundError(f"regions file {regions[s.name]} (set {s.name!r}) not found")
-    model_file = resolve_path(cfg.ckpt_path) if cfg.get("ckpt_path") else (
-        resolve_path(cfg.model.checkpoint) if cfg.get("model") and cfg.model.get("checkpoint") else None)
-    inputs = [p for s in sets for p in s.files] + list(regions.values()) + [model_file]
+    inputs = [p for s in sets for p in s.files] + list(regions.values()) + [model_file(cfg)]
     out_dir = check_outputs(cfg, ("results.json", "multiple_choice_scores.jsonl", "results.md"), inputs)
 
     device = setup_distributed(cfg.device)
+    bf16, bf16_reason = scoring_bf16(cfg.bf16, device)
     model, name = build_model(cfg, device)
-    tokenizer = load_tokenizer(files)
+    tokenizer = data.tokenizer
     results, lines = {}, []
     for s in sets:
-        data = MultipleChoiceData(s, regions[s.name], tokenizer, region_caps(cfg.data), in_memory=True)
-        check_inputs(model, data.texts, data.caption_names(), data.regions.feature_dim, f"set {s.name!r}")
-        scores, res = evaluate_multiple_choice(model, data, head=head, batch_size=int(cfg.batch_size), device=device,
-                                               bf16=bool(cfg.bf16), progress=bool(cfg.progress) and is_rank_zero(),
+        mc = MultipleChoiceData(s, regions[s.name], tokenizer, data.caps, in_memory=True)
+        check_inputs(model, mc.texts, mc.caption_names(), mc.regions.feature_dim, f"set {s.name!r}")
+        scores, res = evaluate_multiple_choice(model, mc, head=head, batch_size=int(cfg.batch_size), device=device,
+                                               bf16=bf16, progress=bool(cfg.progress) and is_rank_zero(),
                                                n_boot=n_boot, seed=seed)
         res["regions"] = str(regions[s.name])
         results[s.name] = res
@@ -517,7 +518,7 @@ def run_multiple_choice(cfg) -> Dict[str, Any]:
                                      "scores": row[:len(it.captions)], "correct": ok}))
     record = {"model": name, "head": head,
               "checkpoint": str(resolve_path(cfg.ckpt_path or cfg.model.checkpoint)),
-              "sets": results, "n_boot": n_boot, "seed": seed, "bf16": bool(cfg.bf16)}
+              "sets": results, "n_boot": n_boot, "seed": seed, "bf16": bf16, "bf16_reason": bf16_reason}
     if is_rank_zero():
         markdown = results_markdown(name, results)
         write_results_json(out_dir / "results.json", record)

@@ -224,19 +224,3 @@ def collate(
         region_mask=region_mask,
         layout=layout,
     )
-
-
-class UniterCollator:
-    """Picklable collate function for DataLoaders, configured once from the model config."""
-
-    def __init__(self, img_dim: Optional[int] = None, max_txt_positions: Optional[int] = None,
-                 layout: str = "compact"):
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        self.img_dim = img_dim
-        self.max_txt_positions = max_txt_positions
-        self.layout = layout
-
-    def __call__(self, examples: Sequence[PairExample]) -> UniterBatch:
-        return collate(examples, layout=self.layout, img_dim=self.img_dim,
-                       max_txt_positions=self.max_txt_positions)

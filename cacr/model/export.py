@@ -103,25 +103,30 @@ def official_config(cfg: UniterConfig) -> Dict[str, object]:
     return {k: d[k] for k in OFFICIAL_CONFIG_FIELDS}
 
 
-def read_run_checkpoint(path: Union[str, Path]) -> Tuple[UniterConfig, Dict[str, Tensor]]:
+def read_run_checkpoint(path: Union[str, Path], *, label: Optional[str] = None,
+                        official_hint: str = "an official UNITER file needs no export"
+                        ) -> Tuple[UniterConfig, Dict[str, Tensor]]:
     """The model config and the ``model.*`` weights (prefix stripped) of a ``.ckpt`` of this
-    project's ``train.py``."""
+    project's ``train.py``. Errors are one line starting with ``label`` (default: the path,
+    e.g. ``ckpt_path=...`` for a command line); ``official_hint`` says what to do with an
+    official UNITER file instead."""
     path = Path(path)
+    label = label or str(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
+        raise FileNotFoundError(f"{label}: checkpoint not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised as one line naming the file
-        raise ExportError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise ExportError(f"{label}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     hp = obj.get("hyper_parameters") if isinstance(obj, Mapping) else None
     if not isinstance(hp, Mapping) or not isinstance(hp.get("model_config"), Mapping):
-        raise ExportError(f"{path}: no hyper_parameters['model_config'], so not a .ckpt of this project's "
-                          f"train.py (an official UNITER file needs no export)")
+        raise ExportError(f"{label}: no hyper_parameters['model_config'], so not a .ckpt of this project's "
+                          f"train.py ({official_hint})")
     state = obj.get("state_dict")
     state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")} \
         if isinstance(state, Mapping) else {}
     if not state:
-        raise ExportError(f"{path}: its state_dict holds no 'model.' weights")
+        raise ExportError(f"{label}: its state_dict holds no 'model.' weights")
     return UniterConfig.from_dict(hp["model_config"], where=f"{path} model_config"), state
 
 
