@@ -137,12 +137,8 @@ def _trainer_problems(cfg: DictConfig, cuda_available: Optional[bool]) -> List[s
                        f"expected trainer=cpu (or ddp_cpu) on this machine")
         elif _is_int(devices) and cuda_available is None and devices > torch.cuda.device_count():
             out.append(f"trainer.devices={devices}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        if _get(cfg, "data.store_device") not in ("cpu", "cuda", None):
-            out.append(f"data.store_device={_get(cfg, 'data.store_device')}: expected cpu or cuda")
     elif acc not in ("cpu", "auto", "mps", "tpu"):
         out.append(f"trainer.accelerator={acc}: expected cpu, gpu or auto")
-    if acc == "cpu" and _get(cfg, "data.store_device") == "cuda":
-        out.append("data.store_device=cuda: the trainer runs on the CPU (trainer.accelerator=cpu); expected cpu")
     if acc == "cpu" and str(_get(cfg, "trainer.precision", "")).startswith(("16", "bf16")):
         log.warning("trainer.precision=%s on the CPU: bf16 matmuls run 40-150x slower than fp32 there",
                     _get(cfg, "trainer.precision"))

@@ -426,10 +426,10 @@ class RetrievalModule(pl.LightningModule):
 
         wino = self.trainer.datamodule.winoground
         scores, _ = self._evaluate(evaluate_winoground, wino, n_boot=0)
-        dev = [e for e, ex in enumerate(wino.examples) if ex.get("split", "dev") == "dev"]
+        dev = [e for e, ex in enumerate(wino.examples) if ex.extra.get("split", "dev") == "dev"]
         correct = {m: v[dev] for m, v in winoground_correct(scores).items()}
         out = {f"val/wino_{m}": 100.0 * correct[m].double().mean().item() for m in METRICS}
-        tags = [[wino.examples[e]["collapsed_tag"]] for e in dev]
+        tags = [[wino.examples[e].collapsed_tag] for e in dev]
         for tag, res in breakdown(correct, tags, n_boot=0).items():
             out.update({f"val/wino_{tag}_{m}": float(res[m]) for m in METRICS})
         return out
@@ -443,16 +443,14 @@ class RetrievalModule(pl.LightningModule):
             out["retrieval"] = self._evaluate(evaluate_retrieval, dm.split("test"), progress=True,
                                               compile=self.hparams.compile_scoring)
         if winoground and dm.winoground is not None:
-            splits = {str(ex["id"]): [ex["split"]] for ex in dm.winoground.examples if "split" in ex}
+            splits = {ex.key: [ex.extra["split"]] for ex in dm.winoground.examples if "split" in ex.extra}
             scores, res = self._evaluate(evaluate_winoground, dm.winoground, progress=True, n_boot=n_boot,
                                          seed=self.hparams.seed, extra_tags={"split": splits} if splits else None)
             out["winoground"] = res
             if output_dir is not None and self.trainer.is_global_zero:
-                from cacr.evaluation.evaluators import winoground_examples
                 from cacr.evaluation.scorefile import write_score_file
 
-                write_score_file(output_dir / "winoground_scores.jsonl", winoground_examples(dm.winoground.examples),
-                                 scores)
+                write_score_file(output_dir / "winoground_scores.jsonl", dm.winoground.examples, scores)
         return out
 
     def on_train_start(self):

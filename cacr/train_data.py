@@ -132,8 +132,8 @@ class TrainingDataModule(RetrievalDataModule):
         self.num_candidates = num_candidates
 
     @classmethod
-    def from_config(cls, cfg, collator=None, num_candidates: int = 31) -> "TrainingDataModule":
-        dm = super().from_config(cfg, collator=collator)
+    def from_config(cls, cfg, num_candidates: int = 31) -> "TrainingDataModule":
+        dm = super().from_config(cfg)
         dm.num_candidates = num_candidates
         return dm
 

@@ -492,7 +492,7 @@ def test_evaluator_refuses_existing_results_before_scoring(tmp_path, world):
     before = sums(tmp_path)
     with pytest.raises(SystemExit) as e:
         _eval_winoground(world, f"scores={scores}", f"output={out}")
-    assert str(e.value.code) == (f"eval_winoground.py: output={out / 'results.json'}: exists; pass +overwrite=true "
+    assert str(e.value.code) == (f"eval_winoground.py: output={out / 'results.json'}: exists; pass overwrite=true "
                                  f"to replace it, or give another output=DIR")
     assert sums(tmp_path) == before
 
@@ -503,7 +503,7 @@ def test_evaluator_never_writes_onto_its_score_file(tmp_path, world):
     scores = _score_file(out / "winoground_scores.jsonl", world[1].winoground_examples)
     before = sums(tmp_path)
     with pytest.raises(SystemExit, match="is also an input of this command"):
-        _eval_winoground(world, f"scores={scores}", f"output={out}", "+overwrite=true")
+        _eval_winoground(world, f"scores={scores}", f"output={out}", "overwrite=true")
     assert sums(tmp_path) == before
 
 
@@ -523,7 +523,7 @@ def test_evaluator_replaces_results_when_told_and_files_are_0644(tmp_path, world
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.json").write_text("{}\n")
-    res = _eval_winoground(world, f"scores={scores}", f"output={out}", "+overwrite=true")
+    res = _eval_winoground(world, f"scores={scores}", f"output={out}", "overwrite=true")
     assert res["text"] == 100.0 and json.loads((out / "results.json").read_text())["n"] == WORLD["n_winoground"]
     for name in ("results.json", "winoground_scores.jsonl", "results.md"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~rundir_umask()
