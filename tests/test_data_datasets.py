@@ -102,32 +102,28 @@ def test_split_texts_have_specials_and_links(tiny_split):
     assert ex.input_ids.tolist() == [2, 5, 6, 3] and ex.img_feat.shape[1] == 5 and ex.img_pos_feat.shape[1] == 6
 
 
-def test_negative_samplers_never_draw_a_true_match(tiny_split, caplog):
+def test_pools_drop_long_captions_and_negatives_are_never_a_true_match(tiny_split, caplog):
+    from cacr.data.negatives import NegativeSampler
+
     with caplog.at_level(logging.INFO):
         pools = TrainPools(tiny_split, max_txt_len=8)
     assert pools.num_dropped == 1 and "dropped 1 of 13" in caplog.text
     assert 4 not in pools.positives.tolist()
+    sampler = NegativeSampler(pools.txt2img, pools.positives, pools.num_images)  # real data: no scene truth
     g = torch.Generator().manual_seed(0)
-    txt = pools.positives.repeat(20)
-    neg_img = pools.sample_negative_images(txt, 6, g)  # (B, 6): all other images
-    assert neg_img.shape == (len(txt), 6)
-    assert (neg_img != pools.txt2img[txt][:, None]).all()
-    assert all(len(set(r)) == 6 for r in neg_img.tolist())
-    img = torch.arange(7).repeat(30)
+    for t in pools.positives.tolist():
+        neg_img = sampler.images(t, 6, g)  # all other images
+        assert sorted(neg_img.tolist()) == [j for j in range(7) if j != int(pools.txt2img[t])]
     k = 13 - 1 - 3  # kept captions minus the most any image owns
-    neg_txt = pools.sample_negative_texts(img, k, g)
-    assert (pools.txt2img[neg_txt] != img[:, None]).all()
-    assert not (neg_txt == 4).any()  # dropped captions are never negatives
-    assert all(len(set(r)) == k for r in neg_txt.tolist())
+    for j in range(7):
+        neg_txt = sampler.texts(j, k, g)
+        assert (pools.txt2img[neg_txt] != j).all() and len(set(neg_txt.tolist())) == k
+        assert not (neg_txt == 4).any()  # dropped captions are never negatives
     # uniform: each allowed caption is drawn about equally often for image 0
-    few = pools.sample_negative_texts(torch.zeros(6000, dtype=torch.long), 1, g).flatten()
+    few = torch.cat([sampler.texts(0, 1, g) for _ in range(3000)])
     freq = torch.bincount(few, minlength=13).float()
     allowed = [t for t in pools.positives.tolist() if pools.txt2img[t] != 0]
-    assert (freq[allowed] > 6000 / len(allowed) * 0.8).all() and freq.sum() == freq[allowed].sum()
-    with pytest.raises(ValueError, match="only 9 are available"):
-        pools.sample_negative_texts(img, 10, g)
-    with pytest.raises(ValueError, match="has only 6"):
-        pools.sample_negative_images(txt, 7, g)
+    assert (freq[allowed] > 3000 / len(allowed) * 0.7).all() and freq.sum() == freq[allowed].sum()
 
 
 def test_unknown_image_in_split(tmp_path):
@@ -226,7 +222,7 @@ def test_pair_store_batches_equal_collate(tmp_path, in_memory):
     cap = torch.randint(s.num_texts, (9,), generator=g)
     img = torch.randint(s.num_images, (9,), generator=g)
     fast = store.batch(cap, img)
-    slow = collate(s.pairs(cap, img), layout="padded")
+    slow = collate([s.pair(t, j) for t, j in zip(cap.tolist(), img.tolist())], layout="padded")
     for name in ("input_ids", "img_feat", "img_pos_feat", "attn_mask", "txt_lens", "num_bbs", "region_index"):
         torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=0, atol=0, msg=name)
 

@@ -6,9 +6,9 @@ evaluation batch pairs from a ``cacr.model.PairStore`` built from these objects.
 
 Negatives (docs/reference.md §2): for a positive caption ``t`` the candidate images are every image of
 the split except ``t``'s own; for a positive image ``j`` the candidate captions are every
-training caption except ``j``'s captions. ``TrainPools.sample_negative_images`` /
-``sample_negative_texts`` draw ``k`` of them uniformly without replacement (random
-negatives: ``k = 31``; a mining pool: ``k = 399``), batched over positives.
+kept training caption (``TrainPools.positives``) except ``j``'s captions;
+``cacr.data.negatives.NegativeSampler`` draws them (random negatives: ``k = 31``; a mining
+pool: ``k = 399``).
 """
 from __future__ import annotations
 
@@ -148,13 +148,6 @@ class RegionStore:
         return cls(list(file.image_ids), torch.from_numpy(feat).to(device), torch.from_numpy(box).to(device),
                    torch.from_numpy(offsets).to(device))
 
-    def to(self, device) -> "RegionStore":
-        return RegionStore(self.image_ids, self._feat.to(device), self._box.to(device), self.offsets.to(device))
-
-    @property
-    def device(self) -> torch.device:
-        return self._feat.device
-
     def __len__(self) -> int:
         return len(self.image_ids)
 
@@ -231,10 +224,6 @@ class RetrievalSplit:
         feat, box = self.image(j)
         return PairExample(self.texts[t], feat, box)
 
-    def pairs(self, txt_index: Tensor, img_index: Tensor) -> List[PairExample]:
-        """Examples for the pairs ``(txt_index[n], img_index[n])`` (for scoring negatives)."""
-        return [self.pair(t, j) for t, j in zip(txt_index.tolist(), img_index.tolist())]
-
     def subset(self, max_images: Optional[int]) -> "RetrievalSplit":
         """The first ``max_images`` images and all their captions (validation for speed)."""
         if max_images is None or max_images >= self.num_images:
@@ -297,35 +286,10 @@ class TrainPools:
             log.info("training split %r: dropped %d of %d captions longer than max_txt_len=%s word pieces",
                      split.name, self.num_dropped, len(lens), max_txt_len)
         self.txt2img = split.txt2img
-        self._pool_img = split.txt2img[self.positives]  # (P,) image of each pool caption
 
     @property
     def num_images(self) -> int:
         return self.split.num_images
-
-    def sample_negative_images(self, txt_index: Tensor, k: int, generator: Optional[torch.Generator] = None
-                               ) -> Tensor:
-        """``(B, k)`` image indices, uniform without replacement, never caption ``txt_index[b]``'s image."""
-        N = self.split.num_images
-        if k > N - 1:
-            raise ValueError(f"asked for {k} negative images per caption; the split has only {N - 1}")
-        device = generator.device if generator is not None else torch.device("cpu")
-        true = self.txt2img.to(device)[txt_index.to(device)]  # (B,)
-        cand = torch.rand(len(true), N - 1, generator=generator, device=device).topk(k, dim=1).indices
-        return cand + (cand >= true[:, None]).long()  # skip the true image
-
-    def sample_negative_texts(self, img_index: Tensor, k: int, generator: Optional[torch.Generator] = None
-                              ) -> Tensor:
-        """``(B, k)`` caption indices from the kept captions, never a caption of ``img_index[b]``."""
-        device = generator.device if generator is not None else torch.device("cpu")
-        img_index = img_index.to(device)
-        pool_img = self._pool_img.to(device)
-        own = pool_img[None, :] == img_index[:, None]  # (B, P)
-        avail = int((~own).sum(1).min()) if len(img_index) else 0
-        if k > avail:
-            raise ValueError(f"asked for {k} negative captions per image; only {avail} are available")
-        r = torch.rand(own.shape, generator=generator, device=device).masked_fill(own, -1.0)
-        return self.positives.to(device)[r.topk(k, dim=1).indices]
 
 
 # ------------------------------------------------------------------ Winoground

@@ -1,5 +1,7 @@
 """Evaluation: retrieval recalls and Winoground scores, their files, exact DDP sharding and
-batched pair scoring (no imports of the data layer or the training module)."""
+batched pair scoring (none of which imports the data layer or the training module); the
+command lines (``cli``, ``inputs``, ``multiple_choice``) read their data through
+:func:`cacr.data.sources.open_data`."""
 from .distributed import (all_gather_objects, all_gather_rows, gather_shards, rank_and_world_size,
                           shard_bounds, shard_range)
 from .engine import score_matrix, score_pairs, score_winoground
