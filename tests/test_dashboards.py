@@ -84,9 +84,18 @@ def _one_thread(fn, *args):
         torch.set_num_threads(n)
 
 
-def _records(run_dir: Path):
+def _records(run_dir: Path, timeout: float = 30.0):
+    """The records of the run's transaction log, once it is complete: wandb's service may still
+    be writing its tail (up to the ``exit`` record) after ``wandb.finish()`` returns."""
+    import time
+
     (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    return log.parent, list(wandb_records(log))
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(wandb_records(log))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return log.parent, records
+        time.sleep(0.2)
 
 
 def _history(records):
