@@ -173,6 +173,27 @@ def test_bf16_autocast_runs_and_stays_close_to_fp32():
     assert (low.pooled.float() - ref.pooled).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("head", ["rank", "itm"])
+def test_scores_are_not_rounded_to_bf16_under_autocast(head):
+    # Winoground outcomes and rankings turn on score differences of ~0.01 at logits of ~5,
+    # where bf16 steps are 1/32: the pooler and heads run in the weights' precision, so only
+    # the encoder's rounding reaches the scores.
+    model = tiny_model()
+    with torch.no_grad():
+        model.rank_output.bias.fill_(5.0)
+        model.itm_output.bias.copy_(torch.tensor([-2.5, 2.5]))
+    batch = collate(random_examples(64))
+    with torch.no_grad():
+        ref = model.score(batch, head=head)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.score(batch, head=head)
+            out = model(batch)
+    assert low.dtype == out.rank_logits.dtype == out.itm_logits.dtype == out.pooled.dtype == torch.float32
+    on_bf16_grid = low == low.to(torch.bfloat16).float()
+    assert on_bf16_grid.float().mean() < 0.2  # a bf16 head output would lie on the grid everywhere
+    assert (low - ref).abs().max() < 2e-3  # half a bf16 step at 5 is 1.6e-2
+
+
 def test_gradients_reach_every_used_parameter():
     model = tiny_model().train()
     out = model(collate(random_examples(4)), score_rows=torch.arange(4))

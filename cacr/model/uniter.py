@@ -187,7 +187,16 @@ class UniterPooler(nn.Module):
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return torch.tanh(self.dense(hidden[:, 0]))
+        # In the weights' precision even under autocast: a bf16 pooled state and logit would
+        # round scores of magnitude ~5 to steps of 1/32, coarser than the differences
+        # Winoground and the ranking are decided by (the encoder is where bf16 pays).
+        with _full_precision(hidden):
+            return torch.tanh(self.dense(hidden[:, 0].to(self.dense.weight.dtype)))
+
+
+def _full_precision(x: Tensor):
+    """Autocast off for the small head matmuls (pooler, ITM and ranking heads)."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 class UniterModel(nn.Module):
@@ -284,9 +293,11 @@ class UniterForImageTextRetrieval(nn.Module):
     def forward(self, batch: UniterBatch, score_rows: Optional[Tensor] = None, score_layers=None) -> UniterOutput:
         hidden, pooled, scores = self.uniter(batch, score_rows, score_layers)
         layered = score_layers is not None and scores is not None
+        with _full_precision(pooled):  # pooled is already in the weights' precision
+            rank_logits, itm_logits = self.rank_output(pooled).squeeze(-1), self.itm_output(pooled)
         return UniterOutput(
-            rank_logits=self.rank_output(pooled).squeeze(-1),
-            itm_logits=self.itm_output(pooled),
+            rank_logits=rank_logits,
+            itm_logits=itm_logits,
             pooled=pooled,
             last_hidden=hidden,
             last_scores=None if layered else scores,
@@ -311,9 +322,10 @@ class UniterForImageTextRetrieval(nn.Module):
         """One score per pair: the retrieval logit (``head="rank"``), or for a zero-shot
         UNITER the ITM match logit minus the no-match logit (``head="itm"``)."""
         hidden, pooled, _ = self.uniter(batch)
-        if head == "rank":
-            return self.rank_output(pooled).squeeze(-1)
-        if head == "itm":
-            logits = self.itm_output(pooled)
-            return logits[:, 1] - logits[:, 0]
+        with _full_precision(pooled):  # see UniterPooler: scores keep the weights' precision
+            if head == "rank":
+                return self.rank_output(pooled).squeeze(-1)
+            if head == "itm":
+                logits = self.itm_output(pooled)
+                return logits[:, 1] - logits[:, 0]
         raise ValueError(f"head must be 'rank' or 'itm', got {head!r}")
