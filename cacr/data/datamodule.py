@@ -20,7 +20,7 @@ import torch
 from cacr.model import PairStore, boxes_to_7d
 from cacr.paths import resolve_path
 
-from .datasets import RegionCaps, RegionStore, RetrievalSplit, TrainPools, WinogroundSet
+from .datasets import RegionStore, RetrievalSplit, TrainPools, WinogroundSet
 from .negatives import NegativeSampler, SceneTruth, truth_for_split
 from .sources import open_data, synthetic_config
 from .synthetic import SyntheticConfig, ensure_synthetic, load_scenes
@@ -60,10 +60,8 @@ class RetrievalDataModule(pl.LightningDataModule):
                                                             winoground_regions=winoground_regions).items()}
         self.vocab_size, self.img_dim = int(vocab_size), int(img_dim)
         self.split_names = dict(train=train_split, val=val_split, test=test_split)
-        self.caps = RegionCaps(conf_th, min_bb, max_bb)
         self.max_txt_len = max_txt_len
-        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        self.in_memory = in_memory
+        self.batch_size, self.num_workers = batch_size, num_workers  # data.eval_batch_size is module.eval_batch_size's
         self.val_max_images = val_max_images
         self.seed = seed
         self.p_hard = float(p_hard)
