@@ -22,12 +22,17 @@ an align-before-fuse term (in the spirit of ALBEF's contrastive loss before fusi
 token-level): an in-batch InfoNCE on ``mean over a caption's words of the best cosine
 similarity with a region of the image``, on the embedding layer's outputs, which gets a
 from-scratch model off the plateau where its score ignores the pair. Both are off in the
-paper settings.
+paper settings. The losses themselves are tensor functions in :mod:`cacr.losses`.
+
+What the module trains and evaluates on is given to it by :meth:`RetrievalModule.attach`
+(``cacr.train`` passes the data module's training pairs, validation and test splits,
+Winoground-format set and tokenizer); it never reads the trainer's data module.
 
 Everything in the step is batched over positives; no host synchronisation is needed.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from typing import Any, Dict, Optional, Sequence, Union
@@ -37,38 +42,9 @@ import torch
 from torch import Tensor
 
 from cacr.evaluation.evaluators import evaluate_retrieval, evaluate_winoground
+from cacr.losses import alignment_loss, ranking_loss, softmax_ranking_loss
 from cacr.model import MlmHead, PairStore, UniterBatch, UniterForImageTextRetrieval
 from cacr.regularizers import Regularizer
-
-
-def ranking_loss(pos: Tensor, neg: Tensor, margin: float) -> Tensor:
-    """Hinge on sigmoid scores: ``pos`` (B,) and ``neg`` (B, ..., k) logits."""
-    s_pos = pos.float().sigmoid().view(pos.shape[0], *([1] * (neg.dim() - 1)))
-    return (margin + neg.float().sigmoid() - s_pos).clamp(min=0).mean()
-
-
-def softmax_ranking_loss(pos: Tensor, neg: Tensor) -> Tensor:
-    """Cross-entropy of the positive against its group of negatives, on logits: ``pos`` (B,),
-    ``neg`` (B, ..., k). Unlike the sigmoid hinge it cannot be satisfied by saturating every
-    score, so it also trains a model from scratch (the synthetic world)."""
-    pos = pos.float().view(pos.shape[0], *([1] * (neg.dim() - 1))).expand(*neg.shape[:-1], 1)
-    logits = torch.cat([pos, neg.float()], dim=-1).flatten(0, -2)  # (groups, 1 + k)
-    return torch.nn.functional.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long))
-
-
-def word_region_alignment_logits(words: Tensor, word_mask: Tensor, regions: Tensor, region_mask: Tensor,
-                                  temperature: float) -> Tensor:
-    """In-batch late-interaction scores before fusion: ``s[a, b]`` is the mean over the words of
-    caption ``a`` of their best cosine similarity with a region of image ``b``, over
-    ``temperature``. ``words`` (B, n, H) with ``word_mask`` (B, n); ``regions`` (B, m, H) with
-    ``region_mask`` (B, m). Returns (B, B) logits, captions along the rows."""
-    w = torch.nn.functional.normalize(words.float(), dim=-1)
-    r = torch.nn.functional.normalize(regions.float(), dim=-1)
-    sim = torch.einsum("anh,bmh->abnm", w, r)  # (B, B, n, m)
-    sim = sim.masked_fill(~region_mask[None, :, None, :], float("-inf")).amax(-1)  # (B, B, n)
-    wm = word_mask[:, None, :].to(sim.dtype)  # (B, 1, n)
-    best = (sim.nan_to_num(0.0, neginf=0.0) * wm).sum(-1) / wm.sum(-1).clamp(min=1)  # (B, B)
-    return best / temperature
 
 
 def warmup_linear_decay(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -121,16 +97,37 @@ class RetrievalModule(pl.LightningModule):
         # UNITER's masked-language-modelling head (official name cls.predictions), only when used;
         # a checkpoint of this module fine-tunes without it (load_checkpoint skips cls.* keys).
         self.cls = MlmHead(model.config, model.uniter.embeddings.word_embeddings) if mlm_weight > 0 else None
-        self.stores: Dict[str, PairStore] = {}
+        self.stores: Dict[str, PairStore] = {}  # on the module's device, by split
+        self._attached_stores: Dict[str, PairStore] = {}  # given by attach, moved on first use
+        self.val_split = self.test_split = self.winoground = self.tokenizer = None
         self._mask_token_id: Optional[int] = None
         self._focus_ids: Optional[Tensor] = None
         self._t0: Optional[float] = None
 
-    # ------------------------------------------------------------------ data from the datamodule
+    # ------------------------------------------------------------------ what it trains and evaluates on
+    def attach(self, *, train_store: Optional[PairStore] = None, val_split=None, test_split=None,
+               winoground=None, tokenizer=None) -> "RetrievalModule":
+        """Give the module its data (``cacr.train`` does, from the data module's public
+        attributes): ``train_store`` every training caption and image as a
+        :class:`cacr.model.PairStore` (on the CPU; moved to the module's device on first use),
+        ``val_split`` the (capped) validation split scored at every validation, ``test_split``
+        the split of the final test, ``winoground`` the Winoground-format set (its ``dev`` half
+        at validation with ``val_winoground``, all of it at the end), ``tokenizer`` the data's
+        tokenizer (its ``[MASK]`` id and the ids of ``mlm_focus``, for MLM). Returns the module."""
+        if train_store is not None:
+            self.stores.pop("train", None)
+            self._attached_stores["train"] = train_store
+        self.val_split, self.test_split = val_split, test_split
+        self.winoground, self.tokenizer = winoground, tokenizer
+        return self
+
     def store(self, split: str) -> PairStore:
+        """The pairs of ``split`` on the module's device."""
         if split not in self.stores:
-            dm = self.trainer.datamodule
-            self.stores[split] = dm.pair_store(split).to(self.device)
+            if split not in self._attached_stores:
+                raise ValueError(f"RetrievalModule: no {split} pairs; give them with "
+                                 f"attach({split}_store=...) before fitting (cacr.train does)")
+            self.stores[split] = self._attached_stores.pop(split).to(self.device)
         return self.stores[split]
 
     @property
@@ -279,11 +276,16 @@ class RetrievalModule(pl.LightningModule):
         loss = torch.nn.functional.cross_entropy(logits, target)
         return loss, (logits.argmax(-1) == target).float().mean().detach()
 
+    def _attached_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("RetrievalModule: MLM needs the data's tokenizer; give it with attach(tokenizer=...)")
+        return self.tokenizer
+
     @property
     def focus_token_ids(self) -> Tensor:
         """The ids of ``mlm_focus`` in the data's vocabulary (read on first use)."""
         if self._focus_ids is None:
-            vocab = self.trainer.datamodule.tokenizer.token_to_id
+            vocab = self._attached_tokenizer().token_to_id
             missing = [w for w in self.hparams.mlm_focus if w not in vocab]
             if missing:
                 raise ValueError(f"module.mlm_focus: {missing} are not word pieces of the data's vocabulary")
@@ -294,7 +296,7 @@ class RetrievalModule(pl.LightningModule):
     def mask_token_id(self) -> int:
         """The data's ``[MASK]`` id (read from its tokenizer on first use)."""
         if self._mask_token_id is None:
-            self._mask_token_id = int(self.trainer.datamodule.tokenizer.mask_id)
+            self._mask_token_id = int(self._attached_tokenizer().mask_id)
         return self._mask_token_id
 
     @property
@@ -313,37 +315,15 @@ class RetrievalModule(pl.LightningModule):
         H = x.shape[-1]
         words = x.gather(1, pos.word_index[:, :, None].expand(-1, -1, H))  # (B, n, H)
         regions = x.gather(1, pos.region_index[:, :, None].expand(-1, -1, H))  # (B, m, H)
-        wm, rm = pos.word_mask, pos.region_mask
-        B = words.shape[0]
-        all_words, all_wm, all_regions, all_rm, all_img, rank = words, wm, regions, rm, img, 0
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            from torch.distributed.nn.functional import all_gather
+        return alignment_loss(words, pos.word_mask, regions, pos.region_mask, img, self.hparams.align_temperature,
+                              gather_widths=self.gather_widths())
 
-            store = self.store("train")  # widths every process knows without a sync
-            n, m = store.input_ids.shape[1] - 2, int(store.num_bbs_cpu.max())
-            pad = torch.nn.functional.pad
-            words, wm = pad(words, (0, 0, 0, n - words.shape[1])), pad(wm, (0, n - wm.shape[1]))
-            regions, rm = pad(regions, (0, 0, 0, m - regions.shape[1])), pad(rm, (0, m - rm.shape[1]))
-            # One collective each for the features (with gradient) and the masks: two gathers with
-            # gradient could run their backward exchanges in different orders on different ranks.
-            feats = torch.cat(all_gather(torch.cat([words, regions], dim=1)))  # (G, n + m, H)
-            all_words, all_regions = feats[:, :n], feats[:, n:]
-            with torch.no_grad():
-                masks = torch.cat([wm.long(), rm.long(), img[:, None].long()], dim=1)  # (B, n + m + 1)
-                gathered = [torch.empty_like(masks) for _ in range(dist.get_world_size())]
-                dist.all_gather(gathered, masks)
-                masks = torch.cat(gathered)
-            all_wm, all_rm, all_img = masks[:, :n].bool(), masks[:, n:n + m].bool(), masks[:, -1]
-            rank = dist.get_rank()
-        T = self.hparams.align_temperature
-        target = rank * B + torch.arange(B, device=words.device)  # this process's rows in the global batch
-        t2i = word_region_alignment_logits(words, wm, all_regions, all_rm, T)  # (B, G): captions vs images
-        i2t = word_region_alignment_logits(all_words, all_wm, regions, rm, T).t()  # (B, G): images vs captions
-        same = img[:, None] == all_img[None, :]
-        same[torch.arange(B, device=same.device), target] = False
-        ce = torch.nn.functional.cross_entropy
-        return 0.5 * (ce(t2i.masked_fill(same, float("-inf")), target) + ce(i2t.masked_fill(same, float("-inf")), target))
+    def gather_widths(self):
+        """``(words, regions)``: the widths every process pads its positives to for the
+        alignment loss's DDP gather, known to all without a synchronisation (the training
+        store's caption width less [CLS]/[SEP], and its most regions)."""
+        store = self.store("train")
+        return store.input_ids.shape[1] - 2, int(store.num_bbs_cpu.max())
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int):
         step = self.global_step
@@ -410,10 +390,12 @@ class RetrievalModule(pl.LightningModule):
         return None
 
     def on_validation_epoch_end(self):
-        metrics = self._evaluate(evaluate_retrieval, self.trainer.datamodule.split("val"),
-                                 compile=self.hparams.compile_scoring)
+        if self.val_split is None:
+            raise ValueError("RetrievalModule: validation needs the validation split; give it with "
+                             "attach(val_split=...) (the data has no val split?)")
+        metrics = self._evaluate(evaluate_retrieval, self.val_split, compile=self.hparams.compile_scoring)
         log = {f"val/{k}": float(v) for k, v in metrics.items()}
-        if self.hparams.val_winoground and self.trainer.datamodule.winoground is not None:
+        if self.hparams.val_winoground and self.winoground is not None:
             log.update(self.winoground_dev_metrics())
         # Every rank computed the same gathered metrics: no reduction needed.
         self.log_dict(log, rank_zero_only=False)
@@ -421,37 +403,48 @@ class RetrievalModule(pl.LightningModule):
     def winoground_dev_metrics(self) -> Dict[str, float]:
         """Winoground-format text / image / group / binding, overall and per collapsed tag, on
         the examples of the set's ``dev`` half (all examples when they carry no ``split``): the
-        half one may watch and choose settings on; the ``test`` half is only scored at the end."""
-        from cacr.evaluation.winoground_metrics import METRICS, breakdown, winoground_correct
+        half one may watch and choose settings on; the ``test`` half is only scored at the end,
+        and only the dev examples are scored here."""
+        from cacr.evaluation.winoground_metrics import METRICS
 
-        wino = self.trainer.datamodule.winoground
-        scores, _ = self._evaluate(evaluate_winoground, wino, n_boot=0)
-        dev = [e for e, ex in enumerate(wino.examples) if ex.extra.get("split", "dev") == "dev"]
-        correct = {m: v[dev] for m, v in winoground_correct(scores).items()}
-        out = {f"val/wino_{m}": 100.0 * correct[m].double().mean().item() for m in METRICS}
-        tags = [[wino.examples[e].collapsed_tag] for e in dev]
-        for tag, res in breakdown(correct, tags, n_boot=0).items():
-            out.update({f"val/wino_{tag}_{m}": float(res[m]) for m in METRICS})
+        dev = dev_examples(self.winoground)
+        _, res = self._evaluate(evaluate_winoground, dev, n_boot=0)
+        out = {f"val/wino_{m}": float(res[m]) for m in METRICS}
+        for tag, r in res["by_tag"]["collapsed_tag"].items():
+            out.update({f"val/wino_{tag}_{m}": float(r[m]) for m in METRICS})
         return out
 
     def final_evaluation(self, test: bool = True, winoground: bool = True, n_boot: int = 1000,
                          output_dir=None) -> Dict[str, Any]:
         """Test-split retrieval and the data's Winoground-format set, as reported in results.json."""
-        dm = self.trainer.datamodule
         out: Dict[str, Any] = {}
-        if test and "test" in dm.splits:
-            out["retrieval"] = self._evaluate(evaluate_retrieval, dm.split("test"), progress=True,
+        if test and self.test_split is not None:
+            out["retrieval"] = self._evaluate(evaluate_retrieval, self.test_split, progress=True,
                                               compile=self.hparams.compile_scoring)
-        if winoground and dm.winoground is not None:
-            splits = {ex.key: [ex.extra["split"]] for ex in dm.winoground.examples if "split" in ex.extra}
-            scores, res = self._evaluate(evaluate_winoground, dm.winoground, progress=True, n_boot=n_boot,
+        wino = self.winoground
+        if winoground and wino is not None:
+            splits = {ex.key: [ex.extra["split"]] for ex in wino.examples if "split" in ex.extra}
+            scores, res = self._evaluate(evaluate_winoground, wino, progress=True, n_boot=n_boot,
                                          seed=self.hparams.seed, extra_tags={"split": splits} if splits else None)
             out["winoground"] = res
             if output_dir is not None and self.trainer.is_global_zero:
                 from cacr.evaluation.scorefile import write_score_file
 
-                write_score_file(output_dir / "winoground_scores.jsonl", dm.winoground.examples, scores)
+                write_score_file(output_dir / "winoground_scores.jsonl", wino.examples, scores)
         return out
 
     def on_train_start(self):
         self._t0 = None
+
+
+def dev_examples(wino):
+    """The examples of a Winoground-format set's ``dev`` half (``split`` of its examples; all
+    of them when they carry none), as a set of the same kind sharing the regions."""
+    index = [e for e, ex in enumerate(wino.examples) if ex.extra.get("split", "dev") == "dev"]
+    if len(index) == len(wino.examples):
+        return wino
+    dev = copy.copy(wino)
+    dev.examples = [wino.examples[e] for e in index]
+    dev.texts = [wino.texts[e] for e in index]
+    dev.image_rows = wino.image_rows.view(-1, 2)[torch.tensor(index, dtype=torch.long)].flatten()  # (2N',)
+    return dev

@@ -19,7 +19,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -163,9 +163,30 @@ def _strategy(tcfg: Dict[str, Any]):
     return tcfg["strategy"]
 
 
+def training_precision(tcfg: Dict[str, Any]) -> Tuple[Any, str]:
+    """``trainer.precision`` as Lightning takes it, and why. ``auto`` is bf16 autocast
+    (``bf16-mixed``) where :func:`cacr.precision.resolve_bf16` finds native bf16 (CUDA; CPUs
+    with AVX-512 BF16 or AMX) and fp32 (``32-true``) elsewhere; any other value is Lightning's."""
+    precision = tcfg.get("precision", "32-true")
+    if str(precision) != "auto":
+        return precision, "set explicitly"
+    from cacr.precision import resolve_bf16
+
+    accelerator = str(tcfg.get("accelerator", "auto"))
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    device = {"gpu": "cuda", "cuda": "cuda", "cpu": "cpu"}.get(accelerator)
+    if device is None:
+        raise ConfigError(f"trainer.precision=auto: decided for the cpu, gpu, cuda and auto accelerators, not "
+                          f"trainer.accelerator={accelerator}; set trainer.precision (e.g. 32-true or bf16-mixed)")
+    use, why = resolve_bf16("auto", device)
+    return ("bf16-mixed" if use else "32-true"), why
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks, loggers) -> pl.Trainer:
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     tcfg["strategy"] = _strategy(tcfg)
+    tcfg["precision"] = training_precision(tcfg)[0]
     return pl.Trainer(
         **tcfg,
         default_root_dir=str(run_dir),
@@ -258,6 +279,10 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
     regularizer = instantiate(cfg.loss)
     module = RetrievalModule(model, regularizer, **OmegaConf.to_container(cfg.module, resolve=True),
                              seed=cfg.seed)
+    module.attach(train_store=dm.pair_store("train"),
+                  val_split=dm.split("val") if "val" in dm.splits else None,
+                  test_split=dm.split("test") if "test" in dm.splits else None,
+                  winoground=dm.winoground, tokenizer=dm.tokenizer)
 
     ckpt_dir = run_dir / "checkpoints"
     if primary_process():
@@ -285,6 +310,8 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
     sizes = scale(cfg, trainer)
     if rank == 0:
         log.info("training on %s", describe_scale(sizes))
+        precision, why = training_precision(OmegaConf.to_container(cfg.trainer, resolve=True))
+        log.info("training precision %s (%s)", precision, why)
         if resume is not None:
             log.info("resuming from %s at step %d of %d", resume.path, resume.step, cfg.train.max_steps)
     try:

@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from cacr.model import collate
-from cacr.module import (RetrievalModule, ranking_loss, softmax_ranking_loss, warmup_linear_decay,
-                         word_region_alignment_logits)
+from cacr.config import ConfigError
+from cacr.module import RetrievalModule, warmup_linear_decay
 from cacr.train import run
 from cacr.train_data import TrainBatches, TrainingDataModule
 
@@ -31,40 +31,6 @@ def compose_train(tmp_path, *overrides):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("train", overrides=[*TINY_WORLD, f"data.root={tmp_path / 'world'}",
                                             f"run_dir={tmp_path / 'run'}", *overrides])
-
-
-def test_ranking_loss_matches_a_loop():
-    g = torch.Generator().manual_seed(0)
-    pos, neg = torch.randn(5, generator=g), torch.randn(5, 2, 3, generator=g)
-    want = []
-    for b in range(5):
-        for d in range(2):
-            for j in range(3):
-                want.append(max(0.0, 0.2 + torch.sigmoid(neg[b, d, j]).item() - torch.sigmoid(pos[b]).item()))
-    assert ranking_loss(pos, neg, 0.2).item() == pytest.approx(sum(want) / len(want), abs=1e-6)
-
-
-def test_softmax_ranking_loss_matches_a_loop():
-    g = torch.Generator().manual_seed(1)
-    pos, neg = torch.randn(4, generator=g), torch.randn(4, 2, 3, generator=g)
-    want = [-torch.log_softmax(torch.cat([pos[b:b + 1], neg[b, d]]), 0)[0] for b in range(4) for d in range(2)]
-    assert softmax_ranking_loss(pos, neg).item() == pytest.approx(torch.stack(want).mean().item(), abs=1e-6)
-
-
-def test_word_region_alignment_matches_a_loop_on_ragged_inputs():
-    g = torch.Generator().manual_seed(2)
-    B, n, m, H = 4, 5, 6, 8
-    words, regions = torch.randn(B, n, H, generator=g), torch.randn(B, m, H, generator=g)
-    n_words, n_regions = [5, 1, 3, 4], [2, 6, 1, 4]
-    word_mask = torch.arange(n)[None] < torch.tensor(n_words)[:, None]
-    region_mask = torch.arange(m)[None] < torch.tensor(n_regions)[:, None]
-    got = word_region_alignment_logits(words, word_mask, regions, region_mask, temperature=0.5)
-    cos = torch.nn.functional.cosine_similarity
-    for a in range(B):
-        for b in range(B):
-            best = [max(cos(words[a, i], regions[b, j], dim=0).item() for j in range(n_regions[b]))
-                    for i in range(n_words[a])]
-            assert got[a, b].item() == pytest.approx(sum(best) / len(best) / 0.5, abs=1e-5)
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
@@ -503,3 +469,86 @@ def test_mlm_focus_words_are_always_masked(tiny_dm):
     assert focus.any() and chosen[focus].all()
     others = pos.word_mask & ~focus
     assert chosen[others].float().mean() < 0.3  # the rest at about mlm_prob
+
+
+# ------------------------------------------------------------------ explicit inputs, validation
+
+
+def test_the_module_needs_its_data_given_explicitly(tiny_dm):
+    module = _small_module()
+    with pytest.raises(ValueError, match=r"no train pairs; give them with attach\(train_store=\.\.\.\)"):
+        module.store("train")
+    with pytest.raises(ValueError, match=r"attach\(val_split=\.\.\.\)"):
+        module.on_validation_epoch_end()
+    with pytest.raises(ValueError, match=r"attach\(tokenizer=\.\.\.\)"):
+        module.mask_token_id
+    module.attach(train_store=tiny_dm.pair_store("train"), tokenizer=tiny_dm.tokenizer)
+    assert module.store("train").input_ids.shape == tiny_dm.pair_store("train").input_ids.shape
+    assert module.mask_token_id == tiny_dm.tokenizer.mask_id == MASK_ID
+
+
+def test_validation_scores_only_the_dev_half_of_winoground(tiny_dm, monkeypatch):
+    """The validation's Winoground metrics are the evaluator's on the dev examples, scored
+    alone, and equal those of the whole set's scores restricted to the dev examples (what
+    validation computed before it scored the dev half only)."""
+    import cacr.module as module_file
+    from cacr.evaluation.evaluators import evaluate_winoground
+    from cacr.evaluation.winoground_metrics import METRICS, breakdown, winoground_correct
+    from cacr.module import dev_examples
+
+    wino = tiny_dm.winoground
+    index = [e for e, ex in enumerate(wino.examples) if ex.extra["split"] == "dev"]
+    assert 0 < len(index) < len(wino)
+    module = _small_module(val_winoground=True).attach(winoground=wino)
+    scored = []
+
+    def spy(model, subset, **kw):
+        scored.append([ex.key for ex in subset.examples])
+        return evaluate_winoground(model, subset, **kw)
+
+    monkeypatch.setattr(module_file, "evaluate_winoground", spy)
+    got = module.winoground_dev_metrics()
+    assert scored == [[wino.examples[e].key for e in index]]  # the dev examples only, once
+
+    dev = dev_examples(wino)
+    for j, e in enumerate(index):  # the subset holds the dev examples' captions and images
+        for c in (0, 1):
+            assert torch.equal(dev.texts[j][c], wino.texts[e][c])
+            assert all(torch.equal(a, b) for a, b in zip(dev.image(2 * j + c), wino.image(2 * e + c)))
+    module.model.eval()
+    _, res = evaluate_winoground(module.model, dev, n_boot=0)
+    assert {k: got[f"val/wino_{k}"] for k in METRICS} == {k: res[k] for k in METRICS}
+
+    scores, _ = evaluate_winoground(module.model, wino, n_boot=0)  # the whole set, dev rows kept
+    correct = {m: v[index] for m, v in winoground_correct(scores).items()}
+    want = {f"val/wino_{m}": 100.0 * correct[m].double().mean().item() for m in METRICS}
+    tags = [[wino.examples[e].collapsed_tag] for e in index]
+    for tag, r in breakdown(correct, tags, n_boot=0).items():
+        want.update({f"val/wino_{tag}_{m}": float(r[m]) for m in METRICS})
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], abs=1e-9), k
+
+
+# ------------------------------------------------------------------ training precision
+
+
+def test_training_precision_auto_follows_the_device_and_cpu_flags(tmp_path, monkeypatch):
+    import cacr.precision as precision
+    from cacr.train import build_trainer, training_precision
+
+    cpu = {"accelerator": "cpu", "precision": "auto"}
+    monkeypatch.setattr(precision, "cpu_flags", lambda cpuinfo=None: {"avx2", "avx512f"})
+    assert training_precision(cpu) == ("32-true", "auto: CPU without AVX-512 BF16 or AMX (bf16 would be "
+                                                  "emulated, slower than fp32)")
+    trainer = build_trainer(compose_train(tmp_path, "trainer.precision=auto"), tmp_path, [], [])
+    assert trainer.precision == "32-true"
+    monkeypatch.setattr(precision, "cpu_flags", lambda cpuinfo=None: {"avx2", "amx_bf16", "amx_tile"})
+    use, why = training_precision(cpu)
+    assert use == "bf16-mixed" and "amx_bf16" in why
+    assert build_trainer(compose_train(tmp_path, "trainer.precision=auto"), tmp_path, [], []).precision == "bf16-mixed"
+    assert training_precision({"accelerator": "gpu", "precision": "auto"}) == ("bf16-mixed", "auto: CUDA device")
+    assert training_precision({"accelerator": "cpu", "precision": "32-true"}) == ("32-true", "set explicitly")
+    assert compose_train(tmp_path).trainer.precision == "32-true"  # the default is unchanged
+    with pytest.raises(ConfigError, match="trainer.precision=auto: decided for the cpu, gpu, cuda and auto "):
+        training_precision({"accelerator": "tpu", "precision": "auto"})
