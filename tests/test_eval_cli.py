@@ -395,6 +395,22 @@ def test_default_output_dirs_never_collide(tmp_path, monkeypatch):
         assert cfg.overwrite is False and cfg.bf16 == "auto"
 
 
+def test_two_runs_started_together_write_two_folders(tmp_path):
+    """The default output folder of two evaluator runs started at once (the same second,
+    most likely): two folders, both complete, none refused as taken."""
+    ex = hand_examples(tmp_path / "examples.jsonl")
+    scores = hand_scores(tmp_path / "mine.jsonl", HAND)
+    cmd = [sys.executable, str(REPO / "eval_winoground.py"), "scorer=file", f"scores={scores}", f"examples={ex}",
+           "n_boot=10"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env()) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-2000:]
+    runs = sorted((tmp_path / "outputs" / "eval_winoground").glob("*/*/results.json"))
+    assert len(runs) == 2 and runs[0].parent != runs[1].parent
+
+
 # --------------------------------------------------------------------------- 1 vs 2 processes
 
 
