@@ -6,10 +6,11 @@ import torch
 
 from cacr.evaluation.retrieval_metrics import retrieval_metrics
 from cacr.evaluation.scorefile import (
-    atomic_write_text, example_tag_sets, load_score_matrix, read_score_file, read_tag_file,
+    example_tag_sets, load_score_matrix, read_score_file, read_tag_file,
     read_winoground_examples, results_markdown, save_score_matrix, write_results_json, write_score_file,
 )
 from cacr.evaluation.winoground_metrics import winoground_results
+from cacr.outputs import atomic_write_text
 
 
 def example(i, **over):
@@ -144,7 +145,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     class Boom(Exception):
         pass
 
-    from cacr.evaluation.scorefile import atomic_write
+    from cacr.outputs import atomic_write
 
     def fail(f):
         f.write(b"partial")

@@ -93,7 +93,7 @@ class PairAttention:
         return float(parts.loss_L), float(parts.loss_V)
 
     def save_npz(self, path) -> Path:
-        from cacr.evaluation.scorefile import atomic_write
+        from cacr.outputs import atomic_write
 
         arrays = dict(S_LL=self.S_LL, S_LV=self.S_LV, S_VL=self.S_VL, S_VV=self.S_VV, P_L=self.projected_L,
                       P_V=self.projected_V, boxes=self.boxes, words=np.array(self.words), score=np.float64(self.score))

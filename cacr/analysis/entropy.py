@@ -191,7 +191,8 @@ def entropy_scatter(records: Sequence[ExampleEntropy], rows: Sequence[Dict[str, 
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
     from cacr.evaluation.inputs import check_inputs, winoground_inputs
-    from cacr.evaluation.scorefile import atomic_write_text, write_results_json
+    from cacr.evaluation.scorefile import write_results_json
+    from cacr.outputs import atomic_write_text
 
     from . import inputs, pictures
 

@@ -100,7 +100,7 @@ def draw_boxes(ax, image: Optional[np.ndarray], boxes: np.ndarray, weights: np.n
 
 
 def save_figure(fig, path, dpi: int = 100) -> Path:
-    from cacr.evaluation.scorefile import atomic_write
+    from cacr.outputs import atomic_write
 
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
 

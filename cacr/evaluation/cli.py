@@ -106,9 +106,12 @@ def _tag_files(cfg: DictConfig) -> Dict[str, Path]:
 
 def run_winoground(cfg: DictConfig) -> Dict[str, Any]:
     """Score (model or file), results with breakdowns and CIs, files on rank 0, table printed."""
+    from cacr.outputs import atomic_write_text
+    from cacr.winoground import read_winoground_examples
+
     from .evaluators import evaluate_winoground
-    from .scorefile import (atomic_write_text, example_tag_sets, read_score_file, read_tag_file,
-                            read_winoground_examples, results_markdown, write_results_json, write_score_file)
+    from .scorefile import (example_tag_sets, read_score_file, read_tag_file, results_markdown, write_results_json,
+                            write_score_file)
     from .winoground_metrics import winoground_results
 
     scorer = cfg.scorer
@@ -196,7 +199,9 @@ def run_retrieval(cfg: DictConfig) -> Dict[str, Any]:
     """Recalls of a model on a split (optionally saving the score matrix), or of a saved matrix."""
     from .evaluators import evaluate_retrieval
     from .retrieval_metrics import retrieval_metrics
-    from .scorefile import atomic_write_text, load_score_matrix, write_results_json
+    from cacr.outputs import atomic_write_text
+
+    from .scorefile import load_score_matrix, write_results_json
 
     save = resolve_path(cfg.save_scores) if cfg.get("save_scores") else None
     inputs = [resolve_path(cfg.scores) if cfg.get("scores") else None, model_file(cfg)]

@@ -458,10 +458,11 @@ def default_synthetic_set(examples_jsonl: Path, image_key: str = "stem") -> Mult
 def run_multiple_choice(cfg) -> Dict[str, Any]:
     """``eval_multiple_choice.py``: score every set with a model, results on rank 0."""
     from cacr.data.sources import open_data
+    from cacr.outputs import atomic_write_text
     from cacr.paths import resolve_path
 
     from .cli import ConfigError, check_outputs, is_rank_zero, setup_distributed
-    from .scorefile import atomic_write_text, write_results_json
+    from .scorefile import write_results_json
     from .inputs import build_model, check_head, check_inputs, model_file, scoring_bf16
 
     head = check_head(cfg.head)

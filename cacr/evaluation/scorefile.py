@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cacr.outputs import atomic_write, atomic_write_text  # noqa: F401 - re-exported for the evaluators
+from cacr.outputs import atomic_write, atomic_write_text
 
 from cacr.winoground import (COLLAPSED_TAGS, EXAMPLE_FIELDS, WinogroundExample, jsonl_objects,  # noqa: F401
                               read_winoground_examples)
