@@ -29,15 +29,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+
+from cacr.outputs import atomic_write
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import UniterConfig
@@ -159,28 +159,6 @@ def official_state_dict(cfg: UniterConfig, state: Mapping[str, Tensor], *, dtype
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_save(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def config_path_for(out: Path) -> Path:
     return out.with_suffix(".json") if out.suffix != ".json" else out.with_name(out.name + ".config.json")
 
@@ -205,9 +183,9 @@ def export(ckpt: Union[str, Path], out: Union[str, Path], *, dtype: str = "float
     cfg, state = read_run_checkpoint(ckpt)
     sd = official_state_dict(cfg, state, dtype=DTYPES[dtype], rank_into_itm=rank_into_itm, where=str(ckpt))
     legacy = fmt == "legacy"
-    _atomic_save(out, lambda f: torch.save(sd, f, _use_new_zipfile_serialization=not legacy))
+    atomic_write(out, lambda f: torch.save(sd, f, _use_new_zipfile_serialization=not legacy))
     config = official_config(cfg)
-    _atomic_save(config_out, lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()))
+    atomic_write(config_out, lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()))
     n = sum(t.numel() for t in sd.values())
     return {"checkpoint": str(ckpt), "out": str(out), "config": str(config_out), "tensors": len(sd),
             "parameters": n, "dtype": dtype, "format": fmt, "img_dim": cfg.img_dim,
