@@ -105,23 +105,12 @@ def scene_regions(scenes_path, image_id: str) -> List[dict]:
 
 
 def save_png(image: np.ndarray, path) -> Path:
-    """Write an RGB array as a PNG (temporary name, then renamed)."""
-    import os
-    import tempfile
-
+    """Write an RGB array as a PNG (temporary name, then renamed: :func:`cacr.outputs.atomic_write`)."""
     from matplotlib import image as mimage
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        mimage.imsave(tmp, image, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    from cacr.outputs import atomic_write
+
+    return atomic_write(path, lambda f: mimage.imsave(f, image, format="png"))
 
 
 def main(argv=None) -> None:
