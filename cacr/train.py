@@ -320,6 +320,10 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
         best_path = _best_weights(best.best_model_path, ckpt_dir)
         results: Dict[str, Any] = {"best_checkpoint": best_path or last.path, "run_dir": str(run_dir),
                                    "scale": sizes}
+        # The final test runs outside Lightning's test loop on purpose: trainer.test(ckpt_path=best)
+        # would turn SIGINT/SIGTERM during the test into Lightning's exit code 1 (now: Interrupted,
+        # exit code 130, after the run's clean-ups), restore every callback's state from the best
+        # checkpoint, and need a placeholder test loader.
         if best_path:
             state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
             module.load_state_dict(state)
