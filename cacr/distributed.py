@@ -6,6 +6,8 @@
   :func:`distributed_env` (``(rank, world size, local rank)`` from torchrun's or Lightning's
   variables), :func:`rank_and_world_size` (in the process group), :func:`trainer_global_rank`
   (known as soon as a Lightning trainer exists, before its process group).
+- Joining: :func:`join_process_group` (an evaluation started by ``torchrun`` joins the group
+  its environment describes; training ranks are joined by Lightning).
 - How a training job runs: :func:`num_local_processes` (one per device),
   :func:`is_script_ddp` (one process per device started by a launcher),
   :func:`processes_created_externally` (a cluster or torchrun started every rank).
@@ -20,7 +22,7 @@ module without it.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -93,6 +95,21 @@ def is_main_process() -> bool:
         return dist.get_rank() == 0
     env = distributed_env()
     return env is None or env[0] == 0
+
+
+def join_process_group(device_for_local_rank: Callable[[int], torch.device]) -> torch.device:
+    """Join the process group the environment describes (:func:`distributed_env`; NCCL on
+    GPUs, gloo on CPU) and return this process's device, ``device_for_local_rank(local
+    rank)``; one process (no ``WORLD_SIZE`` > 1) joins nothing and gets local rank 0's device."""
+    env = distributed_env()
+    if env is None:
+        return device_for_local_rank(0)
+    rank, world, local = env
+    device = device_for_local_rank(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                                rank=rank, world_size=world)
+    return device
 
 
 def trainer_global_rank(trainer) -> int:

@@ -1,6 +1,7 @@
 """cacr/distributed.py (the rank helpers) and the import structure it takes part in: no
 cycle between training and the launcher, losses that import nothing of the project but the
 rank helpers."""
+import os
 import subprocess
 import sys
 
@@ -45,3 +46,28 @@ def test_the_launcher_does_not_import_training_and_losses_only_the_rank_helpers(
     assert _project_modules_after("import cacr.losses") == {"cacr", "cacr.losses", "cacr.distributed", "cacr.config",
                                                             "cacr.errors"}
     assert _project_modules_after("import cacr.regularizers") == {"cacr", "cacr.regularizers"}
+
+
+JOIN = """
+import os, torch, torch.distributed as dist
+from cacr.distributed import all_gather_no_grad, is_main_process, join_process_group, rank_and_world_size
+seen = []
+device = join_process_group(lambda local: seen.append(local) or torch.device("cpu"))
+rank, world = rank_and_world_size()
+got = all_gather_no_grad(torch.tensor([rank * 10]))
+print(rank, world, seen, is_main_process(), got.tolist())
+dist.destroy_process_group()
+"""
+
+
+def test_processes_started_like_torchrun_join_one_group():
+    """What an evaluator started by torchrun does first (cacr.evaluation.cli.setup_distributed)."""
+    from cacr.launch import _free_port
+
+    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    procs = [subprocess.Popen([sys.executable, "-c", JOIN], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e for _, e in outs]
+    assert [o.strip() for o, _ in outs] == ["0 2 [0] True [0, 10]", "1 2 [1] False [0, 10]"]

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from cacr.config import ConfigError  # noqa: F401 (cli.ConfigError: what its callers catch)
-from cacr.distributed import distributed_env, is_main_process as is_rank_zero  # noqa: F401
+from cacr.distributed import distributed_env, is_main_process as is_rank_zero, join_process_group  # noqa: F401
 from cacr.data.sources import open_data
 from cacr.paths import resolve_path
 
@@ -52,15 +52,7 @@ def _hydra_dir() -> Path:
 def setup_distributed(device_pref: str) -> torch.device:
     """Join the process group the environment describes (NCCL on GPUs, gloo on CPU) and
     return this process's device."""
-    env = distributed_env()
-    if env is None:
-        return select_device(device_pref)
-    rank, world, local = env
-    device = select_device(device_pref, local)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                                rank=rank, world_size=world)
-    return device
+    return join_process_group(lambda local_rank: select_device(device_pref, local_rank))
 
 
 def check_outputs(cfg: DictConfig, names: Sequence[str], inputs: Sequence[Optional[Path]],
