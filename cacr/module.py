@@ -88,7 +88,7 @@ class RetrievalModule(pl.LightningModule):
             raise ValueError(f"module.ranking must be 'hinge' (official) or 'softmax', got {ranking!r}")
         self.model = model
         self.regularizer = regularizer
-        self.save_hyperparameters(ignore=["model", "regularizer"])
+        self.save_hyperparameters(ignore=["model", "regularizer"], logger=False)
         # Enough to rebuild the model and name the regularizer from a .ckpt alone.
         self.hparams["model_config"] = model.config.to_dict()
         self.hparams["regularizer"] = dict(vars(regularizer))

@@ -143,6 +143,7 @@ def _wandb_run(cfg: DictConfig, run_dir: Path, rank: int = 0):
         return None
     kwargs = dict(project=cfg.logger.project, dir=str(run_dir), name=run_dir.name,
                   group=cfg.logger.group or _sweep_name(), tags=list(cfg.logger.tags),
+                  job_type=cfg.logger.get("job_type"),
                   config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
     if not cfg.logger.offline:
         try:
@@ -299,7 +300,10 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
         history.append({"resumed_at_step": resume.step, "from": str(resume.path),
                         "config_changes": resume.diff if resume.overridden else []})
     record = RecordConfig(recorded_config(resolved), history)
-    trainer = build_trainer(cfg, run_dir, [record, *(extra_callbacks or []), best, last], [])
+    from cacr.dashboards import dashboard_callbacks, log_final_dashboards
+
+    trainer = build_trainer(cfg, run_dir, [record, *dashboard_callbacks(cfg, dm), *(extra_callbacks or []), best, last],
+                            [])
     # Validation metrics are gathered exactly, hence equal, on every rank: no sync_dist needed.
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.* when logging on epoch level in distributed")
     # The module's batch hook (the host-side mining plan) is meant to run with the data module's loaders.
@@ -337,6 +341,7 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
             from cacr.evaluation.scorefile import write_results_json
 
             write_results_json(run_dir / "results.json", results)
+            log_final_dashboards(cfg, trainer.loggers, run_dir, dm, step=trainer.global_step)
             if cfg.logger.kind == "wandb":
                 import wandb
 
