@@ -345,6 +345,23 @@ def test_bf16_option_resolved_with_the_cpu_flags():
         scoring_bf16("fast", cpu)
 
 
+def test_batch_size_auto_follows_the_device_and_the_model_width():
+    from cacr.evaluation.inputs import scoring_batch_size
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    base, small = build_uniter(tiny_config(hidden_size=768, num_attention_heads=12, intermediate_size=64)), \
+        build_uniter(tiny_config())
+    assert scoring_batch_size("auto", cpu, base) == 16 and scoring_batch_size("auto", cpu, small) == 64
+    assert scoring_batch_size("auto", gpu, base) == scoring_batch_size("auto", gpu, small) == 512
+    assert scoring_batch_size(7, cpu, base) == scoring_batch_size("7", cpu, base) == 7
+    for bad in (0, -3, "big"):
+        with pytest.raises(cli.ConfigError, match=f"batch_size={bad!r}: expected a positive number of pairs or auto"):
+            scoring_batch_size(bad, cpu, base)
+    for name in ("winoground", "retrieval", "multiple_choice"):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            assert compose(config_name=name).batch_size == "auto"
+
+
 def test_bf16_auto_is_the_default_and_recorded(world, ckpt, tmp_path, caplog):
     from cacr.precision import resolve_bf16
 
@@ -359,6 +376,7 @@ def test_bf16_auto_is_the_default_and_recorded(world, ckpt, tmp_path, caplog):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert (res["bf16"], res["bf16_reason"]) == (saved["bf16"], saved["bf16_reason"]) == (use, why)
     assert f"scoring in {'bf16' if use else 'fp32'} ({why})" in caplog.text
+    assert "scoring 64 pairs per forward (auto: CPU, hidden < 512)" in caplog.text
 
 
 def test_overwrite_key_replaces_earlier_outputs(tmp_path):

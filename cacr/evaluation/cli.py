@@ -23,8 +23,8 @@ from cacr.distributed import distributed_env, is_main_process as is_rank_zero, j
 from cacr.data.sources import open_data
 from cacr.paths import resolve_path
 
-from .inputs import (build_model, check_head, check_inputs, existing_file, model_file, scoring_bf16, select_device,
-                     winoground_inputs)
+from .inputs import (build_model, check_head, check_inputs, existing_file, model_file, scoring_batch_size, scoring_bf16,
+                     select_device, winoground_inputs)
 
 
 # --------------------------------------------------------------------------- paths, output
@@ -145,7 +145,7 @@ def run_winoground(cfg: DictConfig) -> Dict[str, Any]:
         check_inputs(model, [t for pair in wino.texts for t in pair],
                      [f"example {ex.id!r} caption_{c}" for ex in wino.examples for c in (0, 1)],
                      wino.regions.feature_dim, str(examples_path))
-        scores, results = evaluate_winoground(model, wino, head=head, batch_size=int(cfg.batch_size), device=device,
+        scores, results = evaluate_winoground(model, wino, head=head, batch_size=scoring_batch_size(cfg.batch_size, device, model), device=device,
                                               bf16=bf16, progress=bool(cfg.progress) and is_rank_zero(),
                                               n_boot=n_boot, seed=seed, tag_files=tag_paths)
         record.update(checkpoint=str(resolve_path(cfg.ckpt_path or cfg.model.checkpoint)), head=head,
@@ -220,7 +220,7 @@ def run_retrieval(cfg: DictConfig) -> Dict[str, Any]:
                      f"data {cfg.data.name!r} split {split.name!r}")
         if save is not None and save.suffix not in (".pt", ".npz"):
             raise ConfigError(f"save_scores={cfg.save_scores}: score matrix files end in .pt or .npz")
-        metrics = evaluate_retrieval(model, split, head=head, batch_size=int(cfg.batch_size), device=device,
+        metrics = evaluate_retrieval(model, split, head=head, batch_size=scoring_batch_size(cfg.batch_size, device, model), device=device,
                                      bf16=bf16, progress=bool(cfg.progress) and is_rank_zero(),
                                      save_scores=save)
         out = {**metrics, "model": name, "checkpoint": str(resolve_path(cfg.ckpt_path or cfg.model.checkpoint)),

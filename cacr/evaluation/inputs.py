@@ -59,6 +59,26 @@ def scoring_bf16(setting, device: torch.device, flags: Optional[Set[str]] = None
     return use, why
 
 
+def scoring_batch_size(setting, device: torch.device, model: nn.Module) -> int:
+    """Pairs per forward for the ``batch_size`` option: an int, or ``auto`` = the size that
+    measured fastest for the device and model width (experiments/BENCHMARKS.md): 512 on a GPU;
+    on a CPU 16 for UNITER-base/large widths (at 512, 2.5x slower: the attention and FFN
+    intermediates of a big batch fall out of cache) and 64 for small models; logged."""
+    if isinstance(setting, str) and setting == "auto":
+        wide = getattr(getattr(model, "config", None), "hidden_size", 768) >= 512
+        size, why = (512, "GPU") if device.type == "cuda" else ((16, "CPU, hidden >= 512") if wide else
+                                                                (64, "CPU, hidden < 512"))
+        log.info("scoring %d pairs per forward (auto: %s)", size, why)
+        return size
+    try:
+        size = int(setting)
+    except (TypeError, ValueError):
+        size = 0
+    if size < 1:
+        raise ConfigError(f"batch_size={setting!r}: expected a positive number of pairs or auto")
+    return size
+
+
 def model_file(cfg: DictConfig) -> Optional[Path]:
     """The checkpoint a config scores with (``ckpt_path`` or ``model.checkpoint``), if any."""
     if cfg.get("ckpt_path"):

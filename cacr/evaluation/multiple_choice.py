@@ -463,7 +463,7 @@ def run_multiple_choice(cfg) -> Dict[str, Any]:
 
     from .cli import ConfigError, check_outputs, is_rank_zero, setup_distributed
     from .scorefile import write_results_json
-    from .inputs import build_model, check_head, check_inputs, model_file, scoring_bf16
+    from .inputs import build_model, check_head, check_inputs, model_file, scoring_batch_size, scoring_bf16
 
     head = check_head(cfg.head)
     n_boot, seed = int(cfg.n_boot), int(cfg.seed)
@@ -508,7 +508,7 @@ def run_multiple_choice(cfg) -> Dict[str, Any]:
     for s in sets:
         mc = MultipleChoiceData(s, regions[s.name], tokenizer, data.caps, in_memory=True)
         check_inputs(model, mc.texts, mc.caption_names(), mc.regions.feature_dim, f"set {s.name!r}")
-        scores, res = evaluate_multiple_choice(model, mc, head=head, batch_size=int(cfg.batch_size), device=device,
+        scores, res = evaluate_multiple_choice(model, mc, head=head, batch_size=scoring_batch_size(cfg.batch_size, device, model), device=device,
                                                bf16=bf16, progress=bool(cfg.progress) and is_rank_zero(),
                                                n_boot=n_boot, seed=seed)
         res["regions"] = str(regions[s.name])
