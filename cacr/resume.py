@@ -38,7 +38,8 @@ BOOKKEEPING_PREFIXES = ("logger.",)
 BOOKKEEPING_KEYS = {"ckpt_path", "run_dir", "resume_override", "rerun_eval", "data.root", "data.num_workers",
                     "data.eval_batch_size", "module.eval_batch_size", "module.mining_batch_size",
                     "module.compile_scoring", "module.eval_bf16", "trainer.enable_progress_bar",
-                    "trainer.log_every_n_steps"}
+                    "trainer.log_every_n_steps",
+                    "data.store_device"}  # retired (2026-11-30): where the mining store lived; no effect on results
 # May change together as long as the positives per optimizer step stay the same (README: a
 # 2-GPU run resumed on 1 GPU with twice the batch per device).
 LAYOUT_KEYS = {"trainer.devices", "trainer.num_nodes", "trainer.strategy", "data.batch_size"}

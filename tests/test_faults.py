@@ -678,3 +678,13 @@ def test_one_line_of_a_multi_line_error():
     assert one_line(ValueError("first\nsecond\nthird")) == "first second (and 1 more lines)"
     assert one_line(KeyError("caption 'x'")) == "caption 'x'"
     assert one_line(FormatError("f.h5", ["a", "b"])).startswith("f.h5: a (and 1 more")
+
+
+def test_retired_and_new_settings_do_not_block_a_resume():
+    # A checkpoint written before a setting existed resumes with its default; a retired setting
+    # (data.store_device) is not a config change. A real change still is.
+    from cacr.resume import config_diff
+
+    old = {"data.store_device": "cpu", "module.lr": 3e-4, "loss.name": "cacr"}
+    assert config_diff(old, {"module.lr": 3e-4, "loss.name": "cacr", "module.wra_weight": 0.0}) == []
+    assert config_diff(old, {"module.lr": 1e-3, "loss.name": "cacr"}) == ["module.lr: 0.0003 -> 0.001"]
