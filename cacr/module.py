@@ -24,6 +24,13 @@ similarity with a region of the image``, on the embedding layer's outputs, which
 from-scratch model off the plateau where its score ignores the pair. Both are off in the
 paper settings. The losses themselves are tensor functions in :mod:`cacr.losses`.
 
+UNITER's pre-training objectives, for pre-training on the synthetic world (all off by
+default and in the paper settings): masked language modelling on the positives
+(``mlm_weight``, head ``cls``), masked region feature regression (``mrfr_weight``, head
+``feat_regress``: zeroed regions' features regressed from their last-layer states) and
+word-region alignment by optimal transport on all trained pairs (``wra_weight``,
+:mod:`cacr.ot`). The heads are trained with the model.
+
 What the module trains and evaluates on is given to it by :meth:`RetrievalModule.attach`
 (``cacr.train`` passes the data module's training pairs, validation and test splits,
 Winoground-format set and tokenizer); it never reads the trainer's data module.
@@ -44,6 +51,8 @@ from torch import Tensor
 from cacr.evaluation.evaluators import evaluate_retrieval, evaluate_winoground
 from cacr.losses import alignment_loss, ranking_loss, softmax_ranking_loss
 from cacr.model import MlmHead, PairStore, UniterBatch, UniterForImageTextRetrieval
+from cacr.model.heads import RegionFeatureRegression
+from cacr.ot import wra_loss
 from cacr.regularizers import Regularizer
 
 
@@ -81,6 +90,9 @@ class RetrievalModule(pl.LightningModule):
         mlm_weight: float = 0.0,
         mlm_prob: float = 0.15,
         mlm_focus: Sequence[str] = (),
+        mrfr_weight: float = 0.0,
+        mrfr_prob: float = 0.15,
+        wra_weight: float = 0.0,
         val_winoground: bool = False,
     ):
         super().__init__()
@@ -92,11 +104,15 @@ class RetrievalModule(pl.LightningModule):
         # Enough to rebuild the model and name the regularizer from a .ckpt alone.
         self.hparams["model_config"] = model.config.to_dict()
         self.hparams["regularizer"] = dict(vars(regularizer))
-        if not 0.0 < mlm_prob <= 1.0:
-            raise ValueError(f"module.mlm_prob must be in (0, 1], got {mlm_prob}")
+        for name, p in (("mlm_prob", mlm_prob), ("mrfr_prob", mrfr_prob)):
+            if not 0.0 < p <= 1.0:
+                raise ValueError(f"module.{name} must be in (0, 1], got {p}")
         # UNITER's masked-language-modelling head (official name cls.predictions), only when used;
         # a checkpoint of this module fine-tunes without it (load_checkpoint skips cls.* keys).
         self.cls = MlmHead(model.config, model.uniter.embeddings.word_embeddings) if mlm_weight > 0 else None
+        # Masked region feature regression (official name feat_regress), likewise only when used.
+        self.feat_regress = (RegionFeatureRegression(model.config, model.uniter.img_embeddings.img_linear)
+                             if mrfr_weight > 0 else None)
         self.stores: Dict[str, PairStore] = {}  # on the module's device, by split
         self._attached_stores: Dict[str, PairStore] = {}  # given by attach, moved on first use
         self.val_split = self.test_split = self.winoground = self.tokenizer = None
@@ -231,7 +247,10 @@ class RetrievalModule(pl.LightningModule):
             parts = type(per_layer[0])(*(torch.stack(x).mean() for x in zip(*per_layer)))  # mean over layers
             losses.update(loss=rank + w * parts.loss, reg_loss=parts.loss, reg_loss_L=parts.loss_L,
                           reg_loss_V=parts.loss_V)
-        if self.hparams.align_weight > 0 or self.cls is not None:
+        if self.hparams.wra_weight > 0:
+            wra = self.word_region_ot(out.last_hidden, pairs, B)
+            losses.update(loss=losses["loss"] + self.hparams.wra_weight * wra, wra_loss=wra)
+        if self.hparams.align_weight > 0 or self.cls is not None or self.feat_regress is not None:
             pos = store.batch(cap, img, **bounds)
         if self.hparams.align_weight > 0:
             align = self.alignment(pos, img)
@@ -239,6 +258,9 @@ class RetrievalModule(pl.LightningModule):
         if self.cls is not None:
             mlm, mlm_acc = self.masked_lm(pos)
             losses.update(loss=losses["loss"] + self.hparams.mlm_weight * mlm, mlm_loss=mlm, mlm_acc=mlm_acc)
+        if self.feat_regress is not None:
+            mrfr = self.masked_region_regression(pos)
+            losses.update(loss=losses["loss"] + self.hparams.mrfr_weight * mrfr, mrfr_loss=mrfr)
         n_mined = 2 * B * K if mined else 0
         losses["pairs"] = torch.tensor(float(B + 2 * B * k + n_mined))
         return losses
@@ -275,6 +297,39 @@ class RetrievalModule(pl.LightningModule):
         target = pos.input_ids[:, 1:1 + chosen.shape[1]][chosen]
         loss = torch.nn.functional.cross_entropy(logits, target)
         return loss, (logits.argmax(-1) == target).float().mean().detach()
+
+    def word_region_ot(self, hidden: Tensor, pairs: UniterBatch, num_positives: int) -> Tensor:
+        """UNITER's WRA on the trained pairs (:mod:`cacr.ot`): the optimal-transport distance
+        between a pair's last-layer word and region states, pulled down for the first
+        ``num_positives`` pairs (the positives) and pushed up for the negatives."""
+        H = hidden.shape[-1]
+        words = hidden.gather(1, pairs.word_index[:, :, None].expand(-1, -1, H))  # (P, n, H)
+        regions = hidden.gather(1, pairs.region_index[:, :, None].expand(-1, -1, H))  # (P, m, H)
+        positive = torch.arange(len(hidden), device=hidden.device) < num_positives
+        return wra_loss(words, regions, pairs.word_mask, pairs.region_mask, positive)
+
+    def mask_regions(self, pos: UniterBatch):
+        """UNITER's region masking for MRFR: each region is chosen with probability ``mrfr_prob``
+        (at least one per image) and its features set to zero. Returns the corrupted batch and
+        ``chosen`` (B, m)."""
+        rm = pos.region_mask
+        u = torch.rand(rm.shape, device=rm.device)
+        chosen = (u < self.hparams.mrfr_prob) & rm
+        first = u.masked_fill(~rm, 2.0).argmin(1)
+        chosen[torch.arange(len(rm), device=rm.device), first] = True
+        feat = pos.img_feat.masked_fill(chosen[:, :, None], 0.0)
+        return dataclasses.replace(pos, img_feat=feat), chosen
+
+    def masked_region_regression(self, pos: UniterBatch) -> Tensor:
+        """MRFR on the positives (:meth:`mask_regions`): mean squared error between the
+        ``feat_regress`` prediction at each masked region's last-layer state and its input
+        features (averaged over feature dimensions and masked regions)."""
+        masked, chosen = self.mask_regions(pos)
+        hidden, _, _ = self.model.uniter(masked)  # (B, L, H)
+        H = hidden.shape[-1]
+        at = hidden.gather(1, pos.region_index[:, :, None].expand(-1, -1, H))[chosen]  # (M, H)
+        pred = self.feat_regress(at).float()  # (M, img_dim)
+        return torch.nn.functional.mse_loss(pred, pos.img_feat[chosen].float())
 
     def _attached_tokenizer(self):
         if self.tokenizer is None:
@@ -343,11 +398,15 @@ class RetrievalModule(pl.LightningModule):
         return losses["loss"]
 
     def configure_optimizers(self):
+        # The model's and the pre-training heads' parameters (a tied decoder weight once); no
+        # weight decay for biases and LayerNorm weights. Without heads the groups are the
+        # model's alone, in its order, as in checkpoints written before the heads were trained.
+        norms = {id(p) for m in self.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if name.endswith(".bias") or "LayerNorm." in name or "layer_norm." in name else decay).append(p)
+            (no_decay if name.endswith(".bias") or id(p) in norms else decay).append(p)
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],

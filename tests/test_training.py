@@ -552,3 +552,87 @@ def test_training_precision_auto_follows_the_device_and_cpu_flags(tmp_path, monk
     assert compose_train(tmp_path).trainer.precision == "32-true"  # the default is unchanged
     with pytest.raises(ConfigError, match="trainer.precision=auto: decided for the cpu, gpu, cuda and auto "):
         training_precision({"accelerator": "tpu", "precision": "auto"})
+
+
+def test_masked_region_regression_equals_one_image_at_a_time(tiny_dm):
+    module = _small_module(mrfr_weight=1.0, mrfr_prob=0.3).eval()
+    store = tiny_dm.pair_store("train")
+    caps = torch.tensor([1, 8, 15, 22])
+    imgs = tiny_dm.split("train").txt2img[caps]
+    pos = store.batch(caps, imgs)
+    torch.manual_seed(6)
+    masked, chosen = module.mask_regions(pos)
+    torch.manual_seed(6)
+    loss = module.masked_region_regression(pos)
+    assert (chosen.sum(1) >= 1).all() and not (chosen & ~pos.region_mask).any()
+    assert (masked.img_feat[chosen] == 0).all() and torch.equal(masked.img_feat[~chosen], pos.img_feat[~chosen])
+    split = tiny_dm.split("train")
+    errors = []
+    for b in range(4):
+        ex = split.pair(int(caps[b]), int(imgs[b]))
+        m = ex.img_feat.shape[0]
+        feat = ex.img_feat.clone()
+        feat[chosen[b, :m]] = 0
+        hidden, _, _ = module.model.uniter(collate([ex._replace(img_feat=feat)]))
+        t = ex.input_ids.numel()
+        for j in chosen[b].nonzero().flatten().tolist():  # region j sits after the t text tokens
+            pred = module.feat_regress(hidden[0, t + j][None]).float()
+            errors.append(((pred - ex.img_feat[j][None].float()) ** 2).mean())
+    assert float(loss.detach()) == pytest.approx(float(torch.stack(errors).mean().detach()), rel=1e-4)
+
+
+def test_word_region_ot_pulls_positives_and_pushes_negatives(tiny_dm):
+    from cacr.ot import ot_distance
+
+    batch = _batches(tiny_dm)[4]
+    module = _small_module(wra_weight=0.5).eval()
+    module.stores["train"] = tiny_dm.pair_store("train")
+    torch.manual_seed(0)
+    losses = module.compute_losses(batch, step=3, total_steps=10)
+    torch.manual_seed(0)
+    plain = _small_module().eval()
+    plain.load_state_dict(module.state_dict())
+    plain.stores["train"] = module.stores["train"]
+    base = plain.compute_losses(batch, step=3, total_steps=10)
+    assert float(losses["loss"]) == pytest.approx(float(base["loss"] + 0.5 * losses["wra_loss"]), abs=1e-5)
+    # the WRA term is mean OT distance of the positives minus that of the negatives, pair by pair
+    B, k = batch["cap_idx"].shape[0], 2
+    cap, img = batch["cap_idx"], batch["img_idx"]
+    caps = torch.cat([cap, cap.repeat_interleave(k), batch["neg_cap"][:, :k].flatten()])
+    imgs = torch.cat([img, batch["neg_img"][:, :k].flatten(), img.repeat_interleave(k)])
+    split = tiny_dm.split("train")
+    d = []
+    for c, i in zip(caps.tolist(), imgs.tolist()):
+        ex = split.pair(c, i)
+        hidden = module.model(collate([ex])).last_hidden[0]
+        t, m = ex.input_ids.numel(), ex.img_feat.shape[0]
+        ones = torch.ones(1, t - 2, dtype=torch.bool), torch.ones(1, m, dtype=torch.bool)
+        d.append(ot_distance(hidden[None, 1:t - 1], hidden[None, t:t + m], *ones)[0])
+    d = torch.stack(d)
+    assert float(losses["wra_loss"]) == pytest.approx(float(d[:B].mean() - d[B:].mean()), abs=1e-4)
+
+
+def test_the_optimizer_trains_the_pretraining_heads():
+    module = _small_module(mlm_weight=1.0, mrfr_weight=1.0)
+    params = {id(p) for g in _optimizer(module).param_groups for p in g["params"]}
+    heads = [p for h in (module.cls, module.feat_regress) for p in h.parameters()]
+    assert heads and all(id(p) in params for p in heads)
+    assert params == {id(p) for p in module.parameters() if p.requires_grad}  # each once, tied ones too
+    # Without heads the groups are the model's parameters in the order and split that
+    # checkpoints written before the heads were trained hold (so those runs still resume).
+    plain = _small_module()
+    old_rule = ([], [])
+    for name, p in plain.model.named_parameters():
+        old_rule[name.endswith(".bias") or "LayerNorm." in name or "layer_norm." in name].append(id(p))
+    assert [[id(p) for p in g["params"]] for g in _optimizer(plain).param_groups] == list(old_rule)
+
+
+def _optimizer(module):
+    class _Trainer:  # configure_optimizers reads the schedule length from the trainer
+        max_steps = 10
+    module._trainer = _Trainer()
+    try:
+        out = module.configure_optimizers()
+    finally:
+        module._trainer = None
+    return out[0][0] if isinstance(out, tuple) else (out["optimizer"] if isinstance(out, dict) else out)

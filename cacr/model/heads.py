@@ -1,10 +1,12 @@
-"""UNITER's masked-language-modelling head, for pre-training on the synthetic world.
+"""UNITER's pre-training heads, for pre-training on the synthetic world.
 
-The official pre-training checkpoints keep it under ``cls.predictions`` (BERT's
-``transform`` = dense + GELU + LayerNorm, then a decoder whose weight is the word-embedding
-matrix, plus an output bias); the retrieval model does not carry it, and
-:func:`cacr.model.load_checkpoint` skips ``cls.`` keys when a pre-trained checkpoint is
-fine-tuned.
+Masked language modelling: the official pre-training checkpoints keep it under
+``cls.predictions`` (BERT's ``transform`` = dense + GELU + LayerNorm, then a decoder whose
+weight is the word-embedding matrix, plus an output bias). Masked region feature regression
+(MRFR): ``feat_regress`` (dense + GELU + LayerNorm, then a linear map back to the region
+feature width whose weight is the transposed ``img_linear`` weight of the image embedding,
+plus a bias). The retrieval model carries neither, and :func:`cacr.model.load_checkpoint`
+skips these keys when a pre-trained checkpoint is fine-tuned.
 """
 from __future__ import annotations
 
@@ -50,3 +52,20 @@ class MlmHead(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         return self.predictions(hidden)
+
+
+class RegionFeatureRegression(nn.Module):
+    """``feat_regress`` of the official pre-training model: hidden states of masked regions ->
+    their input features; the output map is tied to ``img_linear`` (H x img_dim, transposed)."""
+
+    def __init__(self, cfg: UniterConfig, img_linear: nn.Linear):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(cfg.hidden_size, cfg.hidden_size), nn.GELU(),
+                                 nn.LayerNorm(cfg.hidden_size, eps=LN_EPS))
+        self.bias = nn.Parameter(img_linear.weight.new_zeros(cfg.img_dim))
+        self._img_linear = [img_linear]  # a list: not registered twice as a submodule
+        nn.init.normal_(self.net[0].weight, std=cfg.initializer_range)
+        nn.init.zeros_(self.net[0].bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:  # (N, H) -> (N, img_dim)
+        return F.linear(self.net(hidden), self._img_linear[0].weight.t(), self.bias)
