@@ -30,6 +30,7 @@ run layers4      model.config.num_hidden_layers=4 module.align_weight=0
 run focus        "module.mlm_focus=[left,right,above,below]"         # relation words always masked
 run focus_l4     "module.mlm_focus=[left,right,above,below]" model.config.num_hidden_layers=4
 run hard_only    data.p_hard=1.0 module.num_negatives=7
+run uniter_l4    "module.mlm_focus=[left,right,above,below]" model.config.num_hidden_layers=4 module.mrfr_weight=1.0 module.wra_weight=1.0   # all of UNITER's pre-training objectives (MLM, MRFR, WRA) + ITM vs hard negatives
 run simple_world data.synthetic.max_objects=2 data.synthetic.max_distractors=1 "module.mlm_focus=[left,right,above,below]"   # another world: its own held-out set
 wait
 for d in "$out"/*/; do
