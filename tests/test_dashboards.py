@@ -20,6 +20,7 @@ from cacr.train import run
 from cacr.winoground import read_winoground_examples
 
 from .conftest import REPO
+from .wandb_log import wandb_records
 
 TINY_WORLD = [
     "data.synthetic.n_train=40", "data.synthetic.n_val=8", "data.synthetic.n_test=8",
@@ -52,27 +53,6 @@ def compose_train(tmp, *overrides):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("train", overrides=[*TINY_WORLD, f"data.root={tmp / 'world'}", f"run_dir={tmp / 'run'}",
                                             *overrides])
-
-
-def wandb_records(path: Path):
-    """The records of an offline ``run-*.wandb`` file (wandb 0.31 has no Python reader): a LevelDB
-    log, 32 KiB blocks of chunks with a 7-byte header (CRC, length, type); a record is one FULL (1)
-    chunk or FIRST (2), MIDDLE (3)..., LAST (4). The same reader is in tests/test_ddp_training.py."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path}: not a wandb transaction log"
-    pos, block, buf = 7, 32768, b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        n, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        buf += data[pos + 7:pos + 7 + n]
-        pos += 7 + n
-        if kind in (1, 4):
-            yield pb.Record.FromString(buf)
-            buf = b""
 
 
 def _one_thread(fn, *args):

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from cacr.train import WORKER_COMMAND, run
 
 from .conftest import REPO
 from .test_training import TINY_WORLD
+from .wandb_log import wandb_records
 
 # Step-indexed global batch of 4 positives: 2 per process on 2 processes, 4 on one. With
 # the warmup longer than the run and a constant regularizer weight, the first 2 steps of a
@@ -113,25 +113,6 @@ def _max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a if k not in NOISE_ONLY)
 
 
-def wandb_records(path: Path):
-    """The records of an offline ``run-*.wandb`` file (LevelDB log format: 32 KiB blocks of
-    chunks with a 7-byte header; a record is one FULL chunk or FIRST, MIDDLE..., LAST)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path}: not a wandb transaction log"
-    pos, block, buf = 7, 32768, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        n, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        buf += data[pos + 7:pos + 7 + n]
-        pos += 7 + n
-        if kind in (1, 4):
-            yield pb.Record.FromString(buf)
-            buf = b""
 
 
 # ----------------------------------------------------------------------------- single run
