@@ -252,13 +252,16 @@ def bench_eval(model, device, n_cap, n_img, ref_cap, batch_size, ref_chunk, gen,
 
 
 # ---------------------------------------------------------------------------------------- training
-def training_inputs(n_items, B, K, gen):
-    """B positives (caption c with image c) and K random candidate negatives per direction."""
+def training_inputs(n_items, B, K, gen, t_len, m_len):
+    """B positives (caption c with image c) and K random candidate negatives per direction, with
+    the widths the training data module gives a step (``cacr.train_data.TrainBatches``): the
+    longest caption and the largest image the step names."""
     cap = torch.randperm(n_items, generator=gen)[:B]
     neg = torch.randint(0, n_items - 1, (2, B, K), generator=gen)
     neg = neg + (neg >= cap[None, :, None]).long()  # never the positive itself
     return {"cap_idx": cap, "img_idx": cap.clone(), "neg_img": neg[0], "neg_cap": neg[1],
-            "max_txt_len": torch.tensor(MAX_WORDS + 2), "max_regions": torch.tensor(MAX_REGIONS)}
+            "max_txt_len": t_len[torch.cat([cap, neg[1].flatten()])].max(),
+            "max_regions": m_len[torch.cat([cap, neg[0].flatten()])].max()}
 
 
 def make_optimizer(model, lr=5e-5):
@@ -341,7 +344,7 @@ def bench_train(model, device, n_items, B, K, k, reps, mining_batch, gen, bf16, 
     t_len = torch.tensor([c.numel() for c in caps])
     m_len = torch.tensor([f.shape[0] for f, _ in imgs])
     store = PairStore.from_examples(caps, imgs, feat_dtype=torch.float16 if gpu else torch.float32).to(device)
-    batches = [training_inputs(n_items, B, K, gen) for _ in range(reps + 1)]
+    batches = [training_inputs(n_items, B, K, gen, t_len, m_len) for _ in range(reps + 1)]
 
     def step_flops(b):
         """Mining forward FLOPs + 3x the forward FLOPs of the trained pairs (forward + backward)."""
