@@ -6,6 +6,7 @@ process, one process with the global batch against two; the SLURM launcher confi
 detection of cluster-started processes without a cluster."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -252,10 +253,16 @@ def test_processes_started_by_slurm_are_not_started_again(monkeypatch, tmp_path)
     assert not (tmp_path / "wandb").exists()
 
 
-def test_a_dead_worker_stops_the_job_with_its_rank(tmp_path):
+def test_a_dead_worker_stops_the_job_with_its_rank(tmp_path, request):
     """A worker that fails (here: its config names a missing checkpoint) interrupts rank 0
     instead of leaving it waiting for a collective, and the environment is restored."""
     cfg = _compose("trainer=ddp_cpu", f"ckpt_path={tmp_path / 'missing.ckpt'}")
+    # A shell starts background jobs with SIGINT ignored (`nohup pytest &`): the job then has no
+    # way to interrupt this sleep and, as designed, ends itself with SIGKILL after 60 s, which
+    # would end the whole test session. The interrupt path is what this test checks.
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     before = {k: os.environ.get(k) for k in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match=r"DDP worker local rank 1 \(pid \d+\) exited with code 1"):
