@@ -306,8 +306,11 @@ sys.exit(c.main(sys.argv[1:]))
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_during_conversion_removes_the_temporary_file(tmp_path, npz_folder, sig):
     out = tmp_path / "regions.h5"
+    # preexec: SIGINT back to its default in the child (a suite started as a background job
+    # hands its children SIGINT ignored, and Python then keeps ignoring it)
     proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERTER, "npz-dir", str(npz_folder), str(out)], cwd=REPO,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for _ in range(3):  # the writer is open after the first image
         assert proc.stdout.readline().startswith("reading")
     assert list(tmp_path.glob("regions.h5.tmp-*"))
