@@ -52,6 +52,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository, 
 from bench_regularizers import LOSSES, loop_loss  # noqa: E402
 
 from cacr.evaluation import score_pairs  # noqa: E402
+from cacr.evaluation.inputs import scoring_batch_size  # noqa: E402
 from cacr.model import PairExample, PairStore, UniterConfig, UniterForImageTextRetrieval, collate  # noqa: E402
 from cacr.module import RetrievalModule, ranking_loss  # noqa: E402
 from cacr.precision import cpu_flags, resolve_bf16  # noqa: E402
@@ -247,7 +248,6 @@ def bench_eval(model, device, n_cap, n_img, ref_cap, batch_size, ref_chunk, gen,
         b, f = scores["project_bf16"], scores["project_fp32"]
         res["fidelity"].update(bf16_vs_fp32_max_abs=float((b - f).abs().max()), bf16_vs_fp32_r1_agreement=r1_agreement(b, f),
                                fp32_score_std=float(f.std()))
-    del ref
     return res
 
 
@@ -500,8 +500,8 @@ def main(argv=None):
     ap.add_argument("--ref-chunk", type=int, default=None,
                     help="images per public-practice batch (the public evaluation's mini_batch_size; default 400 GPU, 16 CPU)")
     ap.add_argument("--batch-size", type=int, default=None,
-                    help="project eval pairs per batch (default: the evaluators' choice for the device, "
-                         "cacr.evaluation.default_batch_size if it exists, else 1024 GPU / 16 CPU)")
+                    help="project eval pairs per batch (default: the evaluators' batch_size: auto for the device "
+                         "and model width, cacr.evaluation.inputs.scoring_batch_size)")
     ap.add_argument("--batch-sweep", default="", help="also time the project fp32 path at these batch sizes, e.g. 8,16,64,512")
     ap.add_argument("--bf16", default="auto", choices=["auto", "true", "false"],
                     help="project bf16 paths (auto: CUDA, or a CPU with AVX-512 BF16 / AMX; cacr.precision.resolve_bf16)")
@@ -534,7 +534,7 @@ def main(argv=None):
     parts = {p.strip() for p in args.parts.split(",")}
     if "eval" in parts:
         r["eval"] = bench_eval(model, device, pick(args.captions, 100, 2), pick(args.images, 1000, 32),
-                               pick(args.ref_captions, 10, 1), args.batch_size or default_eval_batch(device),
+                               pick(args.ref_captions, 10, 1), args.batch_size or scoring_batch_size("auto", device, model),
                                pick(args.ref_chunk, 400, 16), gen, max(1, args.repeats), bf16_cpu=bf16,
                                compile_=args.compile,
                                batch_sweep=[int(b) for b in args.batch_sweep.split(",") if b.strip()])
@@ -551,15 +551,6 @@ def main(argv=None):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.json, json.dumps(r, indent=1))
     return r
-
-
-def default_eval_batch(device) -> int:
-    """The evaluators' batch size for this device where the project defines one, else 1024 GPU / 16 CPU."""
-    try:
-        from cacr.evaluation import default_batch_size
-    except ImportError:
-        return 1024 if device.type == "cuda" else 16
-    return default_batch_size(device)
 
 
 if __name__ == "__main__":

@@ -59,16 +59,16 @@ def load_matrix(path: Path) -> torch.Tensor:
     return (obj["scores"] if isinstance(obj, dict) else obj).double()
 
 
-def compare(ckpt: Path, work: Path, split: str, extra, log) -> dict:
+def compare(ckpt: Path, work: Path, split: str, log) -> dict:
     out = {"checkpoint": str(ckpt)}
     wino, ret = {}, {}
     for prec in ("fp32", "bf16"):
         flag = "bf16=" + ("true" if prec == "bf16" else "false")
         run([sys.executable, "eval_winoground.py", f"ckpt_path={ckpt}", flag, f"output={work / ('wino_' + prec)}",
-             "progress=false", "n_boot=100", *extra], log)
+             "progress=false", "n_boot=100"], log)
         run([sys.executable, "eval_retrieval.py", f"ckpt_path={ckpt}", flag, f"split={split}",
-             f"output={work / ('ret_' + prec)}", f"save_scores={work / ('ret_' + prec + '.pt')}", "progress=false",
-             *extra], log)
+             f"output={work / ('ret_' + prec)}", f"save_scores={work / ('ret_' + prec + '.pt')}", "progress=false"],
+            log)
         wino[prec] = wino_scores(work / f"wino_{prec}" / "winoground_scores.jsonl")
         ret[prec] = (load_matrix(work / f"ret_{prec}.pt"), json.loads((work / f"ret_{prec}" / "results.json").read_text()))
     (ids32, w32), (ids16, w16) = wino["fp32"], wino["bf16"]
@@ -89,8 +89,8 @@ def compare(ckpt: Path, work: Path, split: str, extra, log) -> dict:
         "max_abs_diff": float((m16 - m32).abs().max()), "score_std": float(m32.std()),
         "r1_agreement_text_to_image": float((m32.argmax(1) == m16.argmax(1)).double().mean()),
         "r1_agreement_image_to_text": float((m32.argmax(0) == m16.argmax(0)).double().mean()),
-        "fp32": {k: v for k, v in r32.get("metrics", r32).items() if isinstance(v, (int, float))},
-        "bf16": {k: v for k, v in r16.get("metrics", r16).items() if isinstance(v, (int, float))},
+        "fp32": {k: v for k, v in r32.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        "bf16": {k: v for k, v in r16.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
     }
     return out
 
@@ -101,16 +101,15 @@ def main(argv=None):
     ap.add_argument("--split", default="test", help="retrieval split (default test)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None, help="keep the evaluators' outputs here (default: a temp dir)")
-    ap.add_argument("extra", nargs="*", default=[], help=argparse.SUPPRESS)
-    args, extra = ap.parse_known_args(argv)
+    args = ap.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         base = args.work or Path(tmp)
-        with open(base / "fidelity.log" if args.work else Path(tmp) / "fidelity.log", "a") as log:
+        with open(base / "fidelity.log", "a") as log:
             for i, ckpt in enumerate(args.checkpoints):
                 work = base / f"ckpt{i}"
                 work.mkdir(parents=True, exist_ok=True)
-                results.append(compare(ckpt.resolve(), work, args.split, extra, log))
+                results.append(compare(ckpt.resolve(), work, args.split, log))
     for r in results:
         w, t = r["winoground"], r["retrieval"]
         print(f"\n{r['checkpoint']}")

@@ -12,7 +12,6 @@ On a CPU without native bf16 the autocast is emulated with the same rounding."""
 import json
 
 import pytest
-import torch
 
 from cacr.evaluation import cli
 from cacr.evaluation.scorefile import load_score_matrix, read_score_file, read_winoground_examples
