@@ -12,7 +12,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -403,7 +402,7 @@ def _files_world(tmp_path, world, edit=None, wino_edit=None, drop_split=None):
                        token_ids=[c.tokens(i).tolist() for i in keep], splits=[c.splits[i] for i in keep],
                        vocab=c.vocab, tokenizer="synthetic", do_lower_case=False, cls_id=c.cls_id,
                        sep_id=c.sep_id, pad_id=int(c.attrs["pad_id"]), unk_id=int(c.attrs["unk_id"]))
-    return [f"data.source=files", f"data.regions={d / 'regions.h5'}", f"data.captions={d / 'captions.h5'}",
+    return ["data.source=files", f"data.regions={d / 'regions.h5'}", f"data.captions={d / 'captions.h5'}",
             f"data.winoground_regions={d / 'wino_regions.h5'}", f"data.winoground_examples={d / 'examples.jsonl'}"], d
 
 

@@ -4,8 +4,6 @@ files in tests/fixtures/multiple_choice, one-line errors, the synthetic set deri
 Winoground-format examples, metrics against loop twins, scores against a per-pair slow
 twin and against the Winoground evaluator, and 1 vs 2 processes."""
 import json
-import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +20,7 @@ from cacr.evaluation import cli
 from cacr.evaluation.multiple_choice import (accuracy_summary, correct_items, macro_of_resamples, macro_summary,
                                              read_file, read_set, results_markdown, run_multiple_choice)
 from cacr.evaluation.scorefile import read_score_file, read_winoground_examples
-from cacr.model import UniterConfig, build_uniter, collate
+from cacr.model import build_uniter, collate
 from cacr.model.batch import PairExample
 
 from .conftest import REPO, synthetic_world

@@ -414,13 +414,17 @@ def test_mask_words_corrupts_only_words_at_the_rate_asked(tiny_dm):
     assert 0.72 < to_mask < 0.88
 
 
+def _positives(dm, captions):
+    """Training captions, their images and the batch of those positive pairs."""
+    caps = torch.tensor(captions)
+    imgs = dm.split("train").txt2img[caps]
+    return caps, imgs, dm.pair_store("train").batch(caps, imgs)
+
+
 def test_masked_lm_equals_one_caption_at_a_time(tiny_dm):
     module = _with_tokenizer(_small_module(mlm_weight=1.0, mlm_prob=0.3))
     module.eval()
-    store = tiny_dm.pair_store("train")
-    caps = torch.tensor([0, 7, 13, 21])
-    imgs = tiny_dm.split("train").txt2img[caps]
-    pos = store.batch(caps, imgs)
+    caps, imgs, pos = _positives(tiny_dm, [0, 7, 13, 21])
     torch.manual_seed(5)
     masked, chosen = module.mask_words(pos)
     torch.manual_seed(5)
@@ -556,10 +560,7 @@ def test_training_precision_auto_follows_the_device_and_cpu_flags(tmp_path, monk
 
 def test_masked_region_regression_equals_one_image_at_a_time(tiny_dm):
     module = _small_module(mrfr_weight=1.0, mrfr_prob=0.3).eval()
-    store = tiny_dm.pair_store("train")
-    caps = torch.tensor([1, 8, 15, 22])
-    imgs = tiny_dm.split("train").txt2img[caps]
-    pos = store.batch(caps, imgs)
+    caps, imgs, pos = _positives(tiny_dm, [1, 8, 15, 22])
     torch.manual_seed(6)
     masked, chosen = module.mask_regions(pos)
     torch.manual_seed(6)
