@@ -1,0 +1,241 @@
+"""How fast can this UNITER learn binding when it is given nothing but the binding signal?
+
+A diagnostic beside the gate (README, "The gate"): the same model class
+(``UniterForImageTextRetrieval``, any size), trained on freshly sampled scenes of the
+synthetic world (no data reuse, so no memorising), with a loss that only binding can
+lower. Each positive (scene, caption "A rel B" true of it) is scored against
+
+- its order swap "B rel A" (false of the scene: the relations are strict), and
+- the scene with A's and B's boxes exchanged (the caption becomes false),
+
+with a softmax over the three (``--loss swap``), optionally plus the other captions of the
+batch as easy negatives (``--in-batch``). Binding (``s00 - s01 - s10 + s11 > 0``) is
+measured every ``--eval-every`` steps on ``--n-eval`` fresh Winoground-format pairs built by
+the world's own generators (half relation swaps, half attribute swaps), whose layouts are
+never trained on. It answers "is binding learnable by this model, and in how many steps?"
+apart from the recipe's other objectives and its finite caption set.
+
+    python experiments/binding_study/probe.py --layers 4 --steps 3000 --out /tmp/probe.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from cacr.data.synthetic import (  # noqa: E402
+    GRID, RELATIONS, TEMPLATES, SyntheticConfig, World, attribute_swap_example, caption_for, layout,
+    relation_holds, relation_swap_example, swap_boxes, synthetic_vocab,
+)
+from cacr.data.tokenizer import WordPieceTokenizer  # noqa: E402
+from cacr.model import MlmHead, PairExample, UniterConfig, UniterForImageTextRetrieval, collate  # noqa: E402
+from cacr.data.synthetic import CATEGORIES, COLOURS  # noqa: E402
+
+KINDS = {"colour": COLOURS, "category": CATEGORIES, "relation": ("left", "right", "above", "below")}
+
+
+def masked_lm(model, head, tok, batch, n: int, r, kinds):
+    """UNITER-style MLM on the first ``n`` pairs of ``batch`` (the positives): one content word
+    per caption (of ``kinds``: colour, category, relation) is replaced by [MASK] and predicted
+    from the whole pair. Returns (loss, {kind: accuracy})."""
+    vocab = tok.token_to_id
+    ids = batch.input_ids[:n].clone()
+    kind_of = {vocab[w]: k for k, words in KINDS.items() if k in kinds for w in words}
+    rows, cols, kind = [], [], []
+    for b in range(n):
+        slots = [j for j, t in enumerate(ids[b].tolist()) if t in kind_of]
+        j = slots[int(r.integers(len(slots)))]
+        rows.append(b), cols.append(j), kind.append(kind_of[ids[b, j].item()])
+    rows, cols = torch.tensor(rows), torch.tensor(cols)
+    target = ids[rows, cols].clone()
+    ids[rows, cols] = vocab["[MASK]"]
+    import dataclasses
+    sub = dataclasses.replace(batch, **{f: getattr(batch, f)[:n] for f in (
+        "img_feat", "img_pos_feat", "attn_mask", "gather_index", "txt_lens", "num_bbs", "word_index",
+        "word_mask", "region_index", "region_mask")}, input_ids=ids)
+    hidden, _, _ = model.uniter(sub)
+    logits = head(hidden[rows, cols])  # compact layout: text token j sits at joint position j
+    hit = (logits.argmax(-1) == target).float()
+    acc = {k: hit[[i for i, x in enumerate(kind) if x == k]].mean().item() for k in set(kind)}
+    return F.cross_entropy(logits, target), acc
+
+
+def boxes6(regions) -> torch.Tensor:
+    b = torch.tensor(np.stack([g.box for g in regions]), dtype=torch.float32)
+    return torch.cat([b, b[:, 2:3] - b[:, 0:1], b[:, 3:4] - b[:, 1:2]], 1)
+
+
+def example(tok, caption: str, regions, perm) -> PairExample:
+    regions = [regions[i] for i in perm]  # region order carries nothing
+    feat = torch.tensor(np.stack([g.feature for g in regions]), dtype=torch.float32)
+    return PairExample(torch.tensor(tok.encode(caption)), feat, boxes6(regions))
+
+
+def eval_set(world: World, n: int, seed: int):
+    r = np.random.default_rng([seed, 7])
+    out = []
+    for k in range(n):
+        img0, img1, c0, c1, _ = (relation_swap_example if k % 2 == 0 else attribute_swap_example)(world, r)
+        out.append((img0, img1, c0, c1, r.permutation(len(img0))))
+    return out
+
+
+@torch.no_grad()
+def binding(model, tok, items, batch=256):
+    model.eval()
+    pairs = []
+    for img0, img1, c0, c1, perm in items:
+        pairs += [example(tok, c, im, perm) for c in (c0, c1) for im in (img0, img1)]
+    s = torch.cat([model.score(collate(pairs[i:i + batch])) for i in range(0, len(pairs), batch)]).view(-1, 4)
+    d = s[:, 0] - s[:, 1] - s[:, 2] + s[:, 3]
+    text = ((s[:, 0] > s[:, 2]) & (s[:, 3] > s[:, 1]))
+    image = ((s[:, 0] > s[:, 1]) & (s[:, 3] > s[:, 2]))
+    model.train()
+    half = len(items) // 2
+    return {"binding": 100 * (d > 0).float().mean().item(),
+            "binding_relation": 100 * (d[0::2] > 0).float().mean().item(),
+            "binding_object": 100 * (d[1::2] > 0).float().mean().item(),
+            "group": 100 * (text & image).float().mean().item(), "n": len(items), "half": half}
+
+
+def training_batch(world: World, r, tok, held_out, n: int, in_batch: bool):
+    pos, neg_txt, neg_img = [], [], []
+    for _ in range(n):
+        while True:
+            regions = world.scene(r)
+            if layout(regions) not in held_out:
+                break
+        objs = [k for k, g in enumerate(regions) if g.kind == "object"]
+        facts = [(a, b, rel) for a in objs for b in objs if a != b for rel in RELATIONS
+                 if relation_holds(regions[a], regions[b], rel)]
+        a, b, rel = facts[int(r.integers(len(facts)))]
+        template = TEMPLATES[int(r.integers(len(TEMPLATES)))]
+        cap = caption_for(regions[a], regions[b], rel, template)
+        swapped_cap = caption_for(regions[b], regions[a], rel, template)
+        swapped_img = swap_boxes(regions, a, b)
+        perm = r.permutation(len(regions))
+        pos.append(example(tok, cap, regions, perm))
+        neg_txt.append(example(tok, swapped_cap, regions, perm))
+        neg_img.append(example(tok, cap, swapped_img, perm))
+    groups = [pos, neg_txt, neg_img]
+    if in_batch:  # the next positive's caption on this image: mostly an easy negative (it may be true)
+        groups.append([PairExample(pos[(i + 1) % n].input_ids, p.img_feat, p.img_pos_feat) for i, p in enumerate(pos)])
+    return collate([e for g in groups for e in g]), len(groups)
+
+
+ABSOLUTE = {"left": lambda c: c[1] == 0, "right": lambda c: c[1] == GRID - 1,
+            "above": lambda c: c[0] == 0, "below": lambda c: c[0] == GRID - 1}
+
+
+def absolute_batch(world: World, r, tok, held_out, n: int):
+    """``n`` pairs whose caption places one object on the grid, "a red cube is left" (first
+    column; right: last column, above: top row, below: bottom row), for MLM of that word."""
+    out = []
+    while len(out) < n:
+        regions = world.scene(r)
+        if layout(regions) in held_out:
+            continue
+        choices = [(g, w) for g in regions if g.kind == "object" for w, ok in ABSOLUTE.items() if ok(g.cell)]
+        if not choices:
+            continue
+        g, w = choices[int(r.integers(len(choices)))]
+        art = "an" if g.colour[0] in "aeiou" else "a"
+        out.append(example(tok, f"{art} {g.name()} is {w}", regions, r.permutation(len(regions))))
+    return collate(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--batch", type=int, default=32, help="positives per step")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--n-eval", type=int, default=1000)
+    p.add_argument("--min-objects", type=int, default=2)
+    p.add_argument("--max-objects", type=int, default=4)
+    p.add_argument("--min-distractors", type=int, default=1)
+    p.add_argument("--max-distractors", type=int, default=3)
+    p.add_argument("--in-batch", action="store_true", help="add the next positive's caption as an easy negative")
+    p.add_argument("--mlm", type=float, default=0.0, help="weight of one-content-word MLM on the positives")
+    p.add_argument("--mlm-kinds", default="colour,category,relation")
+    p.add_argument("--absolute", type=int, default=0,
+                   help="extra pairs per step with an absolute-position caption ('a red cube is left'), for MLM")
+    p.add_argument("--rank", type=float, default=1.0, help="weight of the swap ranking loss")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON file for the curve")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    # The study world's defaults (conf/data/synthetic.yaml) but for the sub-world sizes given.
+    wcfg = SyntheticConfig(seed=0, img_dim=64, vocab_size=64, noise=0.2, n_categories=4, n_colours=3,
+                           min_objects=a.min_objects, max_objects=a.max_objects,
+                           min_distractors=a.min_distractors, max_distractors=a.max_distractors)
+    world = World(wcfg)
+    tok = WordPieceTokenizer(synthetic_vocab(64), name="synthetic")
+    items = eval_set(world, a.n_eval, a.seed + 1000)
+    held_out = {layout(x) for it in items for x in it[:2]}
+    cfg = UniterConfig(vocab_size=64, hidden_size=a.hidden, num_hidden_layers=a.layers,
+                       num_attention_heads=a.heads, intermediate_size=4 * a.hidden, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0, max_position_embeddings=64, img_dim=64)
+    model = UniterForImageTextRetrieval(cfg)
+    head = MlmHead(cfg, model.uniter.embeddings.word_embeddings) if a.mlm else None
+    params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
+    mlm_acc = {}
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / a.warmup) * max(0.0, 1 - s / a.steps))
+    r = np.random.default_rng([a.seed, 1])
+    curve, t0, losses = [], time.time(), []
+    for step in range(1, a.steps + 1):
+        batch, k = training_batch(world, r, tok, held_out, a.batch, a.in_batch)
+        s = model(batch).rank_logits.view(k, a.batch)
+        # positive against its text swap and its image swap (and the easy negative, if any)
+        loss = a.rank * F.cross_entropy(s.t(), torch.zeros(a.batch, dtype=torch.long))
+        if head is not None:
+            mlm, acc = masked_lm(model, head, tok, batch, a.batch, r, a.mlm_kinds.split(","))
+            loss = loss + a.mlm * mlm
+            if a.absolute:
+                ab = absolute_batch(world, r, tok, held_out, a.absolute)
+                mlm2, acc2 = masked_lm(model, head, tok, ab, a.absolute, r, ["relation"])
+                loss = loss + a.mlm * mlm2
+                acc["absolute"] = acc2["relation"]
+            for kind, v in acc.items():
+                mlm_acc.setdefault(kind, []).append(v)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % a.eval_every == 0 or step == a.steps:
+            m = binding(model, tok, items)
+            m.update(step=step, loss=float(np.mean(losses)), seconds=round(time.time() - t0, 1),
+                     mlm_acc={k: float(np.mean(v)) for k, v in mlm_acc.items()})
+            losses, mlm_acc = [], {}
+            curve.append(m)
+            print(f"step {step}: loss {m['loss']:.3f} (chance {math.log(k):.3f}) binding {m['binding']:.1f} "
+                  f"(relation {m['binding_relation']:.1f}, object {m['binding_object']:.1f}) group {m['group']:.1f} "
+                  f"mlm {' '.join(f'{k} {v:.2f}' for k, v in sorted(m['mlm_acc'].items()))} [{m['seconds']:.0f} s]", flush=True)
+    if a.out:
+        tmp = a.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"args": vars(a), "curve": curve}, f, indent=1)
+        os.replace(tmp, a.out)
+
+
+if __name__ == "__main__":
+    main()
