@@ -11,12 +11,13 @@ from cacr.data.synthetic import SyntheticConfig, ensure_synthetic, load_scenes
 from cacr.train_data import TrainingDataModule
 
 WORLD = dict(seed=3, img_dim=16, vocab_size=64, n_train=150, n_val=10, n_test=10, n_winoground=40,
-             min_distractors=0, max_distractors=1, n_categories=4, n_colours=3, twin_prob=0.5)
+             min_distractors=0, max_distractors=1, n_categories=4, n_colours=3, twin_prob=0.5, absolute_captions=2)
 
 
 # ------------------------------------------------------------------ an independent rule
 def _truth(caption: str, scene) -> bool:
-    """Is the caption true of the scene: some (colour, category) A and B, cells from box centres."""
+    """Is the caption true of the scene: some (colour, category) A and B, cells from box centres;
+    an absolute caption ("a red mug is left"): some A in the first column (last; top; bottom row)."""
     words = caption.replace("there is ", "").replace(" is ", " ").split()
     words = [w for w in words if w not in ("a", "an", "the")]
     col_a, cat_a = words[0], words[1]
@@ -31,6 +32,10 @@ def _truth(caption: str, scene) -> bool:
                 out.append((int((y1 + y2) / 2 * 3), int((x1 + x2) / 2 * 3)))  # (row, column)
         return out
 
+    if len(words) == 3:
+        edge = {"left": lambda a: a[1] == 0, "right": lambda a: a[1] == 2, "above": lambda a: a[0] == 0,
+                "below": lambda a: a[0] == 2}[words[2]]
+        return any(edge(a) for a in cells(col_a, cat_a))
     test = {"left of": lambda a, b: a[1] < b[1], "right of": lambda a, b: a[1] > b[1],
             "above": lambda a, b: a[0] < b[0], "below": lambda a, b: a[0] > b[0]}[rel]
     return any(test(a, b) for a in cells(col_a, cat_a) for b in cells(col_b, cat_b))
@@ -72,8 +77,25 @@ def test_parse_caption_reads_every_template_and_names_a_bad_one():
         cat_a, col_a, rel, cat_b, col_b = parse_caption(t)
         assert (cat_a, col_a, rel, cat_b, col_b) != (cat_b, col_b, rel, cat_a, col_a)
     assert parse_caption("a red mug left of a blue dog") == parse_caption("the red mug is left of the blue dog")
+    facts = {parse_caption(f"a red mug is {p}") for p in ("left", "right", "above", "below")}
+    assert len(facts) == 4 and not facts & {parse_caption("a red mug left of a red mug")}
     with pytest.raises(ValueError, match="caption 7.*not a synthetic-world caption"):
         parse_caption("a red mug near a blue dog", where="caption 7")
+    with pytest.raises(ValueError, match="not a synthetic-world caption"):
+        parse_caption("a red mug is near")
+
+
+def test_the_world_writes_absolute_captions_that_hold(world):
+    _, paths, texts, scenes = world
+    absolute = [t for t in texts if t.split()[-1] in ("left", "right", "above", "below")]
+    assert len(absolute) > 0.25 * len(texts)  # 2 of each image's 7 captions (fewer when a scene has fewer facts)
+    assert {t.split()[-1] for t in absolute} == {"left", "right", "above", "below"}
+    from cacr.data.formats import read_captions
+
+    cap = read_captions(paths.captions)
+    assert not [t for t, s in zip(cap.texts, cap.splits) if s != "train" and t.split()[-1] in ("left", "right", "above", "below")]
+    assert SyntheticConfig(**{**WORLD, "absolute_captions": 0}).key() == SyntheticConfig(
+        **{k: v for k, v in WORLD.items() if k != "absolute_captions"}).key()  # worlds without them keep their folder
 
 
 def test_scene_truth_equals_the_independent_rule(world):

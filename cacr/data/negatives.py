@@ -3,7 +3,8 @@
 In the synthetic world the truth of every caption on every scene is known: a caption states
 one fact ``(object a, relation, object b)`` (an object is a colour and a category) and a
 scene makes it true iff it holds an ``a`` and a ``b`` whose grid cells stand in that
-relation. :class:`SceneTruth` holds, for one split, the fact of every caption and the facts,
+relation; an absolute caption ("a red mug is left", ``data.synthetic.absolute_captions``)
+is true iff the scene holds an ``a`` in that edge column or row. :class:`SceneTruth` holds, for one split, the fact of every caption and the facts,
 categories and colours of every image, and answers with vectorised masks:
 
 - ``true_images(c)`` / ``true_texts(i)``: the images a caption is true of (its own image and
@@ -28,21 +29,30 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .synthetic import CATEGORIES, COLOURS, GRID, RELATIONS
+from .synthetic import CATEGORIES, COLOURS, GRID, POSITIONS, RELATIONS
 
 _REL = "|".join(RELATIONS)
 _OBJ = rf"(?P<{{0}}col>\w+) (?P<{{0}}cat>\w+)"
 CAPTION_RE = re.compile(
     rf"^(?:there is )?(?:a|an|the) {_OBJ.format('a')} (?:is )?(?P<rel>{_REL}) (?:a|an|the) {_OBJ.format('b')}$")
+ABSOLUTE_RE = re.compile(rf"^(?:a|an|the) {_OBJ.format('a')} is (?P<pos>{'|'.join(POSITIONS)})$")
+N_PREDICATES = len(RELATIONS) + len(POSITIONS)  # relation r, or absolute position len(RELATIONS) + p
 
 
 def parse_caption(text: str, where: str = "caption") -> Tuple[int, int, int, int, int]:
-    """``(category a, colour a, relation, category b, colour b)`` indices of a synthetic caption."""
-    m = CAPTION_RE.match(text.strip().rstrip(".").strip())
+    """``(category a, colour a, relation, category b, colour b)`` indices of a synthetic caption.
+    An absolute caption ("a red mug is left") reads as ``(a, len(RELATIONS) + position, a)``."""
+    text = text.strip().rstrip(".").strip()
+    m = ABSOLUTE_RE.match(text)
+    if m is not None and m["acat"] in CATEGORIES and m["acol"] in COLOURS:
+        a = (CATEGORIES.index(m["acat"]), COLOURS.index(m["acol"]))
+        return (*a, len(RELATIONS) + POSITIONS.index(m["pos"]), *a)
+    m = CAPTION_RE.match(text)
     if m is None or m["acat"] not in CATEGORIES or m["bcat"] not in CATEGORIES \
             or m["acol"] not in COLOURS or m["bcol"] not in COLOURS:
         raise ValueError(f"{where}: {text!r} is not a synthetic-world caption "
-                         f"('<article> <colour> <category> <relation> <article> <colour> <category>')")
+                         f"('<article> <colour> <category> <relation> <article> <colour> <category>' or "
+                         f"'<article> <colour> <category> is <{'|'.join(POSITIONS)}>')")
     return (CATEGORIES.index(m["acat"]), COLOURS.index(m["acol"]), RELATIONS.index(m["rel"]),
             CATEGORIES.index(m["bcat"]), COLOURS.index(m["bcol"]))
 
@@ -53,7 +63,7 @@ def _kind(cat: int, col: int) -> int:
 
 def fact_id(cat_a: int, col_a: int, rel: int, cat_b: int, col_b: int) -> int:
     n = len(CATEGORIES) * len(COLOURS)
-    return (_kind(cat_a, col_a) * n + _kind(cat_b, col_b)) * len(RELATIONS) + rel
+    return (_kind(cat_a, col_a) * n + _kind(cat_b, col_b)) * N_PREDICATES + rel
 
 
 def _cell(box: Sequence[float]) -> Tuple[int, int]:
@@ -66,6 +76,11 @@ def _holds(a, b, rel: str) -> bool:
     return {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[rel]
 
 
+def _at_edge(a, pos: str) -> bool:
+    row, col = a
+    return {"left": col == 0, "right": col == GRID - 1, "above": row == 0, "below": row == GRID - 1}[pos]
+
+
 def scene_facts(regions: Sequence[Mapping]) -> Tuple[List[int], int, int]:
     """Every fact true of a scene (``load_scenes`` format), and its category and colour bit sets."""
     objs = [(CATEGORIES.index(g["category"]), COLOURS.index(g["colour"]), _cell(g["box"]))
@@ -73,6 +88,8 @@ def scene_facts(regions: Sequence[Mapping]) -> Tuple[List[int], int, int]:
     facts = [fact_id(ca, ka, r, cb, kb)
              for i, (ca, ka, pa) in enumerate(objs) for j, (cb, kb, pb) in enumerate(objs) if i != j
              for r, rel in enumerate(RELATIONS) if _holds(pa, pb, rel)]
+    facts += [fact_id(c, k, len(RELATIONS) + p, c, k)
+              for c, k, cell in objs for p, pos in enumerate(POSITIONS) if _at_edge(cell, pos)]
     cats = sum(1 << c for c in {o[0] for o in objs})
     cols = sum(1 << k for k in {o[1] for o in objs})
     return facts, cats, cols

@@ -43,6 +43,8 @@ CATEGORIES = ("mug", "dog", "cup", "ball", "cat", "car", "tree", "chair", "book"
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple")
 BACKGROUND = ("sky", "grass", "wall", "floor", "road", "water")  # distractor classes, never named
 RELATIONS = ("left of", "right of", "above", "below")
+POSITIONS = ("left", "right", "above", "below")  # absolute captions: first column, last column, top row, bottom row
+ABSOLUTE_TEMPLATE = "{ia} {a} is {p}"
 TEMPLATES = ("{ia} {a} {r} {ib} {b}", "there is {ia} {a} {r} {ib} {b}", "the {a} is {r} the {b}")
 WORDS = ("a", "an", "the", "there", "is", "left", "right", "of", "above", "below")
 GRID = 3
@@ -66,6 +68,7 @@ class SyntheticConfig:
     twin_prob: float = 0.2  # chance a scene is followed by its twin with two objects' boxes exchanged
     n_categories: int = len(CATEGORIES)  # the first n categories and colours are used: a smaller inventory
     n_colours: int = len(COLOURS)  # makes random images share the named objects, so binding pays off
+    absolute_captions: int = 0  # extra captions per training image placing one object on the grid's edge ("a red mug is left")
 
     def __post_init__(self):
         if not 2 <= self.n_categories <= len(CATEGORIES) or not 2 <= self.n_colours <= len(COLOURS):
@@ -76,7 +79,10 @@ class SyntheticConfig:
                              f"scene of max_objects={self.max_objects} distinct objects")
 
     def key(self) -> str:
-        blob = json.dumps({"v": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if not self.absolute_captions:  # added later: worlds without them keep their folder names
+            del fields["absolute_captions"]
+        blob = json.dumps({"v": GENERATOR_VERSION, **fields}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -218,6 +224,22 @@ def scene_captions(r: np.random.Generator, regions: List[Region], k: int) -> Lis
     return out
 
 
+def absolute_holds(cell: Tuple[int, int], pos: str) -> bool:
+    row, col = cell
+    return {"left": col == 0, "right": col == GRID - 1, "above": row == 0, "below": row == GRID - 1}[pos]
+
+
+def absolute_captions(r: np.random.Generator, regions: List[Region], k: int) -> List[str]:
+    """``k`` distinct captions (fewer if the scene has fewer facts) that place one object on the
+    grid's edge: "a red mug is left" (first column), "right" (last), "above" (top row), "below"
+    (bottom row). They read a grounded object's position on its own, a step below comparing
+    two (experiments/binding_study/README.md, "What the probe showed")."""
+    art = lambda g: "an" if g.colour[0] in "aeiou" else "a"  # noqa: E731
+    facts = [ABSOLUTE_TEMPLATE.format(ia=art(g), a=g.name(), p=pos)
+             for g in regions if g.kind == "object" for pos in POSITIONS if absolute_holds(g.cell, pos)]
+    return [facts[i] for i in sorted(r.permutation(len(facts))[:k])]
+
+
 def shuffled(r: np.random.Generator, regions: List[Region]) -> List[Region]:
     return [regions[i] for i in r.permutation(len(regions))]
 
@@ -326,7 +348,10 @@ def generate(cfg: SyntheticConfig, out_dir) -> SyntheticPaths:
                 prev = regions
             image_id = f"syn_{split}_{i:05d}"
             scenes[image_id] = shuffled(r, regions)
-            for k, c in enumerate(scene_captions(r, regions, cfg.captions_per_image)):
+            caps = scene_captions(r, regions, cfg.captions_per_image)
+            if cfg.absolute_captions and split == "train":  # evaluation splits keep the relational captions only
+                caps += absolute_captions(r, regions, cfg.absolute_captions)
+            for k, c in enumerate(caps):
                 cap_ids.append(f"{image_id}_{k}")
                 img_ids.append(image_id)
                 texts.append(c)
