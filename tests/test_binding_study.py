@@ -104,3 +104,80 @@ def test_the_study_runs_end_to_end_on_a_tiny_world(tmp_path):
     # Resumable: a second call finds every job done and only re-reports.
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "done " not in r.stdout
+
+
+# ------------------------------------------------------------------ probe.py
+def _centre_cell(box):
+    return int((box[1] + box[3]) / 2 * 3), int((box[0] + box[2]) / 2 * 3)  # (row, column) from the box alone
+
+
+def _true_of(caption: str, regions) -> bool:
+    """An independent reading of a caption against a scene's boxes (not cacr.data.negatives)."""
+    words = [w for w in caption.replace("there is ", "").replace(" is ", " ").split() if w not in ("a", "an", "the")]
+    cells = lambda col, cat: [_centre_cell(g.box) for g in regions  # noqa: E731
+                              if g.kind == "object" and (g.colour, g.category) == (col, cat)]
+    if len(words) == 3:
+        edge = {"left": (1, 0), "right": (1, 2), "above": (0, 0), "below": (0, 2)}[words[2]]
+        return any(c[edge[0]] == edge[1] for c in cells(words[0], words[1]))
+    rel = " ".join(words[2:-2])
+    test = {"left of": lambda a, b: a[1] < b[1], "right of": lambda a, b: a[1] > b[1],
+            "above": lambda a, b: a[0] < b[0], "below": lambda a, b: a[0] > b[0]}[rel]
+    return any(test(a, b) for a in cells(words[0], words[1]) for b in cells(words[-2], words[-1]))
+
+
+def test_probe_negatives_are_false_and_positives_true():
+    from cacr.data.synthetic import SyntheticConfig, World, layout
+
+    probe = _load("probe")
+    world = World(SyntheticConfig(noise=0.2, n_categories=4, n_colours=3, min_distractors=1, max_distractors=3))
+    r = np.random.default_rng(0)
+    held_out = {layout(x) for it in probe.eval_set(world, 20, 0) for x in it[:2]}
+    items = probe.training_items(world, r, held_out, 200)
+    for regions, cap, swapped, swapped_img, perm in items:
+        assert layout(regions) not in held_out and sorted(perm) == list(range(len(regions)))
+        assert _true_of(cap, regions)
+        assert not _true_of(swapped, regions) and sorted(swapped.split()) == sorted(cap.split())
+        assert not _true_of(cap, swapped_img)
+        assert [g.feature.tolist() for g in swapped_img] == [g.feature.tolist() for g in regions]
+    absolute = probe.absolute_items(world, r, held_out, 200)
+    assert {cap.split()[-1] for _, cap in absolute} == {"left", "right", "above", "below"}
+    assert all(_true_of(cap, regions) for regions, cap in absolute)
+    for img0, img1, c0, c1, _ in probe.eval_set(world, 20, 0):  # the Winoground-format pairs it scores
+        assert _true_of(c0, img0) and _true_of(c1, img1) and not _true_of(c0, img1) and not _true_of(c1, img0)
+
+
+def test_probe_masks_one_content_word_and_runs(tmp_path):
+    import torch
+
+    from cacr.data.synthetic import SyntheticConfig, World, synthetic_vocab
+    from cacr.data.tokenizer import WordPieceTokenizer
+    from cacr.model import MlmHead, UniterConfig, UniterForImageTextRetrieval
+
+    probe = _load("probe")
+    world = World(SyntheticConfig(noise=0.2, n_categories=4, n_colours=3))
+    tok = WordPieceTokenizer(synthetic_vocab(64), name="synthetic")
+    r = np.random.default_rng(1)
+    batch, k = probe.training_batch(world, r, tok, set(), 6, in_batch=True)
+    assert k == 4 and len(batch) == 24
+    cfg = UniterConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, max_position_embeddings=64, img_dim=64)
+    model = UniterForImageTextRetrieval(cfg)
+    head = MlmHead(cfg, model.uniter.embeddings.word_embeddings)
+    seen = []
+    real = model.uniter.forward
+    model.uniter.forward = lambda b, *a: (seen.append(b.input_ids.clone()), real(b, *a))[1]
+    loss, acc = probe.masked_lm(model, head, tok, batch, 6, r, ["relation"])
+    assert torch.isfinite(loss) and set(acc) == {"relation"}
+    masked = seen[0]
+    mask_id = tok.token_to_id["[MASK]"]
+    assert ((masked == mask_id).sum(1) == 1).all()  # exactly one word per positive
+    original = batch.input_ids[:6]
+    words = {tok.token_to_id[w] for w in ("left", "right", "above", "below")}
+    assert all(int(original[b][masked[b] == mask_id]) in words for b in range(6))
+    assert torch.equal(masked[masked != mask_id], original[masked != mask_id])
+    out = tmp_path / "curve.json"
+    probe.main(["--steps", "4", "--eval-every", "2", "--n-eval", "8", "--batch", "4", "--hidden", "32",
+                "--layers", "1", "--heads", "2", "--mlm", "1", "--absolute", "2", "--out", str(out)])
+    curve = json.loads(out.read_text())["curve"]
+    assert [c["step"] for c in curve] == [2, 4] and all(0 <= c["binding"] <= 100 for c in curve)
+    assert "absolute" in curve[-1]["mlm_acc"]  # the other kinds are drawn at random per caption

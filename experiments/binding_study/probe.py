@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from cacr.data.synthetic import (  # noqa: E402
-    GRID, RELATIONS, TEMPLATES, SyntheticConfig, World, attribute_swap_example, caption_for, layout,
+    RELATIONS, TEMPLATES, SyntheticConfig, World, absolute_captions, attribute_swap_example, caption_for, layout,
     relation_holds, relation_swap_example, swap_boxes, synthetic_vocab,
 )
 from cacr.data.tokenizer import WordPieceTokenizer  # noqa: E402
@@ -107,50 +107,54 @@ def binding(model, tok, items, batch=256):
             "group": 100 * (text & image).float().mean().item(), "n": len(items), "half": half}
 
 
-def training_batch(world: World, r, tok, held_out, n: int, in_batch: bool):
-    pos, neg_txt, neg_img = [], [], []
+def fresh_scene(world: World, r, held_out):
+    while True:
+        regions = world.scene(r)
+        if layout(regions) not in held_out:
+            return regions
+
+
+def training_items(world: World, r, held_out, n: int):
+    """``n`` fresh (scene, caption true of it, its order swap, the scene with the two named
+    objects' boxes exchanged, region order) tuples; no scene repeats a held-out layout."""
+    out = []
     for _ in range(n):
-        while True:
-            regions = world.scene(r)
-            if layout(regions) not in held_out:
-                break
+        regions = fresh_scene(world, r, held_out)
         objs = [k for k, g in enumerate(regions) if g.kind == "object"]
         facts = [(a, b, rel) for a in objs for b in objs if a != b for rel in RELATIONS
                  if relation_holds(regions[a], regions[b], rel)]
         a, b, rel = facts[int(r.integers(len(facts)))]
         template = TEMPLATES[int(r.integers(len(TEMPLATES)))]
-        cap = caption_for(regions[a], regions[b], rel, template)
-        swapped_cap = caption_for(regions[b], regions[a], rel, template)
-        swapped_img = swap_boxes(regions, a, b)
-        perm = r.permutation(len(regions))
-        pos.append(example(tok, cap, regions, perm))
-        neg_txt.append(example(tok, swapped_cap, regions, perm))
-        neg_img.append(example(tok, cap, swapped_img, perm))
-    groups = [pos, neg_txt, neg_img]
-    if in_batch:  # the next positive's caption on this image: mostly an easy negative (it may be true)
+        out.append((regions, caption_for(regions[a], regions[b], rel, template),
+                    caption_for(regions[b], regions[a], rel, template), swap_boxes(regions, a, b),
+                    r.permutation(len(regions))))
+    return out
+
+
+def training_batch(world: World, r, tok, held_out, n: int, in_batch: bool):
+    """The items of :func:`training_items` as one batch: ``n`` positives, then their text
+    swaps, their image swaps (and, with ``in_batch``, the next positive's caption on each
+    image: mostly an easy negative, sometimes true). Returns (batch, number of groups)."""
+    items = training_items(world, r, held_out, n)
+    groups = [[example(tok, cap, regions, perm) for regions, cap, _, _, perm in items],
+              [example(tok, swapped, regions, perm) for regions, _, swapped, _, perm in items],
+              [example(tok, cap, swapped_img, perm) for _, cap, _, swapped_img, perm in items]]
+    if in_batch:
+        pos = groups[0]
         groups.append([PairExample(pos[(i + 1) % n].input_ids, p.img_feat, p.img_pos_feat) for i, p in enumerate(pos)])
     return collate([e for g in groups for e in g]), len(groups)
 
 
-ABSOLUTE = {"left": lambda c: c[1] == 0, "right": lambda c: c[1] == GRID - 1,
-            "above": lambda c: c[0] == 0, "below": lambda c: c[0] == GRID - 1}
+def absolute_items(world: World, r, held_out, n: int):
+    """``n`` fresh (scene, caption placing one of its objects on the grid's edge, "a red cube is
+    left") pairs, the world's own absolute captions (``cacr.data.synthetic.absolute_captions``)."""
+    return [(regions, absolute_captions(r, regions, 1)[0])
+            for regions in (fresh_scene(world, r, held_out) for _ in range(n))]
 
 
 def absolute_batch(world: World, r, tok, held_out, n: int):
-    """``n`` pairs whose caption places one object on the grid, "a red cube is left" (first
-    column; right: last column, above: top row, below: bottom row), for MLM of that word."""
-    out = []
-    while len(out) < n:
-        regions = world.scene(r)
-        if layout(regions) in held_out:
-            continue
-        choices = [(g, w) for g in regions if g.kind == "object" for w, ok in ABSOLUTE.items() if ok(g.cell)]
-        if not choices:
-            continue
-        g, w = choices[int(r.integers(len(choices)))]
-        art = "an" if g.colour[0] in "aeiou" else "a"
-        out.append(example(tok, f"{art} {g.name()} is {w}", regions, r.permutation(len(regions))))
-    return collate(out)
+    return collate([example(tok, cap, regions, r.permutation(len(regions)))
+                    for regions, cap in absolute_items(world, r, held_out, n)])
 
 
 def main(argv=None):
