@@ -181,3 +181,20 @@ def test_probe_masks_one_content_word_and_runs(tmp_path):
     curve = json.loads(out.read_text())["curve"]
     assert [c["step"] for c in curve] == [2, 4] and all(0 <= c["binding"] <= 100 for c in curve)
     assert "absolute" in curve[-1]["mlm_acc"]  # the other kinds are drawn at random per caption
+
+
+def test_probe_plot_reads_probe_logs(tmp_path):
+    plot = _load("probe_plot")
+    log = tmp_path / "x.log"
+    log.write_text("some warning\n"
+                   "step 250: loss 1.099 (chance 1.099) binding 51.1 (relation 49.8, object 52.4) group 0.0 mlm  [165 s]\n"
+                   "step 500: loss 0.763 (chance 1.099) binding 46.9 (relation 48.6, object 45.2) group 1.8 mlm "
+                   "absolute 0.70 category 1.00 colour 1.00 relation 0.70 [452 s]\n")
+    rows = plot.read_log(log)
+    assert [r["step"] for r in rows] == [250, 500] and rows[1]["binding"] == 46.9 and rows[1]["group"] == 1.8
+    assert rows[1]["mlm_relation"] == 0.70 and "mlm_relation" not in rows[0]
+    plot.main([str(tmp_path / "c.png"), f"x={log}"])
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    (tmp_path / "empty.log").write_text("nothing\n")
+    with pytest.raises(ValueError, match="empty.log: no 'step N"):
+        plot.read_log(tmp_path / "empty.log")

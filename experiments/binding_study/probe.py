@@ -234,11 +234,11 @@ def main(argv=None):
             print(f"step {step}: loss {m['loss']:.3f} (chance {math.log(k):.3f}) binding {m['binding']:.1f} "
                   f"(relation {m['binding_relation']:.1f}, object {m['binding_object']:.1f}) group {m['group']:.1f} "
                   f"mlm {' '.join(f'{k} {v:.2f}' for k, v in sorted(m['mlm_acc'].items()))} [{m['seconds']:.0f} s]", flush=True)
-    if a.out:
-        tmp = a.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"args": vars(a), "curve": curve}, f, indent=1)
-        os.replace(tmp, a.out)
+            if a.out:  # after every evaluation, so a stopped run keeps its curve
+                tmp = a.out + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump({"args": vars(a), "curve": curve}, f, indent=1)
+                os.replace(tmp, a.out)
 
 
 if __name__ == "__main__":
