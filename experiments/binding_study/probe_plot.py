@@ -39,13 +39,14 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for spec in argv[1:]:
+    for n, spec in enumerate(argv[1:]):
         name, path = spec.split("=", 1)
         rows = read_log(path)
         steps = [r["step"] for r in rows]
-        ax1.plot(steps, [r["binding"] for r in rows], marker="o", ms=3, label=name)
+        style = dict(marker="o", ms=3, label=name, color=f"C{n % 10}")  # one colour per run in both panels
+        ax1.plot(steps, [r["binding"] for r in rows], **style)
         if any("mlm_relation" in r for r in rows):
-            ax2.plot(steps, [100 * r.get("mlm_relation", float("nan")) for r in rows], marker="o", ms=3, label=name)
+            ax2.plot(steps, [100 * r.get("mlm_relation", float("nan")) for r in rows], **style)
     ax1.axhline(50, color="grey", lw=0.8, ls="--")
     ax1.set(xlabel="step", ylabel="binding (%)", title="binding, fresh swap pairs")
     ax2.axhline(50, color="grey", lw=0.8, ls="--")
