@@ -57,6 +57,9 @@ def parse_caption(text: str, where: str = "caption") -> Tuple[int, int, int, int
             CATEGORIES.index(m["bcat"]), COLOURS.index(m["bcol"]))
 
 
+N_FACTS = (len(CATEGORIES) * len(COLOURS)) ** 2 * N_PREDICATES  # fact ids are 0 .. N_FACTS - 1
+
+
 def _kind(cat: int, col: int) -> int:
     return cat * len(COLOURS) + col
 
@@ -115,6 +118,11 @@ class SceneTruth:
             self.img_facts[i, : len(f)] = torch.tensor(f, dtype=torch.long)
         self.img_cats = torch.tensor([c for _, c, _ in per_image], dtype=torch.long)
         self.img_cols = torch.tensor([k for _, _, k in per_image], dtype=torch.long)
+        # fact -> images index: the (fact, image) pairs sorted by fact
+        rows, slots = (self.img_facts >= 0).nonzero(as_tuple=True)
+        facts = self.img_facts[rows, slots]
+        order = facts.argsort(stable=True)
+        self._by_fact, self._fact_images = facts[order], rows[order]
 
     @property
     def num_texts(self) -> int:
@@ -126,26 +134,42 @@ class SceneTruth:
 
     def true_images(self, c: Tensor) -> Tensor:
         """``(B, Ni)`` bool: image ``i`` makes caption ``c[b]`` true."""
-        return (self.img_facts[None, :, :] == self.fact[c][:, None, None]).any(-1)
+        f = self.fact[c]
+        lo, hi = torch.searchsorted(self._by_fact, f), torch.searchsorted(self._by_fact, f, right=True)
+        out = torch.zeros(len(f), self.num_images, dtype=torch.bool)
+        for b in range(len(f)):  # the images holding each caption's fact, from the index
+            out[b, self._fact_images[lo[b]:hi[b]]] = True
+        return out
 
     def true_texts(self, i: Tensor, texts: Optional[Tensor] = None) -> Tensor:
         """``(B, T)`` bool over ``texts`` (default: all captions): caption true of image ``i[b]``."""
         fact = self.fact if texts is None else self.fact[texts]
-        return (self.img_facts[i][:, None, :] == fact[None, :, None]).any(-1)
+        # a lookup table over fact ids per image, not a (B, T, F) comparison: the pool of a large
+        # world holds 10^5 captions and this runs for every image of every step
+        table = torch.zeros(len(i), N_FACTS, dtype=torch.bool)
+        rows, slots = (self.img_facts[i] >= 0).nonzero(as_tuple=True)
+        table[rows, self.img_facts[i][rows, slots]] = True
+        return table[:, fact]
 
     def hard_images(self, c: Tensor) -> Tensor:
         """``(B, Ni)`` bool: the image holds caption ``c[b]``'s categories and colours, yet it is false."""
+        return self.bag_images(c) & ~self.true_images(c)
+
+    def bag_images(self, c: Tensor) -> Tensor:
+        """``(B, Ni)`` bool: the image holds every colour and category of caption ``c[b]``."""
         cats, cols = self.cap_cats[c][:, None], self.cap_cols[c][:, None]
-        bag = ((self.img_cats[None, :] & cats) == cats) & ((self.img_cols[None, :] & cols) == cols)
-        return bag & ~self.true_images(c)
+        return ((self.img_cats[None, :] & cats) == cats) & ((self.img_cols[None, :] & cols) == cols)
 
     def hard_texts(self, i: Tensor, texts: Optional[Tensor] = None) -> Tensor:
         """``(B, T)`` bool over ``texts``: the caption's categories and colours occur in image ``i[b]``, yet it is false."""
+        return self.bag_texts(i, texts) & ~self.true_texts(i, texts)
+
+    def bag_texts(self, i: Tensor, texts: Optional[Tensor] = None) -> Tensor:
+        """``(B, T)`` bool over ``texts``: every colour and category of the caption occurs in image ``i[b]``."""
         tc = self.cap_cats if texts is None else self.cap_cats[texts]
         tk = self.cap_cols if texts is None else self.cap_cols[texts]
         cats, cols = self.img_cats[i][:, None], self.img_cols[i][:, None]
-        bag = ((tc[None, :] & cats) == tc[None, :]) & ((tk[None, :] & cols) == tk[None, :])
-        return bag & ~self.true_texts(i, texts)
+        return ((tc[None, :] & cats) == tc[None, :]) & ((tk[None, :] & cols) == tk[None, :])
 
 
 def _draw(g: torch.Generator, k: int, allowed: Tensor, hard: Optional[Tensor], p_hard: float, what: str) -> Tensor:
@@ -190,8 +214,9 @@ class NegativeSampler:
         hard = None
         if self.truth is not None:
             cc = torch.tensor([c])
-            allowed &= ~self.truth.true_images(cc)[0]
-            hard = self.truth.hard_images(cc)[0] if self.p_hard > 0 else None
+            true = self.truth.true_images(cc)[0]
+            allowed &= ~true
+            hard = self.truth.bag_images(cc)[0] & ~true if self.p_hard > 0 else None
         return _draw(g, k, allowed, hard, self.p_hard, f"images for caption {c}")
 
     def texts(self, i: int, k: int, g: torch.Generator) -> Tensor:
@@ -200,8 +225,9 @@ class NegativeSampler:
         hard = None
         if self.truth is not None:
             ii = torch.tensor([i])
-            allowed &= ~self.truth.true_texts(ii, self.pool)[0]
-            hard = self.truth.hard_texts(ii, self.pool)[0] if self.p_hard > 0 else None
+            true = self.truth.true_texts(ii, self.pool)[0]
+            allowed &= ~true
+            hard = self.truth.bag_texts(ii, self.pool)[0] & ~true if self.p_hard > 0 else None
         return self.pool[_draw(g, k, allowed, hard, self.p_hard, f"captions for image {i}")]
 
 
