@@ -198,3 +198,28 @@ def test_probe_plot_reads_probe_logs(tmp_path):
     (tmp_path / "empty.log").write_text("nothing\n")
     with pytest.raises(ValueError, match="empty.log: no 'step N"):
         plot.read_log(tmp_path / "empty.log")
+
+
+def test_every_gate_variant_composes():
+    """gate.sh's variants are override lists for train.py: each must name real config keys."""
+    import re
+    import shlex
+
+    from hydra import compose, initialize_config_dir
+
+    text = (STUDY / "gate.sh").read_text().replace("\\\n", " ")
+    common = shlex.split(re.search(r"^common=\((.*)\)$", text, re.M)[1].replace('"$@"', ""))
+    variants = {}
+    for line in text.splitlines():
+        m = re.match(r"^\s*(?:GATE_PARALLEL=0 )?run (\w+)(.*)$", line)
+        if m:
+            variants[m[1]] = [a for a in shlex.split(m[2], comments=True) if not a.startswith(("${", "model.checkpoint="))]
+    uniter = shlex.split(re.search(r"^uniter_args=\((.*)\)$", text, re.M)[1])
+    assert {"base", "absolute_l4", "uniter_l4", "curriculum_1", "curriculum_2"} <= set(variants)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        for name, args in variants.items():
+            args = args + (uniter if "curriculum" in name else [])
+            cfg = compose("train", overrides=[*common, *args])
+            assert cfg.train.max_steps in (20000, 5000, 15000), name
+            if name == "absolute_l4":
+                assert cfg.data.synthetic.absolute_captions == 5 and cfg.model.config.num_hidden_layers == 4

@@ -31,10 +31,13 @@ run focus        "module.mlm_focus=[left,right,above,below]"         # relation 
 run focus_l4     "module.mlm_focus=[left,right,above,below]" model.config.num_hidden_layers=4
 run hard_only    data.p_hard=1.0 module.num_negatives=7
 run uniter_l4    "module.mlm_focus=[left,right,above,below]" model.config.num_hidden_layers=4 module.mrfr_weight=1.0 module.wra_weight=1.0   # all of UNITER's pre-training objectives (MLM, MRFR, WRA) + ITM vs hard negatives
-# Absolute-position captions ("a red mug is left", 2 per training image) beside the relational
-# ones, relation and position words always masked: experiments/binding_study/probe.py found that
-# reading one grounded object's position is the step the model needs before it can compare two.
-run absolute_l4  data.synthetic.absolute_captions=2 "module.mlm_focus=[left,right,above,below]" model.config.num_hidden_layers=4
+# Absolute-position captions ("a red mug is left", up to 5 per training image) beside the
+# relational ones, relation and position words always masked, on a 10x larger world (20k training
+# images, so captions are rarely repeated), hard negatives only: experiments/binding_study/probe.py
+# found that reading one grounded object's position is the step the model needs before it can
+# compare two (README, "What the probe showed"; on the CPU this ran as abs3 there).
+run absolute_l4  data.synthetic.absolute_captions=5 data.synthetic.n_train=20000 "module.mlm_focus=[left,right,above,below]" \
+                 model.config.num_hidden_layers=4 data.p_hard=1.0 module.num_negatives=3 data.batch_size=16 module.align_weight=0
 # A curriculum: the simplest world first (2 named objects, at most 1 distractor; same vocabulary
 # and feature embeddings, since both come from the world seed), then the full world from its
 # weights (the pre-training heads start afresh). Stage 2 waits for stage 1, also with GATE_PARALLEL=1.
