@@ -175,6 +175,11 @@ def test_probe_masks_one_content_word_and_runs(tmp_path):
     words = {tok.token_to_id[w] for w in ("left", "right", "above", "below")}
     assert all(int(original[b][masked[b] == mask_id]) in words for b in range(6))
     assert torch.equal(masked[masked != mask_id], original[masked != mask_id])
+    seen.clear()
+    probe.masked_lm(model, head, tok, batch, 6, r, ["colour", "category", "relation"], mode="focus")
+    is_relation = torch.isin(original, torch.tensor(sorted(words)))
+    assert (seen[0][is_relation] == mask_id).all()  # every relation word, and some others
+    assert ((seen[0] == mask_id) & ~is_relation).sum() <= 0.5 * (~is_relation & (original > 4)).sum()
     out = tmp_path / "curve.json"
     probe.main(["--steps", "4", "--eval-every", "2", "--n-eval", "8", "--batch", "4", "--hidden", "32",
                 "--layers", "1", "--heads", "2", "--mlm", "1", "--absolute", "2", "--out", str(out)])

@@ -43,15 +43,22 @@ from cacr.data.synthetic import CATEGORIES, COLOURS  # noqa: E402
 KINDS = {"colour": COLOURS, "category": CATEGORIES, "relation": ("left", "right", "above", "below")}
 
 
-def masked_lm(model, head, tok, batch, n: int, r, kinds):
-    """UNITER-style MLM on the first ``n`` pairs of ``batch`` (the positives): one content word
-    per caption (of ``kinds``: colour, category, relation) is replaced by [MASK] and predicted
-    from the whole pair. Returns (loss, {kind: accuracy})."""
+def masked_lm(model, head, tok, batch, n: int, r, kinds, mode: str = "one"):
+    """MLM on the first ``n`` pairs of ``batch`` (the positives), predicted from the whole pair.
+    ``mode="one"``: one content word per caption (of ``kinds``: colour, category, relation) is
+    replaced by [MASK]. ``mode="focus"``: the project's recipe (``module.mlm_focus``): every
+    relation word, and each other word piece with probability 0.15. Returns (loss, {kind: accuracy})."""
     vocab = tok.token_to_id
     ids = batch.input_ids[:n].clone()
     kind_of = {vocab[w]: k for k, words in KINDS.items() if k in kinds for w in words}
     rows, cols, kind = [], [], []
     for b in range(n):
+        if mode == "focus":
+            words = list(range(1, int(batch.txt_lens[b]) - 1))  # not [CLS] / [SEP]
+            chosen = [j for j in words if kind_of.get(int(ids[b, j])) == "relation" or r.random() < 0.15]
+            for j in chosen or [words[int(r.integers(len(words)))]]:
+                rows.append(b), cols.append(j), kind.append(kind_of.get(int(ids[b, j]), "other"))
+            continue
         slots = [j for j, t in enumerate(ids[b].tolist()) if t in kind_of]
         j = slots[int(r.integers(len(slots)))]
         rows.append(b), cols.append(j), kind.append(kind_of[ids[b, j].item()])
@@ -175,6 +182,8 @@ def main(argv=None):
     p.add_argument("--in-batch", action="store_true", help="add the next positive's caption as an easy negative")
     p.add_argument("--mlm", type=float, default=0.0, help="weight of one-content-word MLM on the positives")
     p.add_argument("--mlm-kinds", default="colour,category,relation")
+    p.add_argument("--mlm-mode", choices=("one", "focus"), default="one",
+                   help="one content word per caption, or the project's: relation words always + 15%% of the rest")
     p.add_argument("--absolute", type=int, default=0,
                    help="extra pairs per step with an absolute-position caption ('a red cube is left'), for MLM")
     p.add_argument("--rank", type=float, default=1.0, help="weight of the swap ranking loss")
@@ -211,7 +220,7 @@ def main(argv=None):
         # positive against its text swap and its image swap (and the easy negative, if any)
         loss = a.rank * F.cross_entropy(s.t(), torch.zeros(a.batch, dtype=torch.long))
         if head is not None:
-            mlm, acc = masked_lm(model, head, tok, batch, a.batch, r, a.mlm_kinds.split(","))
+            mlm, acc = masked_lm(model, head, tok, batch, a.batch, r, a.mlm_kinds.split(","), a.mlm_mode)
             loss = loss + a.mlm * mlm
             if a.absolute:
                 ab = absolute_batch(world, r, tok, held_out, a.absolute)
