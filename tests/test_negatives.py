@@ -94,6 +94,8 @@ def test_the_world_writes_absolute_captions_that_hold(world):
 
     cap = read_captions(paths.captions)
     assert not [t for t, s in zip(cap.texts, cap.splits) if s != "train" and t.split()[-1] in ("left", "right", "above", "below")]
+    with pytest.raises(ValueError, match="absolute_captions=-1 must be >= 0"):
+        SyntheticConfig(**{**WORLD, "absolute_captions": -1})
     assert SyntheticConfig(**{**WORLD, "absolute_captions": 0}).key() == SyntheticConfig(
         **{k: v for k, v in WORLD.items() if k != "absolute_captions"}).key()  # worlds without them keep their folder
 

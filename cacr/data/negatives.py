@@ -4,8 +4,9 @@ In the synthetic world the truth of every caption on every scene is known: a cap
 one fact ``(object a, relation, object b)`` (an object is a colour and a category) and a
 scene makes it true iff it holds an ``a`` and a ``b`` whose grid cells stand in that
 relation; an absolute caption ("a red mug is left", ``data.synthetic.absolute_captions``)
-is true iff the scene holds an ``a`` in that edge column or row. :class:`SceneTruth` holds, for one split, the fact of every caption and the facts,
-categories and colours of every image, and answers with vectorised masks:
+is true iff the scene holds an ``a`` in that edge column or row. :class:`SceneTruth` holds,
+for one split, the fact of every caption and the facts, categories and colours of every
+image, and answers with vectorised masks:
 
 - ``true_images(c)`` / ``true_texts(i)``: the images a caption is true of (its own image and
   others), the captions true of an image. A random negative drawn from these would be a
@@ -29,7 +30,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .synthetic import CATEGORIES, COLOURS, GRID, POSITIONS, RELATIONS
+from .synthetic import CATEGORIES, COLOURS, GRID, POSITIONS, RELATIONS, absolute_holds
 
 _REL = "|".join(RELATIONS)
 _OBJ = rf"(?P<{{0}}col>\w+) (?P<{{0}}cat>\w+)"
@@ -79,11 +80,6 @@ def _holds(a, b, rel: str) -> bool:
     return {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[rel]
 
 
-def _at_edge(a, pos: str) -> bool:
-    row, col = a
-    return {"left": col == 0, "right": col == GRID - 1, "above": row == 0, "below": row == GRID - 1}[pos]
-
-
 def scene_facts(regions: Sequence[Mapping]) -> Tuple[List[int], int, int]:
     """Every fact true of a scene (``load_scenes`` format), and its category and colour bit sets."""
     objs = [(CATEGORIES.index(g["category"]), COLOURS.index(g["colour"]), _cell(g["box"]))
@@ -92,7 +88,7 @@ def scene_facts(regions: Sequence[Mapping]) -> Tuple[List[int], int, int]:
              for i, (ca, ka, pa) in enumerate(objs) for j, (cb, kb, pb) in enumerate(objs) if i != j
              for r, rel in enumerate(RELATIONS) if _holds(pa, pb, rel)]
     facts += [fact_id(c, k, len(RELATIONS) + p, c, k)
-              for c, k, cell in objs for p, pos in enumerate(POSITIONS) if _at_edge(cell, pos)]
+              for c, k, cell in objs for p, pos in enumerate(POSITIONS) if absolute_holds(cell, pos)]
     cats = sum(1 << c for c in {o[0] for o in objs})
     cols = sum(1 << k for k in {o[1] for o in objs})
     return facts, cats, cols

@@ -74,6 +74,9 @@ class SyntheticConfig:
         if not 2 <= self.n_categories <= len(CATEGORIES) or not 2 <= self.n_colours <= len(COLOURS):
             raise ValueError(f"synthetic world: n_categories={self.n_categories} and n_colours={self.n_colours} "
                              f"must be in [2, {len(CATEGORIES)}] and [2, {len(COLOURS)}]")
+        if self.absolute_captions < 0:
+            raise ValueError(f"synthetic world: absolute_captions={self.absolute_captions} must be >= 0 "
+                             f"(extra captions per training image)")
         if self.n_categories * self.n_colours < self.max_objects:
             raise ValueError(f"synthetic world: {self.n_categories} x {self.n_colours} object kinds cannot fill a "
                              f"scene of max_objects={self.max_objects} distinct objects")

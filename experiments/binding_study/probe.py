@@ -20,6 +20,7 @@ apart from the recipe's other objectives and its finite caption set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -33,14 +34,13 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from cacr.data.synthetic import (  # noqa: E402
-    RELATIONS, TEMPLATES, SyntheticConfig, World, absolute_captions, attribute_swap_example, caption_for, layout,
+    CATEGORIES, COLOURS, POSITIONS, RELATIONS, TEMPLATES, SyntheticConfig, World, absolute_captions, attribute_swap_example, caption_for, layout,
     relation_holds, relation_swap_example, swap_boxes, synthetic_vocab,
 )
 from cacr.data.tokenizer import WordPieceTokenizer  # noqa: E402
 from cacr.model import MlmHead, PairExample, UniterConfig, UniterForImageTextRetrieval, collate  # noqa: E402
-from cacr.data.synthetic import CATEGORIES, COLOURS  # noqa: E402
 
-KINDS = {"colour": COLOURS, "category": CATEGORIES, "relation": ("left", "right", "above", "below")}
+KINDS = {"colour": COLOURS, "category": CATEGORIES, "relation": POSITIONS}  # the relation words are the position words
 
 
 def masked_lm(model, head, tok, batch, n: int, r, kinds, mode: str = "one"):
@@ -65,7 +65,6 @@ def masked_lm(model, head, tok, batch, n: int, r, kinds, mode: str = "one"):
     rows, cols = torch.tensor(rows), torch.tensor(cols)
     target = ids[rows, cols].clone()
     ids[rows, cols] = vocab["[MASK]"]
-    import dataclasses
     sub = dataclasses.replace(batch, **{f: getattr(batch, f)[:n] for f in (
         "img_feat", "img_pos_feat", "attn_mask", "gather_index", "txt_lens", "num_bbs", "word_index",
         "word_mask", "region_index", "region_mask")}, input_ids=ids)
