@@ -170,6 +170,64 @@ def test_hard_negatives_have_a_slow_twin(world):
     assert torch.equal(truth.hard_texts(i), want)
 
 
+def _objects(caption: str):
+    """The (colour, category) objects a caption names, read word by word."""
+    words = [w for w in caption.split() if w not in ("a", "an", "the", "there", "is", "of")]
+    return {(words[0], words[1]), (words[-2], words[-1])} if len(words) > 3 else {(words[0], words[1])}
+
+
+def _scene_objects(scene):
+    return {(g["colour"], g["category"]) for g in scene if g["kind"] == "object"}
+
+
+def test_object_pool_has_a_slow_twin(world):
+    dm, _, texts, scenes = world
+    truth = dm.train_truth
+    c = torch.arange(0, len(texts), 11)
+    want = torch.tensor([[_objects(texts[int(ci)]) <= _scene_objects(s) for s in scenes] for ci in c])
+    assert torch.equal(truth.object_images(c), want)
+    assert (want & ~truth.true_images(c)).any()  # some images hold both objects, the relation the other way
+    i = torch.arange(0, len(scenes), 13)
+    want = torch.tensor([[_objects(t) <= _scene_objects(scenes[int(ii)]) for t in texts] for ii in i])
+    assert torch.equal(truth.object_texts(i), want)
+    sub = torch.arange(0, len(texts), 3)
+    assert torch.equal(truth.object_texts(i, sub), want[:, sub])
+
+
+def test_the_object_pool_draws_negatives_only_the_relation_tells_apart(world):
+    dm, _, texts, scenes = world
+    pools = dm.train_pools
+    sampler = NegativeSampler(pools.txt2img, pools.positives, pools.num_images, dm.train_truth, 1.0, "objects")
+    g = torch.Generator().manual_seed(2)
+    n_img = n_txt = n = 0
+    for c in range(0, len(texts), 3):
+        img = int(pools.txt2img[c])
+        neg_img, neg_txt = sampler.images(c, 6, g), sampler.texts(img, 6, g)
+        assert not any(_truth(texts[c], scenes[int(j)]) for j in neg_img)
+        assert not any(_truth(texts[int(t)], scenes[img]) for t in neg_txt)
+        n_img += sum(_objects(texts[c]) <= _scene_objects(scenes[int(j)]) for j in neg_img)
+        n_txt += sum(_objects(texts[int(t)]) <= _scene_objects(scenes[img]) for t in neg_txt)
+        n += 6
+    # the pool runs out for some positives (then the rest are drawn at random), but most slots are in it
+    assert n_img > 0.5 * n and n_txt > 0.5 * n
+    bag = NegativeSampler(pools.txt2img, pools.positives, pools.num_images, dm.train_truth, 1.0, "bag")
+    g = torch.Generator().manual_seed(2)
+    n_bag = sum(_objects(texts[c]) <= _scene_objects(scenes[int(j)])
+                for c in range(0, len(texts), 3) for j in bag.images(c, 6, g))
+    assert n_bag < 0.9 * n_img  # the bag pool is wider: fewer of its draws hold both named objects
+    with pytest.raises(ValueError, match="data.hard_pool must be one of.*'pairs'"):
+        NegativeSampler(pools.txt2img, pools.positives, pools.num_images, dm.train_truth, 1.0, "pairs")
+    with pytest.raises(ValueError, match="data.hard_pool must be one of.*'pairs'"):
+        TrainingDataModule(name="synthetic", source="synthetic", root=None, regions=None, captions=None, tokenizer=None,
+                           winoground_examples=None, winoground_regions=None, vocab_size=64, img_dim=16,
+                           hard_pool="pairs")
+    dm.hard_pool = "objects"
+    try:
+        assert dm.negative_sampler().hard_pool == "objects"  # the data config's choice reaches the sampler
+    finally:
+        dm.hard_pool = "bag"
+
+
 def test_no_retrieval_scene_repeats_an_evaluation_layout(world):
     _, paths, _, _ = world
 

@@ -21,7 +21,7 @@ from cacr.model import PairStore, boxes_to_7d
 from cacr.paths import resolve_path
 
 from .datasets import RegionStore, RetrievalSplit, TrainPools, WinogroundSet
-from .negatives import NegativeSampler, SceneTruth, truth_for_split
+from .negatives import HARD_POOLS, NegativeSampler, SceneTruth, truth_for_split
 from .sources import open_data, synthetic_config
 from .synthetic import SyntheticConfig, ensure_synthetic, load_scenes
 from .tokenizer import WordPieceTokenizer
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 CONFIG_KEYS = ("name", "source", "root", "regions", "captions", "tokenizer", "winoground_examples",
                "winoground_regions", "vocab_size", "img_dim", "train_split", "val_split", "test_split",
                "conf_th", "min_bb", "max_bb", "max_txt_len", "batch_size", "eval_batch_size", "num_workers",
-               "in_memory", "val_max_images", "seed", "p_hard", "synthetic")
+               "in_memory", "val_max_images", "seed", "p_hard", "hard_pool", "synthetic")
 
 
 class RetrievalDataModule(pl.LightningDataModule):
@@ -42,7 +42,7 @@ class RetrievalDataModule(pl.LightningDataModule):
                  max_bb: int = 100, max_txt_len: Optional[int] = 60, batch_size: int = 8,
                  eval_batch_size: int = 256, num_workers: int = 0, in_memory: bool = True,
                  val_max_images: Optional[int] = None, seed: int = 42, p_hard: float = 0.0,
-                 synthetic: Optional[Mapping[str, Any]] = None):
+                 hard_pool: str = "bag", synthetic: Optional[Mapping[str, Any]] = None):
         super().__init__()
         if source not in ("synthetic", "files"):
             raise ValueError(f"data.source must be 'synthetic' or 'files', got {source!r}")
@@ -65,6 +65,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.val_max_images = val_max_images
         self.seed = seed
         self.p_hard = float(p_hard)
+        if hard_pool not in HARD_POOLS:
+            raise ValueError(f"data.hard_pool must be one of {list(HARD_POOLS)}, got {hard_pool!r}")
+        self.hard_pool = hard_pool
         self.synthetic_cfg: Optional[SyntheticConfig] = (synthetic_config(self.data_config)
                                                          if source == "synthetic" else None)
         self.splits: dict = {}
@@ -131,11 +134,13 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def negative_sampler(self) -> NegativeSampler:
         """How training draws negative candidates: never a true match (with a scene truth), and
-        compositional hard negatives with probability ``p_hard`` (:mod:`cacr.data.negatives`)."""
+        compositional hard negatives from pool ``hard_pool`` with probability ``p_hard``
+        (:mod:`cacr.data.negatives`)."""
         if self.train_pools is None:
             raise ValueError(f"data {self.name!r}: no training split")
         pools = self.train_pools
-        return NegativeSampler(pools.txt2img, pools.positives, pools.num_images, self.train_truth, self.p_hard)
+        return NegativeSampler(pools.txt2img, pools.positives, pools.num_images, self.train_truth, self.p_hard,
+                               self.hard_pool)
 
     def pair_store(self, role: str, layout: str = "compact") -> PairStore:
         """Every caption and image of ``role`` as a ``cacr.model.PairStore`` on the CPU (captions

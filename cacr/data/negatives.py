@@ -16,11 +16,17 @@ image, and answers with vectorised masks:
   the colours on the other objects), so a bag of objects or of words cannot tell them apart.
 - ``hard_texts(i)``: captions whose colours and categories all occur in the image but that are
   false of it: order swaps, relation flips and attribute swaps of its true captions.
+- ``object_images(c)`` / ``object_texts(i)``: the narrower pool of ``hard_pool="objects"``:
+  the image holds both objects the caption names (each colour on its category), so only the
+  relation (for an absolute caption, the position) can tell them apart: the box-swapped twin,
+  any scene with the two objects the other way round; order swaps and relation flips of an
+  image's true captions.
 
 :class:`NegativeSampler` draws ``K`` candidates per positive: each, with probability
 ``p_hard``, from the hard pool (while it lasts), else uniformly from the rest, never a true
-match. Without a ``SceneTruth`` (real data) it keeps the official behaviour: any other image,
-any caption of another image.
+match; ``hard_pool`` says which pool: ``"bag"`` (the caption's colours and categories occur)
+or ``"objects"`` (its two named objects occur). Without a ``SceneTruth`` (real data) it keeps
+the official behaviour: any other image, any caption of another image.
 """
 from __future__ import annotations
 
@@ -58,6 +64,7 @@ def parse_caption(text: str, where: str = "caption") -> Tuple[int, int, int, int
             CATEGORIES.index(m["bcat"]), COLOURS.index(m["bcol"]))
 
 
+HARD_POOLS = ("bag", "objects")  # data.hard_pool: what makes a negative hard (module docstring)
 N_FACTS = (len(CATEGORIES) * len(COLOURS)) ** 2 * N_PREDICATES  # fact ids are 0 .. N_FACTS - 1
 
 
@@ -107,6 +114,7 @@ class SceneTruth:
         self.fact = torch.tensor([fact_id(*x) for x in parsed], dtype=torch.long)  # (Nc,)
         self.cap_cats = (1 << p[:, 0]) | (1 << p[:, 3])  # (Nc,) bit sets
         self.cap_cols = (1 << p[:, 1]) | (1 << p[:, 4])
+        self.cap_kinds = torch.stack([_kind(p[:, 0], p[:, 1]), _kind(p[:, 3], p[:, 4])], 1)  # (Nc, 2) named objects
         per_image = [scene_facts(s) for s in scenes]
         F = max(1, max(len(f) for f, _, _ in per_image))
         self.img_facts = torch.full((len(scenes), F), -1, dtype=torch.long)  # (Ni, F), -1 padded
@@ -114,6 +122,11 @@ class SceneTruth:
             self.img_facts[i, : len(f)] = torch.tensor(f, dtype=torch.long)
         self.img_cats = torch.tensor([c for _, c, _ in per_image], dtype=torch.long)
         self.img_cols = torch.tensor([k for _, _, k in per_image], dtype=torch.long)
+        self.img_kinds = torch.zeros(len(scenes), len(CATEGORIES) * len(COLOURS), dtype=torch.bool)  # (Ni, kinds)
+        for i, s in enumerate(scenes):
+            for g in s:
+                if g["kind"] == "object":
+                    self.img_kinds[i, _kind(CATEGORIES.index(g["category"]), COLOURS.index(g["colour"]))] = True
         # fact -> images index: the (fact, image) pairs sorted by fact
         rows, slots = (self.img_facts >= 0).nonzero(as_tuple=True)
         facts = self.img_facts[rows, slots]
@@ -156,6 +169,17 @@ class SceneTruth:
         cats, cols = self.cap_cats[c][:, None], self.cap_cols[c][:, None]
         return ((self.img_cats[None, :] & cats) == cats) & ((self.img_cols[None, :] & cols) == cols)
 
+    def object_images(self, c: Tensor) -> Tensor:
+        """``(B, Ni)`` bool: the image holds both objects caption ``c[b]`` names (colour on category)."""
+        k = self.cap_kinds[c]  # (B, 2)
+        return self.img_kinds[:, k[:, 0]].t() & self.img_kinds[:, k[:, 1]].t()
+
+    def object_texts(self, i: Tensor, texts: Optional[Tensor] = None) -> Tensor:
+        """``(B, T)`` bool over ``texts``: both objects the caption names occur in image ``i[b]``."""
+        k = self.cap_kinds if texts is None else self.cap_kinds[texts]  # (T, 2)
+        have = self.img_kinds[i]  # (B, kinds)
+        return have[:, k[:, 0]] & have[:, k[:, 1]]
+
     def hard_texts(self, i: Tensor, texts: Optional[Tensor] = None) -> Tensor:
         """``(B, T)`` bool over ``texts``: the caption's categories and colours occur in image ``i[b]``, yet it is false."""
         return self.bag_texts(i, texts) & ~self.true_texts(i, texts)
@@ -193,15 +217,17 @@ class NegativeSampler:
     """
 
     def __init__(self, txt2img: Tensor, pool: Tensor, num_images: int, truth: Optional[SceneTruth] = None,
-                 p_hard: float = 0.0):
+                 p_hard: float = 0.0, hard_pool: str = "bag"):
         if not 0.0 <= p_hard <= 1.0:
             raise ValueError(f"data.p_hard must be in [0, 1], got {p_hard}")
+        if hard_pool not in HARD_POOLS:
+            raise ValueError(f"data.hard_pool must be one of {list(HARD_POOLS)}, got {hard_pool!r}")
         if p_hard > 0 and truth is None:
             raise ValueError(f"data.p_hard={p_hard}: compositional hard negatives need the scenes of a "
                              f"synthetic world (real data has no scene truth)")
         self.txt2img, self.pool, self.num_images = txt2img.long().cpu(), pool.long().cpu(), int(num_images)
         self._pool_img = self.txt2img[self.pool]
-        self.truth, self.p_hard = truth, float(p_hard)
+        self.truth, self.p_hard, self.hard_pool = truth, float(p_hard), hard_pool
 
     def images(self, c: int, k: int, g: torch.Generator) -> Tensor:
         """``(k,)`` negative images for caption ``c``."""
@@ -212,7 +238,9 @@ class NegativeSampler:
             cc = torch.tensor([c])
             true = self.truth.true_images(cc)[0]
             allowed &= ~true
-            hard = self.truth.bag_images(cc)[0] & ~true if self.p_hard > 0 else None
+            if self.p_hard > 0:
+                near = self.truth.bag_images(cc) if self.hard_pool == "bag" else self.truth.object_images(cc)
+                hard = near[0] & ~true
         return _draw(g, k, allowed, hard, self.p_hard, f"images for caption {c}")
 
     def texts(self, i: int, k: int, g: torch.Generator) -> Tensor:
@@ -223,7 +251,10 @@ class NegativeSampler:
             ii = torch.tensor([i])
             true = self.truth.true_texts(ii, self.pool)[0]
             allowed &= ~true
-            hard = self.truth.bag_texts(ii, self.pool)[0] & ~true if self.p_hard > 0 else None
+            if self.p_hard > 0:
+                near = (self.truth.bag_texts(ii, self.pool) if self.hard_pool == "bag"
+                        else self.truth.object_texts(ii, self.pool))
+                hard = near[0] & ~true
         return self.pool[_draw(g, k, allowed, hard, self.p_hard, f"captions for image {i}")]
 
 

@@ -189,6 +189,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file for the curve")
+    p.add_argument("--save", default=None,
+                   help="state dict of the model after every evaluation (UNITER keys: model.checkpoint= loads it)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -247,6 +249,10 @@ def main(argv=None):
                 with open(tmp, "w") as f:
                     json.dump({"args": vars(a), "curve": curve}, f, indent=1)
                 os.replace(tmp, a.out)
+            if a.save:
+                tmp = a.save + ".tmp"
+                torch.save(model.state_dict(), tmp)
+                os.replace(tmp, a.save)
 
 
 if __name__ == "__main__":
