@@ -159,6 +159,9 @@ def test_probe_masks_one_content_word_and_runs(tmp_path):
     r = np.random.default_rng(1)
     batch, k = probe.training_batch(world, r, tok, set(), 6, in_batch=True)
     assert k == 4 and len(batch) == 24
+    # captions as the project reads them: [CLS] words [SEP] (the score reads position 0)
+    assert (batch.input_ids[:, 0] == tok.cls_id).all()
+    assert all(int(batch.input_ids[b, int(batch.txt_lens[b]) - 1]) == tok.sep_id for b in range(len(batch)))
     cfg = UniterConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                        intermediate_size=64, max_position_embeddings=64, img_dim=64)
     model = UniterForImageTextRetrieval(cfg)

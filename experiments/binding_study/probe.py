@@ -83,7 +83,9 @@ def boxes6(regions) -> torch.Tensor:
 def example(tok, caption: str, regions, perm) -> PairExample:
     regions = [regions[i] for i in perm]  # region order carries nothing
     feat = torch.tensor(np.stack([g.feature for g in regions]), dtype=torch.float32)
-    return PairExample(torch.tensor(tok.encode(caption)), feat, boxes6(regions))
+    # [CLS] words [SEP], as the project's captions are read (cacr.data.datasets): the score reads
+    # position 0. (Before 2026-11-30 session 6 the probe left the two out: runs A-I.)
+    return PairExample(torch.tensor(tok.with_specials(tok.encode(caption))), feat, boxes6(regions))
 
 
 def eval_set(world: World, n: int, seed: int):
