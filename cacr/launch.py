@@ -85,6 +85,8 @@ class DDPWorkers:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self.failed: Optional[str] = None
+        self._interrupt = signal.SIGINT  # the signal the watcher sends rank 0's main thread
+        self._restore: Optional[tuple] = None
 
     def _environment(self) -> Dict[str, str]:
         if self.num_nodes > 1 and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
@@ -113,8 +115,22 @@ class DDPWorkers:
         log.info("DDP: started local ranks 1..%d (pids %s) on node %s, master %s:%s, run dir %s",
                  self.num_processes - 1, [p.pid for p in self.procs], env["NODE_RANK"], env["MASTER_ADDR"],
                  env["MASTER_PORT"], self.run_dir)
+        self._arm_interrupt()
         threading.Thread(target=self._watch, name="ddp-worker-watch", daemon=True).start()
         return self
+
+    def _arm_interrupt(self) -> None:
+        """How the watcher interrupts rank 0: with SIGINT where SIGINT raises KeyboardInterrupt
+        (an interactive job). A shell starts background jobs with SIGINT ignored (`nohup python
+        train.py ... &`); SIGINT is then left as it is and the job's own SIGUSR2 raises the
+        KeyboardInterrupt instead (restored on exit), so a dead worker still ends the job at once
+        with its rank named rather than after the 60 s last resort."""
+        if callable(signal.getsignal(signal.SIGINT)) or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGUSR2) not in (signal.SIG_DFL, None):
+            return  # somebody else's: leave it (the 60 s last resort still ends the job)
+        self._restore = (signal.SIGUSR2, signal.signal(signal.SIGUSR2, signal.default_int_handler))
+        self._interrupt = signal.SIGUSR2
 
     def _watch(self) -> None:
         """A worker that dies makes rank 0 stop too (it would wait in a collective for it)."""
@@ -125,8 +141,8 @@ class DDPWorkers:
                         if self._done.is_set():  # the job already ended; __exit__ reports it
                             return
                         self.failed = f"DDP worker local rank {rank} (pid {p.pid}) exited with code {p.returncode}"
-                        if callable(signal.getsignal(signal.SIGINT)):  # KeyboardInterrupt, also out of a wait
-                            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                        if callable(signal.getsignal(self._interrupt)):  # KeyboardInterrupt, also out of a wait
+                            signal.pthread_kill(threading.main_thread().ident, self._interrupt)
                     log.error("%s; stopping the job", self.failed)
                     self._stop_workers()
                     if not self._done.wait(60.0):  # stuck in a collective: nothing else will end it
@@ -167,6 +183,9 @@ class DDPWorkers:
                     self.failed = f"DDP worker local rank {r} (pid {p.pid}) exited with code {p.returncode}"
                 self._stop_workers()
         finally:
+            if self._restore is not None:
+                signal.signal(*self._restore)
+                self._restore = None
             for k, v in self._saved_env.items():
                 if v is None:
                     os.environ.pop(k, None)

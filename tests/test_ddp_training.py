@@ -273,6 +273,23 @@ def test_a_dead_worker_stops_the_job_with_its_rank(tmp_path, request):
     assert (tmp_path / "ddp_config.yaml").is_file()
 
 
+def test_a_dead_worker_stops_a_job_started_with_sigint_ignored(tmp_path, request):
+    """`nohup python train.py trainer=ddp_cpu &` starts the job with SIGINT ignored: the launcher
+    leaves SIGINT so and interrupts rank 0 with its own SIGUSR2 instead, at once and with the
+    rank named, not by the 60 s SIGKILL of last resort; both handlers are as before afterwards."""
+    cfg = _compose("trainer=ddp_cpu", f"ckpt_path={tmp_path / 'missing.ckpt'}")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+    usr2 = signal.getsignal(signal.SIGUSR2)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"DDP worker local rank 1 \(pid \d+\) exited with code 1"):
+        with DDPWorkers(cfg, tmp_path, 2, worker_command=WORKER_COMMAND):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            time.sleep(120)
+    assert time.monotonic() - t0 < 55  # well before the 60 s last resort
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGUSR2) == usr2
+
+
 def test_accumulating_gradients_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="accumulate_grad_batches=2"):
         run(_compose("trainer.accumulate_grad_batches=2", f"run_dir={tmp_path}"))
