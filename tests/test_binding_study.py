@@ -133,12 +133,27 @@ def test_probe_negatives_are_false_and_positives_true():
     r = np.random.default_rng(0)
     held_out = {layout(x) for it in probe.eval_set(world, 20, 0) for x in it[:2]}
     items = probe.training_items(world, r, held_out, 200)
-    for regions, cap, swapped, swapped_img, perm in items:
+    for regions, cap, swapped, swapped_img, perm, neg_perm in items:
         assert layout(regions) not in held_out and sorted(perm) == list(range(len(regions)))
-        assert _true_of(cap, regions)
+        assert _true_of(cap, regions) and list(neg_perm) == list(perm)
         assert not _true_of(swapped, regions) and sorted(swapped.split()) == sorted(cap.split())
         assert not _true_of(cap, swapped_img)
         assert [g.feature.tolist() for g in swapped_img] == [g.feature.tolist() for g in regions]
+    # train.py's situation: a finite pool of scenes, image negatives from other scenes with both objects
+    scenes = probe.Scenes(world, r, held_out, pool=300)
+    ids = {id(s) for s in scenes.pool}
+    items = probe.training_items(world, r, held_out, 200, scenes, image_negative="other")
+    others = 0
+    for regions, cap, swapped, neg, perm, neg_perm in items:
+        assert id(regions) in ids and _true_of(cap, regions) and not _true_of(cap, neg)
+        assert sorted(neg_perm) == list(range(len(neg)))
+        named = {(g.colour, g.category) for g in neg if g.kind == "object"}
+        words = [w for w in cap.replace("there is ", "").replace(" is ", " ").split() if w not in ("a", "an", "the")]
+        if id(neg) in ids:  # another pool scene (else the swap, where the pool has none)
+            others += 1
+            assert {(words[0], words[1]), (words[-2], words[-1])} <= named
+    assert others > 150
+    assert all(id(s) in ids for s, _ in probe.absolute_items(world, r, held_out, 20, scenes))
     absolute = probe.absolute_items(world, r, held_out, 200)
     assert {cap.split()[-1] for _, cap in absolute} == {"left", "right", "above", "below"}
     assert all(_true_of(cap, regions) for regions, cap in absolute)

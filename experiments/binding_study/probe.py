@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from cacr.data.synthetic import (  # noqa: E402
-    CATEGORIES, COLOURS, POSITIONS, RELATIONS, TEMPLATES, SyntheticConfig, World, absolute_captions, attribute_swap_example, caption_for, layout,
+    CATEGORIES, COLOURS, POSITIONS, RELATIONS, TEMPLATES, Region, SyntheticConfig, World, absolute_captions, attribute_swap_example, caption_for, layout,
     relation_holds, relation_swap_example, swap_boxes, synthetic_vocab,
 )
 from cacr.data.tokenizer import WordPieceTokenizer  # noqa: E402
@@ -122,47 +122,95 @@ def fresh_scene(world: World, r, held_out):
             return regions
 
 
-def training_items(world: World, r, held_out, n: int):
-    """``n`` fresh (scene, caption true of it, its order swap, the scene with the two named
-    objects' boxes exchanged, region order) tuples; no scene repeats a held-out layout."""
+class Scenes:
+    """Where training scenes come from: fresh every draw (``pool=0``: nothing can be memorised),
+    or a fixed pool of ``pool`` scenes drawn with replacement (a finite training set, as
+    ``train.py``'s world is). No scene repeats a held-out layout."""
+
+    def __init__(self, world: World, r, held_out, pool: int = 0):
+        self.world, self.r, self.held_out = world, r, held_out
+        self.pool = [fresh_scene(world, r, held_out) for _ in range(pool)]
+        self.holding = {}  # (name, name) -> indices of the pool scenes holding both objects
+        for i, regions in enumerate(self.pool):
+            names = [g.name() for g in regions if g.kind == "object"]
+            for a in names:
+                for b in names:
+                    if a != b:
+                        self.holding.setdefault((a, b), []).append(i)
+
+    def draw(self):
+        return self.pool[int(self.r.integers(len(self.pool)))] if self.pool else fresh_scene(self.world, self.r, self.held_out)
+
+    def other(self, a: Region, b: Region, rel: str, tries: int = 5000):
+        """Another scene holding objects named as ``a`` and ``b`` of which "a rel b" is false
+        (train.py's ``data.hard_pool=objects`` image negatives), or None if none is found."""
+        def false_of(regions):
+            named = {g.name(): g for g in regions if g.kind == "object"}
+            return a.name() in named and b.name() in named and not relation_holds(named[a.name()], named[b.name()], rel)
+        if self.pool:
+            cands = self.holding.get((a.name(), b.name()), [])
+            for i in self.r.permutation(len(cands)):
+                if false_of(self.pool[cands[int(i)]]):
+                    return self.pool[cands[int(i)]]
+            return None
+        for _ in range(tries):
+            regions = fresh_scene(self.world, self.r, self.held_out)
+            if false_of(regions):
+                return regions
+        return None
+
+
+def training_items(world: World, r, held_out, n: int, scenes: "Scenes" = None, image_negative: str = "swap"):
+    """``n`` (scene, caption true of it, its order swap, an image negative, region order of the
+    scene, region order of the negative) tuples. The image negative is the scene with the two
+    named objects' boxes exchanged (``"swap"``) or another scene holding both objects of which
+    the caption is false (``"other"``; the swap where none is found). Scenes come from
+    ``scenes`` (default: fresh ones)."""
+    scenes = scenes or Scenes(world, r, held_out)
     out = []
     for _ in range(n):
-        regions = fresh_scene(world, r, held_out)
+        regions = scenes.draw()
         objs = [k for k, g in enumerate(regions) if g.kind == "object"]
         facts = [(a, b, rel) for a in objs for b in objs if a != b for rel in RELATIONS
                  if relation_holds(regions[a], regions[b], rel)]
         a, b, rel = facts[int(r.integers(len(facts)))]
         template = TEMPLATES[int(r.integers(len(TEMPLATES)))]
+        neg = scenes.other(regions[a], regions[b], rel) if image_negative == "other" else None
+        if neg is None:
+            neg = swap_boxes(regions, a, b)
+        perm = r.permutation(len(regions))
         out.append((regions, caption_for(regions[a], regions[b], rel, template),
-                    caption_for(regions[b], regions[a], rel, template), swap_boxes(regions, a, b),
-                    r.permutation(len(regions))))
+                    caption_for(regions[b], regions[a], rel, template), neg, perm,
+                    perm if len(neg) == len(regions) and image_negative == "swap" else r.permutation(len(neg))))
     return out
 
 
-def training_batch(world: World, r, tok, held_out, n: int, in_batch: bool):
+def training_batch(world: World, r, tok, held_out, n: int, in_batch: bool, scenes: "Scenes" = None,
+                   image_negative: str = "swap"):
     """The items of :func:`training_items` as one batch: ``n`` positives, then their text
-    swaps, their image swaps (and, with ``in_batch``, the next positive's caption on each
+    swaps, their image negatives (and, with ``in_batch``, the next positive's caption on each
     image: mostly an easy negative, sometimes true). Returns (batch, number of groups)."""
-    items = training_items(world, r, held_out, n)
-    groups = [[example(tok, cap, regions, perm) for regions, cap, _, _, perm in items],
-              [example(tok, swapped, regions, perm) for regions, _, swapped, _, perm in items],
-              [example(tok, cap, swapped_img, perm) for _, cap, _, swapped_img, perm in items]]
+    items = training_items(world, r, held_out, n, scenes, image_negative)
+    groups = [[example(tok, cap, regions, perm) for regions, cap, _, _, perm, _ in items],
+              [example(tok, swapped, regions, perm) for regions, _, swapped, _, perm, _ in items],
+              [example(tok, cap, neg, neg_perm) for _, cap, _, neg, _, neg_perm in items]]
     if in_batch:
         pos = groups[0]
         groups.append([PairExample(pos[(i + 1) % n].input_ids, p.img_feat, p.img_pos_feat) for i, p in enumerate(pos)])
     return collate([e for g in groups for e in g]), len(groups)
 
 
-def absolute_items(world: World, r, held_out, n: int):
-    """``n`` fresh (scene, caption placing one of its objects on the grid's edge, "a red cube is
-    left") pairs, the world's own absolute captions (``cacr.data.synthetic.absolute_captions``)."""
-    return [(regions, absolute_captions(r, regions, 1)[0])
-            for regions in (fresh_scene(world, r, held_out) for _ in range(n))]
+def absolute_items(world: World, r, held_out, n: int, scenes: "Scenes" = None):
+    """``n`` (scene, caption placing one of its objects on the grid's edge, "a red cube is
+    left") pairs, the world's own absolute captions (``cacr.data.synthetic.absolute_captions``);
+    scenes from ``scenes`` (default: fresh ones)."""
+    scenes = scenes or Scenes(world, r, held_out)
+    return [(regions, absolute_captions(r, regions, 1)[0]) for regions in (scenes.draw() for _ in range(n))]
 
 
-def absolute_batch(world: World, r, tok, held_out, n: int):
+def absolute_batch(world: World, r, tok, held_out, n: int, scenes: "Scenes" = None):
     return collate([example(tok, cap, regions, r.permutation(len(regions)))
-                    for regions, cap in absolute_items(world, r, held_out, n)])
+                    for regions, cap in absolute_items(world, r, held_out, n, scenes)])
 
 
 def main(argv=None):
@@ -188,6 +236,11 @@ def main(argv=None):
     p.add_argument("--absolute", type=int, default=0,
                    help="extra pairs per step with an absolute-position caption ('a red cube is left'), for MLM")
     p.add_argument("--rank", type=float, default=1.0, help="weight of the swap ranking loss")
+    p.add_argument("--image-negative", choices=("swap", "other"), default="swap",
+                   help="the positive's scene with the two named objects' boxes exchanged, or another scene "
+                        "holding both objects of which the caption is false (train.py's data.hard_pool=objects)")
+    p.add_argument("--pool", type=int, default=0,
+                   help="train on a fixed pool of this many scenes (train.py's finite world); 0: fresh scenes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file for the curve")
@@ -216,9 +269,10 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / a.warmup) * max(0.0, 1 - s / a.steps))
     r = np.random.default_rng([a.seed, 1])
+    scenes = Scenes(world, r, held_out, a.pool)
     curve, t0, losses = [], time.time(), []
     for step in range(1, a.steps + 1):
-        batch, k = training_batch(world, r, tok, held_out, a.batch, a.in_batch)
+        batch, k = training_batch(world, r, tok, held_out, a.batch, a.in_batch, scenes, a.image_negative)
         s = model(batch).rank_logits.view(k, a.batch)
         # positive against its text swap and its image swap (and the easy negative, if any)
         loss = a.rank * F.cross_entropy(s.t(), torch.zeros(a.batch, dtype=torch.long))
@@ -226,7 +280,7 @@ def main(argv=None):
             mlm, acc = masked_lm(model, head, tok, batch, a.batch, r, a.mlm_kinds.split(","), a.mlm_mode)
             loss = loss + a.mlm * mlm
             if a.absolute:
-                ab = absolute_batch(world, r, tok, held_out, a.absolute)
+                ab = absolute_batch(world, r, tok, held_out, a.absolute, scenes)
                 mlm2, acc2 = masked_lm(model, head, tok, ab, a.absolute, r, ["relation"])
                 loss = loss + a.mlm * mlm2
                 acc["absolute"] = acc2["relation"]
