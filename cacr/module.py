@@ -227,7 +227,15 @@ class RetrievalModule(pl.LightningModule):
 
         caps = torch.cat([cap, cap.repeat_interleave(k), hard_cap.flatten()])  # (B + 2Bk,)
         imgs = torch.cat([img, hard_img.flatten(), img.repeat_interleave(k)])
-        pairs = store.batch(caps, imgs, **bounds)
+        swap = None
+        swap_rows = batch.get("swap_rows")
+        if swap_rows is not None and bool((swap_rows[:, 0] >= 0).any()):
+            if mined:
+                raise ValueError("data.p_swap: box-swapped image candidates cannot be mined "
+                                 "(module.mining=true); use one or the other")
+            swap = torch.full((len(caps), 2), -1, dtype=torch.long, device=swap_rows.device)
+            swap[B + torch.arange(B, device=swap.device) * k] = swap_rows  # each caption's first image negative
+        pairs = store.batch(caps, imgs, **bounds, swap=swap)
         reg = self.regularizer
         layers = reg.layer_indices(self.model.config.num_hidden_layers) if reg.enabled else None
         out = self.model(pairs, score_rows=torch.arange(B, device=caps.device) if reg.enabled else None,

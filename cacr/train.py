@@ -56,6 +56,9 @@ def _check_paths(cfg: DictConfig) -> None:
 
 
 def _check_trainer(cfg: DictConfig) -> None:
+    if float(cfg.data.get("p_swap", 0) or 0) > 0 and cfg.module.get("mining", False):
+        raise ConfigError(f"data.p_swap={cfg.data.p_swap} with module.mining=true: box-swapped image candidates "
+                          f"are made per step and cannot be mined; set one of them off")
     if int(cfg.trainer.get("accumulate_grad_batches", 1)) != 1:
         raise ConfigError(f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches}: training batches "
                           f"are indexed by optimizer step (one batch per step); raise data.batch_size or the "

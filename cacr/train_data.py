@@ -55,6 +55,9 @@ class TrainBatches(Dataset):
     ``neg_img`` (B, K): candidate images for each caption, never its own (nor, with a scene
     truth, any image the caption is true of);
     ``neg_cap`` (B, K): candidate captions for each image, never one of its own (nor one true of it);
+    ``swap_rows`` (B, 2): where the sampler drew the box-swapped image (``data.p_swap``), the rows
+    of the caption's own image whose boxes the first image candidate exchanges (it then is
+    the own image); ``-1`` elsewhere;
     ``max_txt_len``, ``max_regions``: widths covering every caption and image named, so the
     module can build any batch of these pairs without a device synchronisation.
     """
@@ -104,16 +107,22 @@ class TrainBatches(Dataset):
         cap = self.positives[pos]
         img = self.pools.txt2img[cap]
         neg_img, neg_cap = [], []
-        for j, c, i in zip(slots, cap, img):
+        swap_rows = torch.full((len(cap), 2), -1, dtype=torch.long)
+        for b, (j, c, i) in enumerate(zip(slots, cap, img)):
             g = torch.Generator().manual_seed(_mix(self.seed, step, j, 7))
             neg_img.append(self.sampler.images(int(c), self.num_candidates, g))
             neg_cap.append(self.sampler.texts(int(i), self.num_candidates, g))
+            swap = self.sampler.swap(int(c), g)
+            if swap is not None:  # the first image candidate: the own image, two boxes exchanged
+                neg_img[-1][0] = i
+                swap_rows[b] = torch.tensor(swap)
         neg_img, neg_cap = torch.stack(neg_img), torch.stack(neg_cap)  # (B, K) each
         return {
             "cap_idx": cap,
             "img_idx": img,
             "neg_img": neg_img,
             "neg_cap": neg_cap,
+            "swap_rows": swap_rows,
             "max_txt_len": int(self.txt_lens[torch.cat([cap, neg_cap.flatten()])].max()),
             "max_regions": int(self.num_bbs[torch.cat([img, neg_img.flatten()])].max()),
             "step": step,

@@ -228,6 +228,72 @@ def test_the_object_pool_draws_negatives_only_the_relation_tells_apart(world):
         dm.hard_pool = "bag"
 
 
+def _layout(scene):
+    return tuple(sorted((g["category"], g["colour"], int((g["box"][1] + g["box"][3]) / 2 * 3),
+                         int((g["box"][0] + g["box"][2]) / 2 * 3)) for g in scene if g["kind"] == "object"))
+
+
+def test_box_swaps_name_the_captions_objects_and_make_it_false(world):
+    dm, paths, texts, scenes = world
+    split = dm.split("train")
+    held_out = {_layout(s) for s in load_scenes(paths.winoground_scenes).values()}
+    rows = dm.swap_rows()
+    assert rows.shape == (len(texts), 2)
+    n_swaps = 0
+    for c, (a, b) in enumerate(rows.tolist()):
+        scene = scenes[int(split.txt2img[c])]
+        words = [w for w in texts[c].replace("there is ", "").replace(" is ", " ").split() if w not in ("a", "an", "the")]
+        if len(words) == 3:  # absolute: one object, no swap
+            assert (a, b) == (-1, -1)
+            continue
+        if a < 0:  # only where the swap would repeat an evaluation layout
+            swapped = [dict(g) for g in scene]
+            named = [k for k, g in enumerate(scene) if (g["colour"], g["category"]) in {(words[0], words[1]), (words[-2], words[-1])}]
+            swapped[named[0]]["box"], swapped[named[1]]["box"] = scene[named[1]]["box"], scene[named[0]]["box"]
+            assert _layout(swapped) in held_out
+            continue
+        n_swaps += 1
+        assert (scene[a]["colour"], scene[a]["category"]) == (words[0], words[1])
+        assert (scene[b]["colour"], scene[b]["category"]) == (words[-2], words[-1])
+        swapped = [dict(g) for g in scene]
+        swapped[a]["box"], swapped[b]["box"] = scene[b]["box"], scene[a]["box"]
+        assert _truth(texts[c], scene) and not _truth(texts[c], swapped)
+        assert _layout(swapped) not in held_out
+    assert n_swaps > 0.5 * len(texts)
+
+
+def test_batches_with_p_swap_put_the_own_image_first(world):
+    dm, _, texts, scenes = world
+    from cacr.train_data import TrainBatches
+
+    split = dm.split("train")
+    rows = dm.swap_rows()
+    kw = dict(batch_size=6, num_candidates=5, seed=0, txt_lens=torch.tensor([t.numel() for t in split.texts]),
+              num_bbs=torch.ones(split.num_images, dtype=torch.long))
+    pools = dm.train_pools
+    plain = TrainBatches(pools, **kw, sampler=NegativeSampler(pools.txt2img, pools.positives, pools.num_images,
+                                                              dm.train_truth, 0.5))
+    swapped = TrainBatches(pools, **kw, sampler=NegativeSampler(pools.txt2img, pools.positives, pools.num_images,
+                                                                dm.train_truth, 0.5, "bag", 1.0, rows))
+    n = 0
+    for step in range(8):
+        x, y = plain[step], swapped[step]
+        assert (x["swap_rows"] == -1).all()
+        for k in ("cap_idx", "img_idx", "neg_cap"):  # the draws are those of the run without swaps
+            assert torch.equal(x[k], y[k])
+        has = y["swap_rows"][:, 0] >= 0
+        assert torch.equal(has, rows[y["cap_idx"], 0] >= 0)  # p_swap = 1: wherever a swap exists
+        assert torch.equal(y["swap_rows"][has], rows[y["cap_idx"][has]])
+        assert torch.equal(y["neg_img"][has, 0], y["img_idx"][has])
+        assert torch.equal(y["neg_img"][~has], x["neg_img"][~has]) and torch.equal(y["neg_img"][:, 1:], x["neg_img"][:, 1:])
+        n += int(has.sum())
+    assert n > 0
+    with pytest.raises(ValueError, match="data.p_swap=0.5: box-swapped images need the scenes"):
+        NegativeSampler(pools.txt2img, pools.positives, pools.num_images, dm.train_truth, 0.0, "bag", 0.5)
+    with pytest.raises(ValueError, match="data.p_swap must be in"):
+        NegativeSampler(pools.txt2img, pools.positives, pools.num_images, dm.train_truth, 0.0, "bag", 1.5, rows)
+
+
 def test_no_retrieval_scene_repeats_an_evaluation_layout(world):
     _, paths, _, _ = world
 

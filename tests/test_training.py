@@ -127,6 +127,62 @@ def test_batched_training_step_equals_a_loop_over_positives(tiny_dm, plan):
     assert got["loss"] == pytest.approx(got["rank_loss"] + got["reg_loss"], abs=1e-5)
 
 
+def test_box_swapped_negatives_equal_a_loop_over_positives(tiny_dm):
+    """data.p_swap: each caption's first image negative is its own image with the two named
+    objects' boxes exchanged, built inside the packed batch; checked against collate pairs whose
+    boxes are exchanged by hand, one positive at a time."""
+    from cacr.data.negatives import NegativeSampler
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["model.config.hidden_dropout_prob=0", "model.config.attention_probs_dropout_prob=0",
+                                          "model.config.hidden_size=32", "model.config.num_hidden_layers=2",
+                                          "model.config.intermediate_size=64", "model.config.initializer_range=0.3"])
+    model = instantiate(cfg.model)
+    module = RetrievalModule(model, instantiate(cfg.loss), num_negatives=2, mining=False, ranking="softmax")
+    module.stores["train"] = tiny_dm.pair_store("train")
+    pools, split = tiny_dm.train_pools, tiny_dm.split("train")
+    sampler = NegativeSampler(pools.txt2img, pools.positives, pools.num_images, tiny_dm.train_truth, 0.0, "bag",
+                              0.5, tiny_dm.swap_rows())
+    batches = TrainBatches(pools, batch_size=4, num_candidates=6, seed=3, sampler=sampler,
+                           txt_lens=torch.tensor([t.numel() for t in split.texts]),
+                           num_bbs=torch.as_tensor(tiny_dm.regions.num_regions)[split.image_rows])
+    step = next(s for s in range(50) if 0 < int((batches[s]["swap_rows"][:, 0] >= 0).sum()) < 4)  # some, not all
+    batch = batches[step]
+    got = float(module.compute_losses(batch, step=step, total_steps=10)["rank_loss"].detach())
+
+    def pair(c, j, swap=(-1, -1)):
+        p = split.pair(c, j)
+        if swap[0] >= 0:
+            box = p.img_pos_feat.clone()
+            box[[swap[0], swap[1]]] = box[[swap[1], swap[0]]]
+            p = type(p)(p.input_ids, p.img_feat, box)
+        return p
+
+    losses = []
+    for b in range(4):
+        c, j = int(batch["cap_idx"][b]), int(batch["img_idx"][b])
+        swap = tuple(batch["swap_rows"][b].tolist())
+        img_negs = [pair(c, int(batch["neg_img"][b][0]), swap), pair(c, int(batch["neg_img"][b][1]))]
+        with torch.no_grad():
+            s_pos = model.score(collate([pair(c, j)]))
+            s_img = model.score(collate(img_negs))
+            s_cap = model.score(collate([pair(int(t), j) for t in batch["neg_cap"][b][:2]]))
+        if swap[0] >= 0:
+            assert int(batch["neg_img"][b][0]) == j and not torch.allclose(s_img[0], s_pos)
+        for group in (s_img, s_cap):
+            losses.append(torch.nn.functional.cross_entropy(torch.cat([s_pos, group])[None], torch.tensor([0])))
+    assert got == pytest.approx(torch.stack(losses).mean().item(), abs=1e-5)
+    module.hparams.mining = True  # mined candidates would lose the swaps: refused
+    with pytest.raises(ValueError, match="cannot be mined"):
+        module.compute_losses(batch, step=step, total_steps=10)
+
+
+def test_p_swap_with_mining_is_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="data.p_swap=0.5 with module.mining=true"):
+        run(compose_train(tmp_path, "data.p_swap=0.5", "module.mining=true"))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.ckpt"))
+
+
 def test_mining_starts_at_its_step(tiny_dm):
     """Before ``mining_start`` a step trains on the first candidates (random), from it on the hardest."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

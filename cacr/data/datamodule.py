@@ -21,7 +21,7 @@ from cacr.model import PairStore, boxes_to_7d
 from cacr.paths import resolve_path
 
 from .datasets import RegionStore, RetrievalSplit, TrainPools, WinogroundSet
-from .negatives import HARD_POOLS, NegativeSampler, SceneTruth, truth_for_split
+from .negatives import HARD_POOLS, NegativeSampler, SceneTruth, scene_layout, truth_for_split
 from .sources import open_data, synthetic_config
 from .synthetic import SyntheticConfig, ensure_synthetic, load_scenes
 from .tokenizer import WordPieceTokenizer
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 CONFIG_KEYS = ("name", "source", "root", "regions", "captions", "tokenizer", "winoground_examples",
                "winoground_regions", "vocab_size", "img_dim", "train_split", "val_split", "test_split",
                "conf_th", "min_bb", "max_bb", "max_txt_len", "batch_size", "eval_batch_size", "num_workers",
-               "in_memory", "val_max_images", "seed", "p_hard", "hard_pool", "synthetic")
+               "in_memory", "val_max_images", "seed", "p_hard", "hard_pool", "p_swap", "synthetic")
 
 
 class RetrievalDataModule(pl.LightningDataModule):
@@ -42,7 +42,7 @@ class RetrievalDataModule(pl.LightningDataModule):
                  max_bb: int = 100, max_txt_len: Optional[int] = 60, batch_size: int = 8,
                  eval_batch_size: int = 256, num_workers: int = 0, in_memory: bool = True,
                  val_max_images: Optional[int] = None, seed: int = 42, p_hard: float = 0.0,
-                 hard_pool: str = "bag", synthetic: Optional[Mapping[str, Any]] = None):
+                 hard_pool: str = "bag", p_swap: float = 0.0, synthetic: Optional[Mapping[str, Any]] = None):
         super().__init__()
         if source not in ("synthetic", "files"):
             raise ValueError(f"data.source must be 'synthetic' or 'files', got {source!r}")
@@ -68,6 +68,14 @@ class RetrievalDataModule(pl.LightningDataModule):
         if hard_pool not in HARD_POOLS:
             raise ValueError(f"data.hard_pool must be one of {list(HARD_POOLS)}, got {hard_pool!r}")
         self.hard_pool = hard_pool
+        self.p_swap = float(p_swap)
+        if not 0.0 <= self.p_swap <= 1.0:
+            raise ValueError(f"data.p_swap must be in [0, 1], got {p_swap}")
+        if self.p_swap > 0 and source != "synthetic":
+            raise ValueError(f"data.p_swap={p_swap}: box-swapped images need a synthetic world's scenes "
+                             f"(data.source={source!r})")
+        self._swap_rows = None
+        self._scenes = None  # synthetic worlds: the training scenes by image id
         self.synthetic_cfg: Optional[SyntheticConfig] = (synthetic_config(self.data_config)
                                                          if source == "synthetic" else None)
         self.splits: dict = {}
@@ -118,7 +126,8 @@ class RetrievalDataModule(pl.LightningDataModule):
             self.train_pools = TrainPools(self.splits["train"], self.max_txt_len)
             if files.scenes is not None:
                 text_of = dict(zip(captions.caption_ids, captions.texts))
-                self.train_truth = truth_for_split(self.splits["train"], text_of, load_scenes(files.scenes),
+                self._scenes = load_scenes(files.scenes)
+                self.train_truth = truth_for_split(self.splits["train"], text_of, self._scenes,
                                                    where=str(files.scenes))
         self.winoground = data.winoground()
         self._ready = True
@@ -140,7 +149,22 @@ class RetrievalDataModule(pl.LightningDataModule):
             raise ValueError(f"data {self.name!r}: no training split")
         pools = self.train_pools
         return NegativeSampler(pools.txt2img, pools.positives, pools.num_images, self.train_truth, self.p_hard,
-                               self.hard_pool)
+                               self.hard_pool, self.p_swap, self.swap_rows() if self.p_swap > 0 else None)
+
+    def swap_rows(self):
+        """``(Nc, 2)``: the region rows of each training caption's box swap (``SceneTruth.swap_rows``),
+        never a layout of the Winoground-format set; computed once."""
+        if self._swap_rows is None:
+            if self.train_truth is None:
+                raise ValueError(f"data {self.name!r}: data.p_swap needs the scenes of a synthetic world")
+            held_out = {scene_layout(s) for s in load_scenes(self.paths["scenes"].parent / "winoground" / "scenes.jsonl").values()}
+            split = self.splits["train"]
+            self._swap_rows = self.train_truth.swap_rows(split.txt2img, [self._scenes[i] for i in split.image_ids],
+                                                         held_out)
+            n = int((self._swap_rows[:, 0] >= 0).sum())
+            log.info("data.p_swap=%s: %d of %d training captions have a box-swapped negative", self.p_swap, n,
+                     len(self._swap_rows))
+        return self._swap_rows
 
     def pair_store(self, role: str, layout: str = "compact") -> PairStore:
         """Every caption and image of ``role`` as a ``cacr.model.PairStore`` on the CPU (captions

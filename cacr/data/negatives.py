@@ -24,7 +24,9 @@ image, and answers with vectorised masks:
 
 :class:`NegativeSampler` draws ``K`` candidates per positive: each, with probability
 ``p_hard``, from the hard pool (while it lasts), else uniformly from the rest, never a true
-match; ``hard_pool`` says which pool: ``"bag"`` (the caption's colours and categories occur)
+match; with ``p_swap`` (``data.p_swap``), the positive's own image with the boxes of the two
+objects its caption names exchanged takes the first image slot (:meth:`NegativeSampler.swap`:
+the exact image-side swap, checked against the scene and never a Winoground-format layout); ``hard_pool`` says which pool: ``"bag"`` (the caption's colours and categories occur)
 or ``"objects"`` (its two named objects occur). Without a ``SceneTruth`` (real data) it keeps
 the official behaviour: any other image, any caption of another image.
 """
@@ -101,6 +103,12 @@ def scene_facts(regions: Sequence[Mapping]) -> Tuple[List[int], int, int]:
     return facts, cats, cols
 
 
+def scene_layout(regions: Sequence[Mapping]) -> Tuple:
+    """A scene's named content (``load_scenes`` format): its objects as sorted (category,
+    colour, cell) triples, as :func:`cacr.data.synthetic.layout` reads a generated scene."""
+    return tuple(sorted((g["category"], g["colour"], _cell(g["box"])) for g in regions if g["kind"] == "object"))
+
+
 class SceneTruth:
     """Caption facts and image facts of one split (see the module docstring).
 
@@ -132,6 +140,38 @@ class SceneTruth:
         facts = self.img_facts[rows, slots]
         order = facts.argsort(stable=True)
         self._by_fact, self._fact_images = facts[order], rows[order]
+
+    def swap_rows(self, txt2img: Tensor, scenes: Sequence[Sequence[Mapping]], held_out=frozenset()) -> Tensor:
+        """``(Nc, 2)`` long: for each relational caption, the rows (in its own image's region
+        order) of the two objects it names, whose boxes exchanged make it false; ``-1`` where
+        there is no such swap (absolute captions; a swap that would repeat a layout in
+        ``held_out``, the Winoground-format scenes' :func:`scene_layout` set; a scene with the
+        objects twice). Each swap is checked against the swapped scene's facts."""
+        out = torch.full((self.num_texts, 2), -1, dtype=torch.long)
+        rows_of = {}  # image -> {(category, colour) index: row}
+        cache = {}  # (image, row a, row b) -> the facts of the swapped scene, or None if held out
+        for c in range(self.num_texts):
+            rel = int(self.fact[c]) % N_PREDICATES
+            if rel >= len(RELATIONS):  # absolute caption: one object
+                continue
+            i = int(txt2img[c])
+            if i not in rows_of:
+                rows_of[i] = {}
+                for r, g in enumerate(scenes[i]):
+                    if g["kind"] == "object":
+                        k = _kind(CATEGORIES.index(g["category"]), COLOURS.index(g["colour"]))
+                        rows_of[i][k] = -1 if k in rows_of[i] else r  # -1: the kind twice
+            a, b = rows_of[i].get(int(self.cap_kinds[c, 0]), -1), rows_of[i].get(int(self.cap_kinds[c, 1]), -1)
+            if a < 0 or b < 0:
+                continue
+            if (i, a, b) not in cache:
+                swapped = [dict(g) for g in scenes[i]]
+                swapped[a]["box"], swapped[b]["box"] = scenes[i][b]["box"], scenes[i][a]["box"]
+                cache[(i, a, b)] = None if scene_layout(swapped) in held_out else set(scene_facts(swapped)[0])
+            facts = cache[(i, a, b)]
+            if facts is not None and int(self.fact[c]) not in facts:
+                out[c, 0], out[c, 1] = a, b
+        return out
 
     @property
     def num_texts(self) -> int:
@@ -217,9 +257,14 @@ class NegativeSampler:
     """
 
     def __init__(self, txt2img: Tensor, pool: Tensor, num_images: int, truth: Optional[SceneTruth] = None,
-                 p_hard: float = 0.0, hard_pool: str = "bag"):
+                 p_hard: float = 0.0, hard_pool: str = "bag", p_swap: float = 0.0, swap_rows: Optional[Tensor] = None):
         if not 0.0 <= p_hard <= 1.0:
             raise ValueError(f"data.p_hard must be in [0, 1], got {p_hard}")
+        if not 0.0 <= p_swap <= 1.0:
+            raise ValueError(f"data.p_swap must be in [0, 1], got {p_swap}")
+        if p_swap > 0 and swap_rows is None:
+            raise ValueError(f"data.p_swap={p_swap}: box-swapped images need the scenes of a synthetic world "
+                             f"(real data has no scene truth)")
         if hard_pool not in HARD_POOLS:
             raise ValueError(f"data.hard_pool must be one of {list(HARD_POOLS)}, got {hard_pool!r}")
         if p_hard > 0 and truth is None:
@@ -228,6 +273,15 @@ class NegativeSampler:
         self.txt2img, self.pool, self.num_images = txt2img.long().cpu(), pool.long().cpu(), int(num_images)
         self._pool_img = self.txt2img[self.pool]
         self.truth, self.p_hard, self.hard_pool = truth, float(p_hard), hard_pool
+        self.p_swap, self.swap_rows = float(p_swap), swap_rows
+
+    def swap(self, c: int, g: torch.Generator) -> Optional[Tuple[int, int]]:
+        """With probability ``p_swap``, the rows ``(a, b)`` of caption ``c``'s own image whose
+        boxes exchanged give its box-swapped negative (None: no swap this time, or none exists)."""
+        if self.p_swap <= 0 or float(torch.rand(1, generator=g)) >= self.p_swap:
+            return None
+        a, b = (int(x) for x in self.swap_rows[c])
+        return (a, b) if a >= 0 else None
 
     def images(self, c: int, k: int, g: torch.Generator) -> Tensor:
         """``(k,)`` negative images for caption ``c``."""
@@ -269,4 +323,4 @@ def truth_for_split(split, text_of: Mapping[str, str], scenes: Mapping[str, Sequ
                       split.caption_ids)
 
 
-__all__ = ["SceneTruth", "NegativeSampler", "parse_caption", "scene_facts", "fact_id", "truth_for_split"]
+__all__ = ["SceneTruth", "NegativeSampler", "parse_caption", "scene_facts", "scene_layout", "fact_id", "truth_for_split"]

@@ -131,8 +131,11 @@ class PairStore:
         return order, chunks
 
     def batch(self, cap_idx: Tensor, img_idx: Tensor, *, max_txt_len: Optional[int] = None,
-              max_regions: Optional[int] = None, max_len: Optional[int] = None) -> UniterBatch:
-        """The batch of pairs ``(cap_idx[k], img_idx[k])``; both (P,) long tensors.
+              max_regions: Optional[int] = None, max_len: Optional[int] = None,
+              swap: Optional[Tensor] = None) -> UniterBatch:
+        """The batch of pairs ``(cap_idx[k], img_idx[k])``; both (P,) long tensors. ``swap``
+        (P, 2) long: where ``swap[k, 0] >= 0``, pair ``k``'s image has the boxes of its regions
+        ``swap[k, 0]`` and ``swap[k, 1]`` exchanged (a box-swapped negative; features kept).
 
         Widths not given are read from the lengths kept on the host (exact, but a sync for
         device indices): ``max_txt_len`` and ``max_regions`` bound the text and region parts,
@@ -161,6 +164,12 @@ class PairStore:
                            self.region_feat.shape[0] - 1).flatten()  # (P * Lv,): pad -> the zero row
         img_feat = self.region_feat.index_select(0, rows).view(len(img_idx), Lv, -1)  # (P, Lv, D)
         img_pos_feat = self.region_pos_feat.index_select(0, rows).view(len(img_idx), Lv, 7)
+        if swap is not None:
+            swap = swap.to(dev, non_blocking=True)
+            k = (swap[:, 0] >= 0).nonzero().flatten()
+            a, b = swap[k, 0], swap[k, 1]
+            img_pos_feat = img_pos_feat.clone()
+            img_pos_feat[k, a], img_pos_feat[k, b] = img_pos_feat[k, b], img_pos_feat[k, a]
         return pair_batch_from_padded(input_ids, t, img_feat, img_pos_feat, m, layout=self.layout, max_len=max_len)
 
 
