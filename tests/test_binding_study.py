@@ -238,11 +238,15 @@ def test_every_gate_variant_composes():
         if m:
             variants[m[1]] = [a for a in shlex.split(m[2], comments=True) if not a.startswith(("${", "model.checkpoint="))]
     uniter = shlex.split(re.search(r"^uniter_args=\((.*)\)$", text, re.M)[1])
-    assert {"base", "absolute_l4", "uniter_l4", "curriculum_1", "curriculum_2"} <= set(variants)
+    swap = shlex.split(re.search(r"^swap_args=\((.*)\)$", text, re.M)[1])
+    assert {"base", "absolute_l4", "uniter_l4", "curriculum_1", "curriculum_2", "swap_l4", "swap_n1"} <= set(variants)
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         for name, args in variants.items():
-            args = args + (uniter if "curriculum" in name else [])
+            args = args + (uniter if "curriculum" in name else []) + (swap if name.startswith("swap") else [])
             cfg = compose("train", overrides=[*common, *args])
             assert cfg.train.max_steps in (20000, 5000, 15000), name
+            if name.startswith("swap"):
+                assert cfg.data.p_swap == 1.0 and cfg.data.hard_pool == "objects" and not cfg.module.mining
+                assert cfg.module.num_negatives == (1 if name == "swap_n1" else 3)
             if name == "absolute_l4":
                 assert cfg.data.synthetic.absolute_captions == 5 and cfg.model.config.num_hidden_layers == 4

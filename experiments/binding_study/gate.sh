@@ -38,6 +38,12 @@ run uniter_l4    "module.mlm_focus=[left,right,above,below]" model.config.num_hi
 # compare two (README, "What the probe showed"; on the CPU this ran as abs3 there).
 run absolute_l4  data.synthetic.absolute_captions=5 data.synthetic.n_train=20000 "module.mlm_focus=[left,right,above,below]" \
                  model.config.num_hidden_layers=4 data.p_hard=1.0 module.num_negatives=3 data.batch_size=16 module.align_weight=0
+# The same, with hard negatives that hold both named objects and each relational caption's own image
+# with those objects' boxes exchanged as its first image negative (the exact swap the probe ranks
+# against; README, "Session 6"); swap_n1 with one negative per direction, as the probe has.
+swap_args=(data.synthetic.absolute_captions=5 data.synthetic.n_train=20000 "module.mlm_focus=[left,right,above,below]" model.config.num_hidden_layers=4 data.p_hard=1.0 data.batch_size=16 module.align_weight=0 data.hard_pool=objects data.p_swap=1.0)
+run swap_l4      "${swap_args[@]}" module.num_negatives=3
+run swap_n1      "${swap_args[@]}" module.num_negatives=1
 # A curriculum: the simplest world first (2 named objects, at most 1 distractor; same vocabulary
 # and feature embeddings, since both come from the world seed), then the full world from its
 # weights (the pre-training heads start afresh). Stage 2 waits for stage 1, also with GATE_PARALLEL=1.
