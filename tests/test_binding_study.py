@@ -106,6 +106,37 @@ def test_the_study_runs_end_to_end_on_a_tiny_world(tmp_path):
     assert r.returncode == 0 and "done " not in r.stdout
 
 
+def test_the_study_can_pretrain_with_the_probe(tmp_path):
+    """--pretrainer probe: probe.py stops at its first evaluation at or above --stop-binding, never
+    trains on a layout of the study's Winoground-format set, is scored on that set by
+    eval_winoground.py, and the arms fine-tune its state dict with its depth."""
+    tiny = ["data.synthetic.n_train=40", "data.synthetic.n_val=8", "data.synthetic.n_test=8",
+            "data.synthetic.n_winoground=8", "data.batch_size=4", "data.eval_batch_size=64",
+            f"data.root={tmp_path / 'world'}", "data.val_max_images=8",
+            "model.config.hidden_size=32", "model.config.intermediate_size=128",  # the probe's 4 x hidden
+            "train.max_steps=2", "train.num_candidates=6", "module.num_negatives=2", "eval.n_boot=20",
+            "module.warmup_steps=1", "logger=csv"]
+    probe_args = ("--layers 1 --hidden 32 --steps 8 --eval-every 2 --n-eval 8 --batch 4 --mlm 1 --absolute 2 "
+                  "--stop-binding 0")
+    out = tmp_path / "study"
+    cmd = [sys.executable, str(STUDY / "study.py"), "--out", str(out), "--seeds", "0", "--jobs", "1", "--threads", "1",
+           "--arms", "none", "cacr_30", "--calibration-batches", "2", "--pretrainer", "probe",
+           f"--probe-args={probe_args}", "--stage", "all", "--", *tiny]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    pre = out / "pretrain" / "seed0"
+    curve = json.loads((pre / "curve.json").read_text())
+    assert curve["stopped_at"] == 2 and [c["step"] for c in curve["curve"]] == [2]  # stopped at the first evaluation
+    assert curve["args"]["exclude_layouts"].endswith("winoground/scenes.jsonl")
+    assert str(tmp_path / "world") in curve["args"]["exclude_layouts"]  # the fine-tuning world's set
+    assert json.loads((pre / "winoground" / "results.json").read_text())["n"] == 8
+    cfg = (out / "finetune" / "none" / "seed0" / ".hydra" / "config.yaml").read_text()
+    assert f"checkpoint: {pre / 'model.pt'}" in cfg and "num_hidden_layers: 1" in cfg
+    rep = json.loads((out / "report.json").read_text())
+    row = rep["pretrain"]["0"] if "0" in rep["pretrain"] else rep["pretrain"][0]
+    assert row["stopped_at"] == 2 and 0 <= row["dev/binding"] <= 100
+
+
 # ------------------------------------------------------------------ probe.py
 def _centre_cell(box):
     return int((box[1] + box[3]) / 2 * 3), int((box[0] + box[2]) / 2 * 3)  # (row, column) from the box alone

@@ -244,6 +244,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file for the curve")
+    p.add_argument("--stop-binding", type=float, default=None,
+                   help="stop (and save) after the first evaluation whose binding, on the probe's own fresh pairs, "
+                        "is at least this: a pre-trained checkpoint part-way up (binding_study/study.py --pretrainer probe)")
+    p.add_argument("--exclude-layouts", default=None,
+                   help="a world's winoground/scenes.jsonl: no training scene repeats one of its object layouts "
+                        "(as train.py's worlds never do; study.py passes the study's set)")
     p.add_argument("--save", default=None,
                    help="state dict of the model after every evaluation (UNITER keys: model.checkpoint= loads it)")
     a = p.parse_args(argv)
@@ -258,6 +264,11 @@ def main(argv=None):
     tok = WordPieceTokenizer(synthetic_vocab(64), name="synthetic")
     items = eval_set(world, a.n_eval, a.seed + 1000)
     held_out = {layout(x) for it in items for x in it[:2]}
+    if a.exclude_layouts:
+        from cacr.data.negatives import scene_layout
+        from cacr.data.synthetic import load_scenes
+
+        held_out |= {scene_layout(s) for s in load_scenes(a.exclude_layouts).values()}
     cfg = UniterConfig(vocab_size=64, hidden_size=a.hidden, num_hidden_layers=a.layers,
                        num_attention_heads=a.heads, intermediate_size=4 * a.hidden, hidden_dropout_prob=0.0,
                        attention_probs_dropout_prob=0.0, max_position_embeddings=64, img_dim=64)
@@ -300,15 +311,19 @@ def main(argv=None):
             print(f"step {step}: loss {m['loss']:.3f} (chance {math.log(k):.3f}) binding {m['binding']:.1f} "
                   f"(relation {m['binding_relation']:.1f}, object {m['binding_object']:.1f}) group {m['group']:.1f} "
                   f"mlm {' '.join(f'{k} {v:.2f}' for k, v in sorted(m['mlm_acc'].items()))} [{m['seconds']:.0f} s]", flush=True)
-            if a.out:  # after every evaluation, so a stopped run keeps its curve
-                tmp = a.out + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump({"args": vars(a), "curve": curve}, f, indent=1)
-                os.replace(tmp, a.out)
-            if a.save:
+            stop = a.stop_binding is not None and m["binding"] >= a.stop_binding
+            if a.save:  # the model first, then the curve that says where it stopped
                 tmp = a.save + ".tmp"
                 torch.save(model.state_dict(), tmp)
                 os.replace(tmp, a.save)
+            if a.out:  # after every evaluation, so a stopped run keeps its curve
+                tmp = a.out + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump({"args": vars(a), "curve": curve, **({"stopped_at": step} if stop else {})}, f, indent=1)
+                os.replace(tmp, a.out)
+            if stop:
+                print(f"binding {m['binding']:.1f} >= {a.stop_binding}: stopped at step {step}", flush=True)
+                break
 
 
 if __name__ == "__main__":

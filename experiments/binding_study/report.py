@@ -88,9 +88,36 @@ def read_curve(path: Path) -> List[Tuple[int, float, float]]:
     return out
 
 
+def load_probe_job(job: Path, examples: List[Dict]) -> Dict:
+    """A ``study.py --pretrainer probe`` checkpoint: where it stopped (``curve.json``) and its scores
+    on the study's Winoground-format set (``winoground/winoground_scores.jsonl``, from eval_winoground.py)."""
+    from cacr.evaluation.scorefile import read_score_file
+
+    curve = json.loads((job / "curve.json").read_text())
+    s = read_score_file(job / "winoground" / "winoground_scores.jsonl", [str(e["id"]) for e in examples]).numpy()
+    split = np.array([e.get("split", "test") for e in examples])
+    text = (s[:, 0, 0] > s[:, 1, 0]) & (s[:, 1, 1] > s[:, 0, 1])
+    image = (s[:, 0, 0] > s[:, 0, 1]) & (s[:, 1, 1] > s[:, 1, 0])
+    binding = (s[:, 0, 0] - s[:, 0, 1]) - (s[:, 1, 0] - s[:, 1, 1]) > 0
+    row = {"seed": int(job.name[4:]), "job": str(job), "rsum": float("nan"), "diag": None,
+           "stopped_at": curve.get("stopped_at"), "probe_binding": curve["curve"][-1]["binding"],
+           "curve": [(c["step"], c["binding"], c["group"]) for c in curve["curve"]],
+           "per_example": {h: binding[split == h].astype(np.float64) for h in ("dev", "test")}}
+    for h in ("dev", "test"):
+        m = split == h
+        for name, v in (("text", text), ("image", image), ("group", text & image), ("binding", binding)):
+            row[f"{h}/{name}"] = 100 * float(v[m].mean())
+    return row
+
+
 def load_study(root: Path):
     cache: Dict = {}
     pre = {int(p.parent.name[4:]): load_job(p.parent, cache) for p in sorted(root.glob("pretrain/seed*/results.json"))}
+    for job in sorted(p.parent.parent for p in root.glob("pretrain/seed*/winoground/winoground_scores.jsonl")):
+        # study.py --pretrainer probe: scored by eval_winoground.py on the fine-tuning world's set
+        path = json.loads((job / "winoground" / "results.json").read_text())["examples"]
+        examples = [json.loads(line) for line in open(path) if line.strip()]
+        pre[int(job.name[4:])] = load_probe_job(job, examples)
     arms: Dict[str, Dict[int, Dict]] = {}
     for p in sorted(root.glob("finetune/*/seed*/results.json")):
         arms.setdefault(p.parent.parent.name, {})[int(p.parent.name[4:])] = load_job(p.parent, cache)

@@ -8,7 +8,10 @@ diagnose, report. One command, resumable (a job whose ``results.json`` exists is
 Stages:
 
 1. ``pretrain``: ``train.py experiment=binding_pretrain seed=s`` for every seed (the
-   pre-training stage: MLM + matching against a partial dose of hard negatives);
+   pre-training stage: MLM + matching against a partial dose of hard negatives); or, with
+   ``--pretrainer probe``, ``probe.py`` (fresh scenes, exact swaps, MLM with absolute captions,
+   4 layers: the recipe that binds, README "Session 6"), stopped at the first evaluation on its
+   own fresh pairs with binding >= :data:`PROBE_STOP` (the checkpoint part-way up);
 2. ``calibrate``: at each pre-trained checkpoint, the mean ranking loss and the mean raw
    regularizer loss of every regularizer on fine-tuning batches; ``lambda = f * L_rank /
    L_reg`` for the fractions ``f`` of :data:`FRACTIONS`, averaged over the checkpoints,
@@ -40,6 +43,16 @@ from cacr.outputs import atomic_write_text  # noqa: E402 - after the repository 
 REGULARIZERS = ("cacr", "iais_singular", "iais_distributed")
 FRACTIONS = {"10": 0.1, "30": 0.3}  # lambda * L_reg = f * L_rank at the start checkpoint
 SEEDS = (0, 1, 2, 3, 4)
+PROBE_STOP = 65.0  # --pretrainer probe: stop at the first evaluation with binding >= this (the 60-75% band)
+PROBE_ARGS = ["--layers", "4", "--mlm", "1", "--absolute", "16", "--batch", "32", "--steps", "3000",
+              "--eval-every", "50", "--n-eval", "500", "--stop-binding", str(PROBE_STOP)]
+
+
+def probe_model(probe_args: Sequence[str]) -> List[str]:
+    """The train.py overrides that build the probe's UNITER (its ``--layers``; width 256 and 4
+    heads are uniter_tiny's and the probe's defaults) for every job after a probe pre-training."""
+    args = list(probe_args)
+    return [f"model.config.num_hidden_layers={args[args.index('--layers') + 1] if '--layers' in args else 2}"]
 
 
 def arms(calibration: Dict) -> Dict[str, List[str]]:
@@ -97,17 +110,66 @@ def pretrain_seed(seed: int, pretrain_seeds: Sequence[int]) -> int:
     raise ValueError(f"fine-tuning seed {seed} has no pre-training run (pre-training seeds {list(pretrain_seeds)})")
 
 
-def checkpoint_of(out: Path, seed: int, pretrain_seeds: Sequence[int]) -> Path:
-    return out / "pretrain" / f"seed{pretrain_seed(seed, pretrain_seeds)}" / "checkpoints" / "last.ckpt"
+def checkpoint_of(out: Path, seed: int, pretrain_seeds: Sequence[int], pretrainer: str = "train") -> Path:
+    run = out / "pretrain" / f"seed{pretrain_seed(seed, pretrain_seeds)}"
+    return run / "model.pt" if pretrainer == "probe" else run / "checkpoints" / "last.ckpt"
 
 
-def stage_pretrain(out: Path, seeds, jobs: int, threads: int, extra: Sequence[str]) -> None:
-    print(f"pretrain: {len(seeds)} job(s)", flush=True)
+def study_world(extra: Sequence[str] = ()):
+    """The fine-tuning world's files (``experiment=binding_finetune`` + ``extra``), generated on first use."""
+    from omegaconf import OmegaConf
+
+    from cacr.data.sources import synthetic_config
+    from cacr.data.synthetic import ensure_synthetic
+
+    d = OmegaConf.to_container(compose_finetune(list(extra)).data, resolve=True)
+    return ensure_synthetic(synthetic_config(d), REPO / d["root"])  # the jobs run in REPO
+
+
+def _probe(run_dir: Path, seed: int, threads: int, log: Path, probe_args: Sequence[str], extra: Sequence[str]) -> None:
+    """One ``probe.py`` pre-training run, resumable only as a whole: done once its curve says where it stopped."""
+    curve = run_dir / "curve.json"
+    if (run_dir / "winoground" / "winoground_scores.jsonl").is_file():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(Path(__file__).with_name("probe.py")), *probe_args, "--seed", str(seed),
+           "--threads", str(threads), "--out", str(curve), "--save", str(run_dir / "model.pt"),
+           "--exclude-layouts", str(study_world(extra).winoground_scenes)]
+    t0 = time.time()
+    with open(log, "a") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                             env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    if rc != 0 or "stopped_at" not in json.loads(curve.read_text()):
+        raise RuntimeError(f"probe pre-training {run_dir} failed (exit {rc}) or never reached binding {PROBE_STOP}; "
+                           f"see {log}")
+    # the checkpoint on the study's own Winoground-format set (both halves; the report splits them)
+    cmd = [sys.executable, str(REPO / "eval_winoground.py"), "model=uniter_tiny",
+           *[o for o in extra if o.startswith(("data.", "model."))],  # the fine-tuning world and model
+           f"model.checkpoint={run_dir / 'model.pt'}", f"output={run_dir / 'winoground'}", "overwrite=true",
+           "progress=false", "n_boot=1000", "bf16=false"]
+    with open(log, "a") as f:
+        if subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                           env=dict(os.environ, OMP_NUM_THREADS=str(threads))) != 0:
+            raise RuntimeError(f"scoring the probe checkpoint {run_dir / 'model.pt'} failed; see {log}")
+    print(f"  done {run_dir.relative_to(run_dir.parents[2])} in {time.time() - t0:.0f} s", flush=True)
+
+
+def stage_pretrain(out: Path, seeds, jobs: int, threads: int, extra: Sequence[str], pretrainer: str = "train",
+                   probe_args: Sequence[str] = PROBE_ARGS) -> None:
+    print(f"pretrain ({pretrainer}): {len(seeds)} job(s)", flush=True)
+    if pretrainer == "probe":
+        _parallel([(_probe, out / "pretrain" / f"seed{s}", s, threads, out / "logs" / f"pretrain_seed{s}.log",
+                    probe_args, extra) for s in seeds], jobs)
+        return
     _parallel([(_train, out / "pretrain" / f"seed{s}", ["experiment=binding_pretrain", f"seed={s}", *extra],
                 threads, out / "logs" / f"pretrain_seed{s}.log") for s in seeds], jobs)
 
 
-def stage_finetune(out: Path, seeds, pretrain_seeds, jobs: int, threads: int, extra: Sequence[str], only=None) -> None:
+def stage_finetune(out: Path, seeds, pretrain_seeds, jobs: int, threads: int, extra: Sequence[str], only=None,
+                   pretrainer: str = "train") -> None:
     calibration = json.loads((out / "calibration.json").read_text())
     todo = []
     for name, ov in arms(calibration).items():
@@ -116,7 +178,7 @@ def stage_finetune(out: Path, seeds, pretrain_seeds, jobs: int, threads: int, ex
         for s in seeds:
             todo.append((_train, out / "finetune" / name / f"seed{s}",
                          ["experiment=binding_finetune", f"seed={s}",
-                          f"model.checkpoint={checkpoint_of(out, s, pretrain_seeds)}",
+                          f"model.checkpoint={checkpoint_of(out, s, pretrain_seeds, pretrainer)}",
                           *ov, *extra], threads, out / "logs" / f"{name}_seed{s}.log"))
     print(f"finetune: {len(todo)} job(s)", flush=True)
     _parallel(todo, jobs)
@@ -181,11 +243,12 @@ def calibrate(checkpoint: Path, seed: int, n_batches: int, extra: Sequence[str])
     return {k: v / n_batches for k, v in sums.items()}
 
 
-def stage_calibrate(out: Path, pretrain_seeds, n_batches: int, extra: Sequence[str]) -> Dict:
+def stage_calibrate(out: Path, pretrain_seeds, n_batches: int, extra: Sequence[str], pretrainer: str = "train") -> Dict:
     path = out / "calibration.json"
     if path.is_file():
         return json.loads(path.read_text())
-    per_seed = {str(s): calibrate(checkpoint_of(out, s, pretrain_seeds), s, n_batches, extra) for s in pretrain_seeds}
+    per_seed = {str(s): calibrate(checkpoint_of(out, s, pretrain_seeds, pretrainer), s, n_batches, extra)
+                for s in pretrain_seeds}
     mean = {k: sum(v[k] for v in per_seed.values()) / len(per_seed) for k in next(iter(per_seed.values()))}
     lam = {r: {f: frac * mean["rank"] / mean[r] for f, frac in FRACTIONS.items()} for r in REGULARIZERS}
     result = {"n_batches": n_batches, "per_seed": per_seed, "mean": mean, "lambda": lam,
@@ -266,18 +329,23 @@ def main(argv=None) -> None:
     p.add_argument("--stage", choices=("all", "pretrain", "calibrate", "finetune", "diagnose", "report"), default="all")
     p.add_argument("--arms", nargs="*", default=None, help="only these arms (default: all of arms())")
     p.add_argument("--calibration-batches", type=int, default=20)
+    p.add_argument("--pretrainer", choices=("train", "probe"), default="train",
+                   help="train: train.py experiment=binding_pretrain; probe: probe.py stopped part-way up (see stage 1)")
+    p.add_argument("--probe-args", default=" ".join(PROBE_ARGS), help="probe.py arguments for --pretrainer probe")
     p.add_argument("overrides", nargs="*", help="extra train.py overrides for every job (after --)")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
     t0 = time.time()
     pre = a.pretrain_seeds or a.seeds
+    probe_args = a.probe_args.split()
+    extra = (probe_model(probe_args) if a.pretrainer == "probe" else []) + list(a.overrides)
     if a.stage in ("all", "pretrain"):
-        stage_pretrain(a.out, pre, a.jobs, threads, a.overrides)
+        stage_pretrain(a.out, pre, a.jobs, threads, extra, a.pretrainer, probe_args)
     if a.stage in ("all", "calibrate"):
-        stage_calibrate(a.out, pre, a.calibration_batches, a.overrides)
+        stage_calibrate(a.out, pre, a.calibration_batches, extra, a.pretrainer)
     if a.stage in ("all", "finetune"):
-        stage_finetune(a.out, a.seeds, pre, a.jobs, threads, a.overrides, a.arms)
+        stage_finetune(a.out, a.seeds, pre, a.jobs, threads, extra, a.arms, a.pretrainer)
     if a.stage in ("all", "diagnose"):
         stage_diagnose(a.out)
     if a.stage in ("all", "report"):
