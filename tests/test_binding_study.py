@@ -268,16 +268,17 @@ def test_every_gate_variant_composes():
         m = re.match(r"^\s*(?:GATE_PARALLEL=0 )?run (\w+)(.*)$", line)
         if m:
             variants[m[1]] = [a for a in shlex.split(m[2], comments=True) if not a.startswith(("${", "model.checkpoint="))]
-    uniter = shlex.split(re.search(r"^uniter_args=\((.*)\)$", text, re.M)[1])
-    swap = shlex.split(re.search(r"^swap_args=\((.*)\)$", text, re.M)[1])
-    assert {"base", "absolute_l4", "uniter_l4", "curriculum_1", "curriculum_2", "swap_l4", "swap_n1"} <= set(variants)
+    assert {"base", "swap_n1", "absolute_l4", "objects_l4", "no_absolute", "uniter_l4", "curriculum_1",
+            "curriculum_2", "simple_world"} <= set(variants)
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         for name, args in variants.items():
-            args = args + (uniter if "curriculum" in name else []) + (swap if name.startswith("swap") else [])
             cfg = compose("train", overrides=[*common, *args])
             assert cfg.train.max_steps in (20000, 5000, 15000), name
-            if name.startswith("swap"):
+            if name == "base":  # the recipe itself
                 assert cfg.data.p_swap == 1.0 and cfg.data.hard_pool == "objects" and not cfg.module.mining
-                assert cfg.module.num_negatives == (1 if name == "swap_n1" else 3)
+                assert cfg.module.num_negatives == 3 and cfg.data.synthetic.absolute_captions == 5
+                assert cfg.model.config.num_hidden_layers == 4 and cfg.module.mlm_focus
+            if name == "swap_n1":
+                assert cfg.module.num_negatives == 1
             if name == "absolute_l4":
                 assert cfg.data.synthetic.absolute_captions == 5 and cfg.model.config.num_hidden_layers == 4
