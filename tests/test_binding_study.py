@@ -254,6 +254,19 @@ def test_probe_plot_reads_probe_logs(tmp_path):
         plot.read_log(tmp_path / "empty.log")
 
 
+def test_gate_plot_reads_validation_rows_of_metrics_csv(tmp_path):
+    plot = _load("gate_plot")
+    m = tmp_path / "metrics.csv"
+    m.write_text("epoch,step,train/loss,val/wino_binding,val/wino_group\n0,49,2.0,,\n0,249,,47.5,0.0\n0,499,1.5,,\n"
+                 "0,499,,94.5,85.8\n")
+    assert plot.read_metrics(m) == [(250, 47.5, 0.0), (500, 94.5, 85.8)]
+    plot.main([str(tmp_path / "g.png"), f"run={m}"])
+    assert (tmp_path / "g.png").stat().st_size > 1000
+    (tmp_path / "none.csv").write_text("epoch,step,train/loss\n0,49,2.0\n")
+    with pytest.raises(ValueError, match="none.csv: no val/wino_binding rows"):
+        plot.read_metrics(tmp_path / "none.csv")
+
+
 def test_every_gate_variant_composes():
     """gate.sh's variants are override lists for train.py: each must name real config keys."""
     import re
