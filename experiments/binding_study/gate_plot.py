@@ -11,6 +11,9 @@ import csv
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plots import parse_runs, save, two_panels  # noqa: E402
+
 
 def read_metrics(path):
     """``[(step, binding, group)]`` at each validation of a run's metrics.csv."""
@@ -23,17 +26,9 @@ def read_metrics(path):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) < 2 or any("=" not in a for a in argv[1:]):
-        raise SystemExit(__doc__)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for n, spec in enumerate(argv[1:]):
-        name, path = spec.split("=", 1)
+    out, runs = parse_runs(sys.argv[1:] if argv is None else argv, __doc__)
+    fig, (ax1, ax2) = two_panels()
+    for n, (name, path) in enumerate(runs):
         steps, binding, group = zip(*read_metrics(path))
         style = dict(marker="o", ms=3, label=name, color=f"C{n % 10}")
         ax1.plot(steps, binding, **style)
@@ -44,11 +39,7 @@ def main(argv=None):
             ax.axhline(chance, color="grey", lw=0.8, ls=":")
         ax.set(xlabel="step", ylabel=f"dev {what} (%)", title=f"dev half, {what}", ylim=(0, 102))
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = argv[0] + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, argv[0])
-    print(argv[0])
+    save(fig, out)
 
 
 if __name__ == "__main__":
