@@ -120,7 +120,7 @@ def test_the_study_can_pretrain_with_the_probe(tmp_path):
                   "--stop-binding 0")
     out = tmp_path / "study"
     cmd = [sys.executable, str(STUDY / "study.py"), "--out", str(out), "--seeds", "0", "--jobs", "1", "--threads", "1",
-           "--arms", "none", "cacr_30", "--calibration-batches", "2", "--pretrainer", "probe",
+           "--arms", "none", "--calibration-batches", "1", "--pretrainer", "probe",
            f"--probe-args={probe_args}", "--stage", "all", "--", *tiny]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
