@@ -365,7 +365,9 @@ def main(argv=None) -> None:
     p.add_argument("root", type=Path)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
-    write(a.root, a.out or a.root)
+    out = a.out or a.root
+    Path(out).mkdir(parents=True, exist_ok=True)  # a new --out folder is made, not an error
+    write(a.root, out)
 
 
 if __name__ == "__main__":
