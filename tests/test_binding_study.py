@@ -137,6 +137,24 @@ def test_the_study_can_pretrain_with_the_probe(tmp_path):
     assert row["stopped_at"] == 2 and 0 <= row["dev/binding"] <= 100
 
 
+def test_a_job_killed_before_its_first_checkpoint_is_set_aside_not_lost(tmp_path):
+    study = _load("study")
+    run = tmp_path / "finetune" / "none" / "seed0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.csv").write_text("step\n1\n")
+    moved = study.set_aside_unfinished(run)
+    assert moved == run.with_name("seed0.killed-1") and (moved / "metrics.csv").read_text() == "step\n1\n"
+    assert not run.exists()
+    run.mkdir()
+    assert study.set_aside_unfinished(run) == run.with_name("seed0.killed-2")
+    for keep in ("results.json", "checkpoints/last.ckpt"):  # finished, or resumable: left alone
+        (run / keep).parent.mkdir(parents=True, exist_ok=True)
+        (run / keep).write_text("x")
+        assert study.set_aside_unfinished(run) is None and (run / keep).is_file()
+        (run / keep).unlink()
+    assert study.set_aside_unfinished(tmp_path / "absent") is None
+
+
 # ------------------------------------------------------------------ probe.py
 def _centre_cell(box):
     return int((box[1] + box[3]) / 2 * 3), int((box[0] + box[2]) / 2 * 3)  # (row, column) from the box alone

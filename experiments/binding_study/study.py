@@ -33,7 +33,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -75,9 +75,25 @@ def arms(calibration: Dict) -> Dict[str, List[str]]:
 # ------------------------------------------------------------------ jobs
 
 
+def set_aside_unfinished(run_dir: Path) -> Optional[Path]:
+    """A job killed before its first checkpoint leaves a run directory train.py refuses to reuse
+    and nothing to resume from: move it aside (``<name>.killed-<n>``, kept) so the job starts
+    afresh. Returns where it went, or None if there was nothing to move."""
+    if not run_dir.is_dir() or (run_dir / "results.json").is_file() or (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return None
+    n = 1
+    while run_dir.with_name(f"{run_dir.name}.killed-{n}").exists():
+        n += 1
+    dest = run_dir.with_name(f"{run_dir.name}.killed-{n}")
+    run_dir.rename(dest)
+    print(f"  {run_dir} was killed before its first checkpoint: moved to {dest.name}, starting afresh", flush=True)
+    return dest
+
+
 def _train(run_dir: Path, overrides: Sequence[str], threads: int, log: Path) -> None:
     if (run_dir / "results.json").is_file():
         return
+    set_aside_unfinished(run_dir)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, str(REPO / "train.py"), *overrides, f"run_dir={run_dir}",
            "trainer.enable_progress_bar=false"]
