@@ -228,8 +228,8 @@ class RetrievalModule(pl.LightningModule):
         caps = torch.cat([cap, cap.repeat_interleave(k), hard_cap.flatten()])  # (B + 2Bk,)
         imgs = torch.cat([img, hard_img.flatten(), img.repeat_interleave(k)])
         swap = None
-        swap_rows = batch.get("swap_rows")
-        if swap_rows is not None and bool((swap_rows[:, 0] >= 0).any()):
+        swap_rows = batch.get("swap_rows")  # only in batches of a sampler with data.p_swap > 0
+        if swap_rows is not None:
             if mined:
                 raise ValueError("data.p_swap: box-swapped image candidates cannot be mined "
                                  "(module.mining=true); use one or the other")

@@ -55,9 +55,9 @@ class TrainBatches(Dataset):
     ``neg_img`` (B, K): candidate images for each caption, never its own (nor, with a scene
     truth, any image the caption is true of);
     ``neg_cap`` (B, K): candidate captions for each image, never one of its own (nor one true of it);
-    ``swap_rows`` (B, 2): where the sampler drew the box-swapped image (``data.p_swap``), the rows
-    of the caption's own image whose boxes the first image candidate exchanges (it then is
-    the own image); ``-1`` elsewhere;
+    ``swap_rows`` (B, 2), only with ``data.p_swap > 0``: where the sampler drew the box-swapped
+    image, the rows of the caption's own image whose boxes the first image candidate exchanges
+    (it then is the own image); ``-1`` elsewhere;
     ``max_txt_len``, ``max_regions``: widths covering every caption and image named, so the
     module can build any batch of these pairs without a device synchronisation.
     """
@@ -117,16 +117,18 @@ class TrainBatches(Dataset):
                 neg_img[-1][0] = i
                 swap_rows[b] = torch.tensor(swap)
         neg_img, neg_cap = torch.stack(neg_img), torch.stack(neg_cap)  # (B, K) each
-        return {
+        out = {
             "cap_idx": cap,
             "img_idx": img,
             "neg_img": neg_img,
             "neg_cap": neg_cap,
-            "swap_rows": swap_rows,
             "max_txt_len": int(self.txt_lens[torch.cat([cap, neg_cap.flatten()])].max()),
             "max_regions": int(self.num_bbs[torch.cat([img, neg_img.flatten()])].max()),
             "step": step,
         }
+        if self.sampler.p_swap > 0:
+            out["swap_rows"] = swap_rows
+        return out
 
 
 

@@ -23,7 +23,7 @@ from cacr.paths import resolve_path
 from .datasets import RegionStore, RetrievalSplit, TrainPools, WinogroundSet
 from .negatives import HARD_POOLS, NegativeSampler, SceneTruth, scene_layout, truth_for_split
 from .sources import open_data, synthetic_config
-from .synthetic import SyntheticConfig, ensure_synthetic, load_scenes
+from .synthetic import SyntheticConfig, SyntheticPaths, ensure_synthetic, load_scenes
 from .tokenizer import WordPieceTokenizer
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         if self._swap_rows is None:
             if self.train_truth is None:
                 raise ValueError(f"data {self.name!r}: data.p_swap needs the scenes of a synthetic world")
-            held_out = {scene_layout(s) for s in load_scenes(self.paths["scenes"].parent / "winoground" / "scenes.jsonl").values()}
+            wscenes = SyntheticPaths.under(self.paths["scenes"].parent).winoground_scenes
+            held_out = {scene_layout(s) for s in load_scenes(wscenes).values()}
             split = self.splits["train"]
             self._swap_rows = self.train_truth.swap_rows(split.txt2img, [self._scenes[i] for i in split.image_ids],
                                                          held_out)

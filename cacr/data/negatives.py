@@ -24,11 +24,12 @@ image, and answers with vectorised masks:
 
 :class:`NegativeSampler` draws ``K`` candidates per positive: each, with probability
 ``p_hard``, from the hard pool (while it lasts), else uniformly from the rest, never a true
-match; with ``p_swap`` (``data.p_swap``), the positive's own image with the boxes of the two
-objects its caption names exchanged takes the first image slot (:meth:`NegativeSampler.swap`:
-the exact image-side swap, checked against the scene and never a Winoground-format layout); ``hard_pool`` says which pool: ``"bag"`` (the caption's colours and categories occur)
-or ``"objects"`` (its two named objects occur). Without a ``SceneTruth`` (real data) it keeps
-the official behaviour: any other image, any caption of another image.
+match; ``hard_pool`` says which pool: ``"bag"`` (the caption's colours and categories occur)
+or ``"objects"`` (its two named objects occur). With ``p_swap`` (``data.p_swap``), the
+positive's own image with the boxes of the two objects its caption names exchanged takes the
+first image slot (:meth:`NegativeSampler.swap`: the exact image-side swap, checked against the
+scene and never a Winoground-format layout). Without a ``SceneTruth`` (real data) it keeps the
+official behaviour: any other image, any caption of another image.
 """
 from __future__ import annotations
 

@@ -164,12 +164,15 @@ class PairStore:
                            self.region_feat.shape[0] - 1).flatten()  # (P * Lv,): pad -> the zero row
         img_feat = self.region_feat.index_select(0, rows).view(len(img_idx), Lv, -1)  # (P, Lv, D)
         img_pos_feat = self.region_pos_feat.index_select(0, rows).view(len(img_idx), Lv, 7)
-        if swap is not None:
+        if swap is not None:  # tensor ops only: rows without a swap write their own box back
             swap = swap.to(dev, non_blocking=True)
-            k = (swap[:, 0] >= 0).nonzero().flatten()
-            a, b = swap[k, 0], swap[k, 1]
+            has = (swap[:, 0] >= 0)[:, None]
+            a, b = swap[:, 0].clamp(min=0), swap[:, 1].clamp(min=0)
+            k = torch.arange(len(img_idx), device=dev)
+            box_a, box_b = img_pos_feat[k, a], img_pos_feat[k, b]
             img_pos_feat = img_pos_feat.clone()
-            img_pos_feat[k, a], img_pos_feat[k, b] = img_pos_feat[k, b], img_pos_feat[k, a]
+            img_pos_feat[k, a] = torch.where(has, box_b, box_a)
+            img_pos_feat[k, b] = torch.where(has, box_a, box_b)
         return pair_batch_from_padded(input_ids, t, img_feat, img_pos_feat, m, layout=self.layout, max_len=max_len)
 
 
