@@ -135,6 +135,15 @@ def test_the_study_can_pretrain_with_the_probe(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     row = rep["pretrain"]["0"] if "0" in rep["pretrain"] else rep["pretrain"][0]
     assert row["stopped_at"] == 2 and 0 <= row["dev/binding"] <= 100
+    # killed after the probe stopped but before its scoring: a rerun only scores it
+    import shutil
+
+    shutil.rmtree(pre / "winoground")
+    r = subprocess.run(cmd[:cmd.index("--stage")] + ["--stage", "pretrain", "--", *tiny], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (pre / "winoground" / "winoground_scores.jsonl").is_file()
+    assert (out / "logs" / "pretrain_seed0.log").read_text().count("probe.py") == 1
 
 
 def test_a_job_killed_before_its_first_checkpoint_is_set_aside_not_lost(tmp_path):

@@ -142,25 +142,32 @@ def study_world(extra: Sequence[str] = ()):
     return ensure_synthetic(synthetic_config(d), REPO / d["root"])  # the jobs run in REPO
 
 
+def _stopped(curve: Path) -> bool:
+    """Has the probe run whose curve this is reached its --stop-binding (model.pt then saved)?"""
+    return curve.is_file() and "stopped_at" in json.loads(curve.read_text())
+
+
 def _probe(run_dir: Path, seed: int, threads: int, log: Path, probe_args: Sequence[str], extra: Sequence[str]) -> None:
-    """One ``probe.py`` pre-training run, resumable only as a whole: done once its curve says where it stopped."""
+    """One ``probe.py`` pre-training run, then its scoring. A run killed before it stopped starts
+    again; one killed after it stopped is only scored."""
     curve = run_dir / "curve.json"
     if (run_dir / "winoground" / "winoground_scores.jsonl").is_file():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(Path(__file__).with_name("probe.py")), *probe_args, "--seed", str(seed),
-           "--threads", str(threads), "--out", str(curve), "--save", str(run_dir / "model.pt"),
-           "--exclude-layouts", str(study_world(extra).winoground_scenes)]
     t0 = time.time()
-    with open(log, "a") as f:
-        f.write(" ".join(cmd) + "\n")
-        f.flush()
-        rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                             env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
-    if rc != 0 or "stopped_at" not in json.loads(curve.read_text()):
-        raise RuntimeError(f"probe pre-training {run_dir} failed (exit {rc}) or never reached binding {PROBE_STOP}; "
-                           f"see {log}")
+    if not _stopped(curve):
+        cmd = [sys.executable, str(Path(__file__).with_name("probe.py")), *probe_args, "--seed", str(seed),
+               "--threads", str(threads), "--out", str(curve), "--save", str(run_dir / "model.pt"),
+               "--exclude-layouts", str(study_world(extra).winoground_scenes)]
+        with open(log, "a") as f:
+            f.write(" ".join(cmd) + "\n")
+            f.flush()
+            rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                 env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        if rc != 0 or not _stopped(curve):
+            raise RuntimeError(f"probe pre-training {run_dir} failed (exit {rc}) or never reached its --stop-binding; "
+                               f"see {log}")
     # the checkpoint on the study's own Winoground-format set (both halves; the report splits them)
     cmd = [sys.executable, str(REPO / "eval_winoground.py"), "model=uniter_tiny",
            *[o for o in extra if o.startswith(("data.", "model."))],  # the fine-tuning world and model
