@@ -26,8 +26,9 @@ Every path is timed ``--repeats`` times (default 3) round-robin with the others,
 warm-up call each; the table shows the fastest repeat and the median. The header names the
 machine: CPU model, the flags that decide bf16 (AVX2, AVX-512, AVX-512 BF16, AMX), threads,
 GPU, and the load average at start and end (figures taken under load are not comparable).
-The public code itself is not imported (it needs its own environment); its batching is
-re-implemented here from its description (docs/performance.md).
+The public code's batching is re-implemented here from its description (docs/performance.md);
+``--public-code PATH`` also times the public code itself, imported from a local checkout
+(``experiments/public_code.py``), on the same weights, inputs and batching.
 
 Run: ``python experiments/benchmark.py [--device cuda] [--json out.json]``; the CPU
 defaults are small (UNITER-base scores ~10 pairs/s on 2 cores).
@@ -196,7 +197,7 @@ def r1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench_eval(model, device, n_cap, n_img, ref_cap, batch_size, ref_chunk, gen, repeats, bf16_cpu=False,
-               compile_=False, batch_sweep=()):
+               compile_=False, batch_sweep=(), public_code=None):
     """Project paths and the public code's practice on the same captions and images, interleaved."""
     cfg = model.config
     caps, imgs = flickr_like(n_cap, n_img, gen)
@@ -226,6 +227,12 @@ def bench_eval(model, device, n_cap, n_img, ref_cap, batch_size, ref_chunk, gen,
     ref = copy.deepcopy(model).eval()
     ref.set_attn_impl("eager")
     paths["public_practice"] = lambda: public_practice_scores(ref, caps, imgs, range(ref_cap), ref_chunk, device)
+    if public_code is not None:  # the public code itself, imported from the checkout given by path
+        from public_code import public_code_scores, public_model
+
+        pub, res["public_code_layer_norm"] = public_model(public_code, model)
+        res["public_code_path"] = str(public_code)
+        paths["public_code"] = lambda: public_code_scores(pub, caps, imgs, range(ref_cap), ref_chunk, device)
 
     timings = interleaved(paths, device, repeats)
     scores = {}
@@ -234,13 +241,16 @@ def bench_eval(model, device, n_cap, n_img, ref_cap, batch_size, ref_chunk, gen,
             res[name] = {"error": t["error"]}
             continue
         scores[name] = t.pop("out")
-        n, fl = (len(ref_pairs), ref_flops) if name == "public_practice" else (len(pairs), flops)
+        n, fl = (len(ref_pairs), ref_flops) if name.startswith("public_") else (len(pairs), flops)
         res[name] = {**t, "pairs": n, "pairs_per_s": n / t["min"], "pairs_per_s_median": n / t["median"],
                      "flop_per_s": fl / t["min"]}
     s_ref = scores["public_practice"]
     fp32 = scores["project_fp32"][:ref_cap]
     res["fidelity"] = {"fp32_vs_public_practice_max_abs": float((fp32 - s_ref).abs().max()),
                        "score_std": float(s_ref.std())}
+    if "public_code" in scores:
+        res["fidelity"]["public_code_vs_public_practice_max_abs"] = float((scores["public_code"] - s_ref).abs().max())
+        res["fidelity"]["fp32_vs_public_code_max_abs"] = float((fp32 - scores["public_code"]).abs().max())
     if "project_bf16_compiled" in scores:
         res["fidelity"]["compiled_vs_eager_bf16_max_abs"] = float((scores["project_bf16_compiled"] -
                                                                   scores["project_bf16"]).abs().max())
@@ -463,6 +473,9 @@ def report(r):
             mem = "-" if x.get("peak_gib") is None else f"{x['peak_gib']:.2f}"
             lines.append(f"{name:<30}{x['pairs_per_s']:>10.1f}{x['pairs_per_s_median']:>10.1f}"
                          f"{100 * x['flop_per_s'] / peak:>7.1f}%{mem:>10}{x['pairs_per_s'] / base:>8.2f}x")
+        if "public_code_path" in e:
+            lines.append(f"public_code: the checkout at {e['public_code_path']}, imported as it is "
+                         f"(LayerNorm: {e['public_code_layer_norm']}), the same weights and batching as public_practice")
         best = max(x["pairs_per_s"] for k, x in e.items() if k.startswith("project_") and "pairs_per_s" in x)
         lines.append(f"full Flickr30k test ranking (5000 x 1000 pairs) at the best project rate: {5e6 / best / 60:.1f} min")
         lines.append("fidelity: " + ", ".join(f"{k} {v:.3g}" for k, v in e["fidelity"].items()))
@@ -512,6 +525,10 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=12, help="encoder layers (12 = UNITER-base; fewer for a quick check)")
     ap.add_argument("--compile", action="store_true",
                     help="also time evaluation and training with torch.compile'd scoring (model.scorer(compile=True))")
+    ap.add_argument("--public-code", default=None, metavar="PATH",
+                    help="also time the public UNITER code itself, imported from a local checkout at PATH (its "
+                         "model/ directory; nothing is downloaded), on the same weights, inputs and batching as "
+                         "public_practice; apex is replaced by torch.nn.LayerNorm when absent (experiments/public_code.py)")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -537,7 +554,8 @@ def main(argv=None):
                                pick(args.ref_captions, 10, 1), args.batch_size or scoring_batch_size("auto", device, model),
                                pick(args.ref_chunk, 400, 16), gen, max(1, args.repeats), bf16_cpu=bf16,
                                compile_=args.compile,
-                               batch_sweep=[int(b) for b in args.batch_sweep.split(",") if b.strip()])
+                               batch_sweep=[int(b) for b in args.batch_sweep.split(",") if b.strip()],
+                               public_code=args.public_code)
     if "train" in parts:
         r["train"] = bench_train(model, device, 2000 if gpu else 64, pick(args.positives, 4, 1),
                                  pick(args.candidates, 399, 7), pick(args.hard, 31, 3), max(1, args.repeats),
