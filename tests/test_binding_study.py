@@ -322,3 +322,20 @@ def test_every_gate_variant_composes():
                 assert cfg.module.num_negatives == 1
             if name == "absolute_l4":
                 assert cfg.data.synthetic.absolute_captions == 5 and cfg.model.config.num_hidden_layers == 4
+
+
+def test_pictures_pick_examples_by_rule_and_name_missing_files(tmp_path):
+    pictures = _load("pictures")
+    test = tmp_path / "test.jsonl"
+    rows = [{"id": 7, "tag": "Object"}, {"id": 9, "tag": "Relation"}, {"id": 11, "tag": "Relation"},
+            {"id": 12, "tag": "Object"}]
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert pictures.first_of_each_tag(test) == [9, 7]  # Relation first, then Object, each its first in file order
+    with pytest.raises(ValueError, match=r"test\.jsonl: no example tagged \['Both'\]"):
+        pictures.first_of_each_tag(test, tags=("Relation", "Both"))
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        pictures.evaluated_files(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"config": {"data": {"source": "flickr30k"}}}))
+    with pytest.raises(ValueError, match="no synthetic data section"):
+        pictures.evaluated_files(tmp_path / "run")
