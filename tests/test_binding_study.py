@@ -101,6 +101,13 @@ def test_the_study_runs_end_to_end_on_a_tiny_world(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["selected"]["cacr"] == "cacr_30" and "verdict" in rep
     assert (out / "report.md").is_file() and (out / "differences.png").is_file()
+    # the per-seed table and the per-seed differences agree with the arms' own per-seed figures
+    ps = {a: rep["arms"][a]["per_seed"]["0"] for a in ("none", "cacr_30")}
+    assert rep["comparisons"]["cacr_30 - none"]["per_seed"] == [
+        pytest.approx(ps["cacr_30"]["test/binding"] - ps["none"]["test/binding"])]
+    md = (out / "report.md").read_text()
+    assert "## Per seed (test binding / test group / R-sum)" in md
+    assert f"| none | {ps['none']['test/binding']:.1f} / {ps['none']['test/group']:.1f} / " in md
     # Resumable: a second call finds every job done and only re-reports.
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "done " not in r.stdout

@@ -229,6 +229,9 @@ def verdict(cacr_vs_none: Dict, cacr_vs_iais: Optional[Dict], cacr_valid: bool) 
 # ------------------------------------------------------------------ writing
 
 
+PER_SEED = ("test/binding", "test/group", "rsum")  # the per-seed table's cells
+
+
 def _fmt(m, sd=None, nd=1):
     return f"{m:.{nd}f}" if sd is None else f"{m:.{nd}f} ± {sd:.{nd}f}"
 
@@ -272,7 +275,17 @@ def write(root: Path, out: Path) -> Dict:
                          f"{cell('test/group')} | {cell('dev/binding')} | {cell('rsum')} | {lreg} | {ent} |")
             report["arms"][name] = {"seeds": sorted(arms[name]), "validity": val, "regularizer": reg,
                                     **{k: mean_sd([r[k] for r in rows]) for k in
-                                       ("test/binding", "dev/binding", "test/group", "rsum")}}
+                                       ("test/binding", "dev/binding", "test/group", "rsum")},
+                                    "per_seed": {s: {k: arms[name][s][k] for k in PER_SEED}
+                                                 for s in sorted(arms[name])}}
+        lines.append("")
+        seeds = sorted({s for a in arms.values() for s in a})
+        lines += ["## Per seed (test binding / test group / R-sum)", "",
+                  "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
+        for name in sorted(arms, key=lambda a: (a != "none", a)):
+            cells = [" / ".join(_fmt(arms[name][s][k]) for k in PER_SEED) if s in arms[name] else "-"
+                     for s in seeds]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
 
     if "none" in arms:
@@ -292,11 +305,12 @@ def write(root: Path, out: Path) -> Dict:
         for name in ("cacr_30_penultimate", "cacr_30_all_layers", "cacr_30_single_softmax"):
             if name in arms and "cacr_30" in arms:
                 comps[f"{name} - cacr_30 (ablation)"] = compare(arms[name], arms["cacr_30"])
-        lines += ["| difference (test binding, points) | seeds | mean | 95% t-interval | 95% bootstrap (seeds x pairs) |",
-                  "|---|---|---|---|---|"]
+        lines += ["| difference (test binding, points) | seeds | mean | 95% t-interval | 95% bootstrap (seeds x pairs) | "
+                  "per seed |", "|---|---|---|---|---|---|"]
         for k, c in comps.items():
             lines.append(f"| {k} | {c['n_seeds']} | {c['mean']:+.2f} | [{c['t_ci'][0]:+.2f}, {c['t_ci'][1]:+.2f}] | "
-                         f"[{c['boot_ci'][0]:+.2f}, {c['boot_ci'][1]:+.2f}] |")
+                         f"[{c['boot_ci'][0]:+.2f}, {c['boot_ci'][1]:+.2f}] | "
+                         + ", ".join(f"{d:+.1f}" for d in c["per_seed"]) + " |")
         report["comparisons"] = comps
         if chosen["cacr"]:
             cv = validity(chosen["cacr"], arms)
