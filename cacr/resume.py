@@ -9,6 +9,8 @@ that run or says why not.
 - :class:`LastCheckpoint` writes ``last.ckpt`` (atomically) after every validation, once the
   best checkpoint is decided, and when training ends: a resume from it repeats no
   validation and knows the best checkpoint so far.
+- :class:`StopAtBinding` ends training at the first validation whose dev-half binding
+  reaches ``train.stop_at_binding``; a resume after the stop trains no further step.
 - :class:`RecordConfig` stores the run's resolved config in every checkpoint
   (``checkpoint["cacr"]``), with the history of resumes and accepted config changes.
 - :func:`inspect_resume` reads ``ckpt_path`` before anything runs: a truncated or foreign
@@ -117,6 +119,60 @@ class LastCheckpoint(Checkpoint):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._saved_step != trainer.global_step:
             self.save(trainer)
+
+
+class StopAtBinding(pl.Callback):
+    """Ends training at the first validation whose Winoground-format binding on the dev half
+    (``val/wino_binding``, percent) reaches ``threshold``: the way to save a checkpoint that
+    binds part-way (``train.stop_at_binding``; the binding study's pre-training stage).
+
+    Its decision travels in the checkpoints (``stopped_at``), so a run killed after stopping
+    and resumed from ``last.ckpt`` trains no further step: :func:`inspect_resume` reports it
+    finished, and :meth:`on_train_start` ends the fit at once."""
+
+    METRIC = "val/wino_binding"
+
+    def __init__(self, threshold: float):
+        self.threshold = float(threshold)
+        self.stopped_at: Optional[int] = None
+        self.binding: Optional[float] = None
+
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.sanity_checking or self.stopped_at is not None:
+            return
+        value = trainer.callback_metrics.get(self.METRIC)
+        if value is None:
+            raise RuntimeError(f"train.stop_at_binding={self.threshold:g}: validation logged no {self.METRIC} "
+                               f"(module.val_winoground must be true)")
+        if float(value) >= self.threshold:
+            self.stopped_at, self.binding = int(trainer.global_step), float(value)
+            trainer.should_stop = True
+            log.info("stopping at step %d: dev binding %.1f >= train.stop_at_binding=%g", self.stopped_at,
+                     self.binding, self.threshold)
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.stopped_at is not None:  # resumed after the stop: no further step
+            trainer.should_stop = True
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"threshold": self.threshold, "stopped_at": self.stopped_at, "binding": self.binding}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.stopped_at, self.binding = state.get("stopped_at"), state.get("binding")
+
+    def summary(self) -> Optional[Dict[str, Any]]:
+        """``{"step", "binding", "threshold"}`` when training stopped here, else None."""
+        if self.stopped_at is None:
+            return None
+        return {"step": self.stopped_at, "binding": self.binding, "threshold": self.threshold}
+
+
+def stopped_state(ckpt: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The :class:`StopAtBinding` state of a checkpoint whose training stopped there, else None."""
+    for key, state in (ckpt.get("callbacks") or {}).items():
+        if "StopAtBinding" in str(key) and isinstance(state, Mapping) and state.get("stopped_at") is not None:
+            return dict(state)
+    return None
 
 
 class RecordConfig(pl.Callback):
@@ -234,7 +290,7 @@ def inspect_resume(cfg: DictConfig, resolved: Mapping[str, Any]) -> Optional[Res
     step = int(ckpt["global_step"])
     max_steps = int(cfg.train.max_steps)
     stored = ckpt.get("cacr") if isinstance(ckpt.get("cacr"), Mapping) else None
-    info = ResumeInfo(path=path, step=step, finished=step >= max_steps,
+    info = ResumeInfo(path=path, step=step, finished=step >= max_steps or stopped_state(ckpt) is not None,
                       config=dict(stored["config"]) if stored else None,
                       history=list(stored.get("history", [])) if stored else [])
     best = best_state(ckpt)

@@ -59,6 +59,10 @@ def _check_trainer(cfg: DictConfig) -> None:
     if float(cfg.data.get("p_swap", 0) or 0) > 0 and cfg.module.get("mining", False):
         raise ConfigError(f"data.p_swap={cfg.data.p_swap} with module.mining=true: box-swapped image candidates "
                           f"are made per step and cannot be mined; set one of them off")
+    stop = cfg.train.get("stop_at_binding")
+    if stop is not None and not cfg.module.get("val_winoground", False):
+        raise ConfigError(f"train.stop_at_binding={stop}: needs module.val_winoground=true (it reads the dev-half "
+                          f"binding that validation logs)")
     if int(cfg.trainer.get("accumulate_grad_batches", 1)) != 1:
         raise ConfigError(f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches}: training batches "
                           f"are indexed by optimizer step (one batch per step); raise data.batch_size or the "
@@ -270,7 +274,7 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
     from cacr.checks import check_data
     from cacr import rundir
     from cacr.module import RetrievalModule
-    from cacr.resume import BestCheckpoint, LastCheckpoint, RecordConfig
+    from cacr.resume import BestCheckpoint, LastCheckpoint, RecordConfig, StopAtBinding
     from cacr.train_data import TrainingDataModule
 
     resolved = resolved if resolved is not None else OmegaConf.to_container(cfg, resolve=True)
@@ -305,8 +309,10 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
     record = RecordConfig(recorded_config(resolved), history)
     from cacr.dashboards import dashboard_callbacks, log_final_dashboards
 
-    trainer = build_trainer(cfg, run_dir, [record, *dashboard_callbacks(cfg, dm), *(extra_callbacks or []), best, last],
-                            [])
+    stop = cfg.train.get("stop_at_binding")
+    stopper = [StopAtBinding(stop)] if stop is not None else []
+    trainer = build_trainer(cfg, run_dir, [record, *dashboard_callbacks(cfg, dm), *(extra_callbacks or []), *stopper,
+                                           best, last], [])
     # Validation metrics are gathered exactly, hence equal, on every rank: no sync_dist needed.
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.* when logging on epoch level in distributed")
     # The module's batch hook (the host-side mining plan) is meant to run with the data module's loaders.
@@ -325,8 +331,14 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
         trainer.fit(module, datamodule=dm, ckpt_path=str(resume.path) if resume is not None else None)
 
         best_path = _best_weights(best.best_model_path, ckpt_dir)
+        stopped = stopper[0].summary() if stopper else None
+        if stopped is not None:  # the model that reached the binding is the one to evaluate, not the best R-sum
+            best_path = None
+            log.info("stopped at binding: evaluating the last model (step %d), not the best by R-sum", stopped["step"])
         results: Dict[str, Any] = {"best_checkpoint": best_path or last.path, "run_dir": str(run_dir),
                                    "scale": sizes}
+        if stopped is not None:
+            results["stopped_at_binding"] = stopped
         # The final test runs outside Lightning's test loop on purpose: trainer.test(ckpt_path=best)
         # would turn SIGINT/SIGTERM during the test into Lightning's exit code 1 (now: Interrupted,
         # exit code 130, after the run's clean-ups), restore every callback's state from the best

@@ -297,6 +297,29 @@ def test_resume_continues_exactly(tmp_path):
     del full, resumed
 
 
+def test_stop_at_binding_stops_at_the_first_validation_that_reaches_it_and_a_resume_trains_no_further(tmp_path):
+    from cacr.train import RunFinished
+
+    common = ["train.max_steps=6", "eval.val_every_n_steps=2", "eval.test=false", "module.warmup_steps=1",
+              "module.val_winoground=true"]
+    with pytest.raises(ConfigError, match="stop_at_binding=0.0: needs module.val_winoground=true"):
+        run(compose_train(tmp_path / "refused", *common, "module.val_winoground=false", "train.stop_at_binding=0.0"))
+    res = run(compose_train(tmp_path / "a", *common, "train.stop_at_binding=0.0"))  # any binding reaches 0
+    last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert res["stopped_at_binding"]["step"] == 2 and res["stopped_at_binding"]["threshold"] == 0.0
+    assert res["best_checkpoint"] == str(last)  # the stopped model is evaluated, not the best by R-sum
+    assert "winoground" in res
+    # killed after the stop, before its results: the resume evaluates, and trains no step
+    (tmp_path / "a" / "run" / "results.json").unlink()
+    again = run(compose_train(tmp_path / "a", *common, "train.stop_at_binding=0.0", f"ckpt_path={last}"))
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    assert again["stopped_at_binding"]["step"] == 2
+    with pytest.raises(RunFinished, match="finished at step 2"):
+        run(compose_train(tmp_path / "a", *common, "train.stop_at_binding=0.0", f"ckpt_path={last}"))
+
+
 SYNTHETIC_EXPERIMENTS = {"synthetic_study", "binding_pilot", "binding_pretrain", "binding_finetune"}
 PAPER_EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")
                            if p.stem not in SYNTHETIC_EXPERIMENTS)
