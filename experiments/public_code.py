@@ -93,7 +93,7 @@ def import_public(path) -> Tuple[types.ModuleType, types.ModuleType, str]:
 
 def public_model(path, model) -> Tuple[torch.nn.Module, str]:
     """The public ``UniterForImageTextRetrieval`` holding the weights of this project's
-    ``model`` (official names, ``strict=True``), in eval mode, fp32, on the model's device."""
+    ``model`` (official names, every key checked), in eval mode, fp32, on the model's device."""
     from cacr.model.export import official_config, official_state_dict
 
     model_mod, itm_mod, layer_norm = import_public(path)

@@ -103,11 +103,9 @@ def write_md(results: List[Dict], out: Path) -> Path:
                     lines.append(f"- `{p}`")
         md = r["entropy_md"].replace("### ", "### entropy: ").replace(f"{REPO}/", "")
         lines += ["", md, ""]
-    path = out / "pictures.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    from cacr.outputs import atomic_write_text
+
+    return atomic_write_text(out / "pictures.md", "\n".join(lines) + "\n")
 
 
 def main(argv=None) -> None:
