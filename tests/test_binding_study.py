@@ -86,7 +86,7 @@ def test_the_study_runs_end_to_end_on_a_tiny_world(tmp_path):
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     cal = json.loads((out / "calibration.json").read_text())
-    for reg in ("cacr", "iais_singular", "iais_distributed"):
+    for reg in ("cacr", "iais_singular", "iais_distributed", "cacr_single_softmax"):
         lam = cal["lambda"][reg]
         assert lam["30"] == pytest.approx(3 * lam["10"])
         assert lam["10"] * cal["mean"][reg] == pytest.approx(0.1 * cal["mean"]["rank"])
@@ -346,3 +346,55 @@ def test_pictures_pick_examples_by_rule_and_name_missing_files(tmp_path):
     (tmp_path / "run" / "results.json").write_text(json.dumps({"config": {"data": {"source": "flickr30k"}}}))
     with pytest.raises(ValueError, match="no synthetic data section"):
         pictures.evaluated_files(tmp_path / "run")
+
+
+def test_scoring_rate_prints_the_rate_and_its_ceiling(tmp_path, capsys):
+    from .conftest import synthetic_world
+
+    _, overrides = synthetic_world(tmp_path / "world", dict(n_train=20, n_val=8, n_test=12, n_winoground=16),
+                                   config="retrieval")
+    out = _load("scoring_rate").main(["--captions", "3", "--repeats", "1", "--batch-sizes", "4,16",
+                                      "--layers", "1", "--json", str(tmp_path / "rate.json"), "--override", *overrides])
+    printed = capsys.readouterr().out
+    assert "flags:" in printed and "dense fp32 matmul" in printed
+    n_img = out["pairs"] // 3
+    assert out["pairs"] == 3 * n_img and n_img > 0
+    for bs in (4, 16):
+        b = out["batch"][bs]
+        assert b["pairs_per_s"] > 0 and b["gflops"] == pytest.approx(b["pairs_per_s"] * out["mflop_per_pair"] / 1e3)
+    assert json.loads((tmp_path / "rate.json").read_text())["pairs"] == out["pairs"]
+
+
+def test_calibration_is_topped_up_with_new_variants_and_keeps_old_weights(tmp_path, monkeypatch):
+    study = _load("study")
+    measured = {"rank": 1.2, "cacr": 0.04, "iais_singular": 1.0, "iais_distributed": 2.0, "cacr_single_softmax": 0.5}
+    calls = []
+
+    def fake_calibrate(checkpoint, seed, n_batches, extra, names=None):
+        calls.append((seed, tuple(names), n_batches))
+        return {"rank": measured["rank"] + 0.1 * seed, **{n: measured[n] for n in names}}
+
+    monkeypatch.setattr(study, "calibrate", fake_calibrate)
+    old = {"n_batches": 7, "per_seed": {str(s): {"rank": 1.2 + 0.1 * s, "cacr": 0.04, "iais_singular": 1.0,
+                                                  "iais_distributed": 2.0} for s in (0, 1)},
+           "lambda": {"cacr": {"10": 3.0, "30": 9.0}, "iais_singular": {"10": 0.1, "30": 0.3},
+                      "iais_distributed": {"10": 0.05, "30": 0.15}}}
+    (tmp_path / "calibration.json").write_text(json.dumps(old))
+    out = study.stage_calibrate(tmp_path, [0, 1], 20, [])
+    assert calls == [(0, ("cacr_single_softmax",), 7), (1, ("cacr_single_softmax",), 7)]  # only the new one, same batches
+    for r in study.REGULARIZERS:
+        assert out["lambda"][r] == old["lambda"][r]  # weights already used by arms are not moved
+    rank = (1.2 + 1.3) / 2
+    assert out["lambda"]["cacr_single_softmax"]["30"] == pytest.approx(0.3 * rank / 0.5)
+    assert out["topped_up"][0]["names"] == ["cacr_single_softmax"]
+    arm = study.arms(out)["cacr_30_single_softmax_cal"]
+    assert "loss.double_softmax=false" in arm and f"loss.weight={0.3 * rank / 0.5:.6g}" in arm
+    assert study.arms(old).get("cacr_30_single_softmax_cal") is None  # no weight measured, no arm
+    assert study.stage_calibrate(tmp_path, [0, 1], 20, []) == out and len(calls) == 2  # complete: not measured again
+
+    old["per_seed"]["1"]["rank"] = 9.9  # other checkpoints or batches than the file was made with
+    (tmp_path / "calibration.json").write_text(json.dumps(old))
+    with pytest.raises(RuntimeError, match="ranking loss"):
+        study.stage_calibrate(tmp_path, [0, 1], 20, [])
+    with pytest.raises(RuntimeError, match="same --seeds"):
+        study.stage_calibrate(tmp_path, [0, 1, 2], 20, [])

@@ -302,7 +302,7 @@ def write(root: Path, out: Path) -> Dict:
         best_iais = max(iais, key=lambda a: np.mean([x["dev/binding"] for x in arms[a].values()])) if iais else None
         if chosen["cacr"] and best_iais:
             comps[f"{chosen['cacr']} - {best_iais}"] = compare(arms[chosen["cacr"]], arms[best_iais])
-        for name in ("cacr_30_penultimate", "cacr_30_all_layers", "cacr_30_single_softmax"):
+        for name in ("cacr_30_penultimate", "cacr_30_all_layers", "cacr_30_single_softmax", "cacr_30_single_softmax_cal"):
             if name in arms and "cacr_30" in arms:
                 comps[f"{name} - cacr_30 (ablation)"] = compare(arms[name], arms["cacr_30"])
         lines += ["| difference (test binding, points) | seeds | mean | 95% t-interval | 95% bootstrap (seeds x pairs) | "

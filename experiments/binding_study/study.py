@@ -41,6 +41,9 @@ sys.path.insert(0, str(REPO))
 from cacr.outputs import atomic_write_text  # noqa: E402 - after the repository is on sys.path
 
 REGULARIZERS = ("cacr", "iais_singular", "iais_distributed")
+# Loss variants calibrated on their own (key in calibration.json -> Regularizer keywords); an arm
+# built on one of them gets the weight measured for it, not its parent's.
+VARIANTS = {"cacr_single_softmax": ("cacr", {"double_softmax": False})}
 FRACTIONS = {"10": 0.1, "30": 0.3}  # lambda * L_reg = f * L_rank at the start checkpoint
 SEEDS = (0, 1, 2, 3, 4)
 PROBE_STOP = 65.0  # --pretrainer probe: stop at the first evaluation with binding >= this (the 60-75% band)
@@ -68,7 +71,10 @@ def arms(calibration: Dict) -> Dict[str, List[str]]:
     base = out["cacr_30"]
     out["cacr_30_penultimate"] = base + ["loss.layers=penultimate"]
     out["cacr_30_all_layers"] = base + ["loss.layers=all"]
-    out["cacr_30_single_softmax"] = base + ["loss.double_softmax=false"]
+    out["cacr_30_single_softmax"] = base + ["loss.double_softmax=false"]  # at CACR's (double softmax) weight
+    if "cacr_single_softmax" in lam:  # the same variant at the weight calibrated for it (README, "Stage B extension 2")
+        out["cacr_30_single_softmax_cal"] = ["loss=cacr", f"loss.weight={lam['cacr_single_softmax']['30']:.6g}",
+                                             "loss.schedule=constant", "loss.double_softmax=false"]
     return out
 
 
@@ -240,8 +246,10 @@ def _setup(cfg):
     return dm, module
 
 
-def calibrate(checkpoint: Path, seed: int, n_batches: int, extra: Sequence[str]) -> Dict[str, float]:
-    """Mean ranking loss and raw regularizer losses over the first ``n_batches`` fine-tuning batches."""
+def calibrate(checkpoint: Path, seed: int, n_batches: int, extra: Sequence[str],
+              names: Sequence[str] = REGULARIZERS + tuple(VARIANTS)) -> Dict[str, float]:
+    """Mean ranking loss and raw losses of the regularizers and variants ``names`` over the
+    first ``n_batches`` fine-tuning batches."""
     import torch
 
     from cacr.regularizers import Regularizer
@@ -255,11 +263,12 @@ def calibrate(checkpoint: Path, seed: int, n_batches: int, extra: Sequence[str])
                            txt_lens=torch.tensor([t.numel() for t in split.texts]),
                            num_bbs=torch.as_tensor(dm.regions.num_regions)[split.image_rows],
                            sampler=dm.negative_sampler())
-    sums = {"rank": 0.0, **{r: 0.0 for r in REGULARIZERS}}
+    sums = {"rank": 0.0, **{r: 0.0 for r in names}}
     with torch.no_grad():
         for step in range(n_batches):
-            for r in REGULARIZERS:
-                module.regularizer = Regularizer(r, weight=1.0, schedule="constant")
+            for r in names:
+                base, kw = VARIANTS.get(r, (r, {}))
+                module.regularizer = Regularizer(base, weight=1.0, schedule="constant", **kw)
                 losses = module.compute_losses(batches[step], step=0, total_steps=int(cfg.train.max_steps))
                 sums[r] += float(losses["reg_loss"])
             sums["rank"] += float(losses["rank_loss"])
@@ -267,15 +276,36 @@ def calibrate(checkpoint: Path, seed: int, n_batches: int, extra: Sequence[str])
 
 
 def stage_calibrate(out: Path, pretrain_seeds, n_batches: int, extra: Sequence[str], pretrainer: str = "train") -> Dict:
+    """``calibration.json``: computed once. An existing file missing some of :data:`VARIANTS` (one
+    written before they existed) is topped up with them, measured on the same batches, with the
+    weights already there left as they are; the ranking loss is measured again and must agree."""
     path = out / "calibration.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    per_seed = {str(s): calibrate(checkpoint_of(out, s, pretrain_seeds, pretrainer), s, n_batches, extra)
+    names = REGULARIZERS + tuple(VARIANTS)
+    old = json.loads(path.read_text()) if path.is_file() else None
+    todo = [n for n in names if old is None or n not in old["lambda"]]
+    if not todo:
+        return old
+    n_batches = old["n_batches"] if old else n_batches
+    if old is not None and set(old["per_seed"]) != {str(s) for s in pretrain_seeds}:
+        raise RuntimeError(f"{path}: calibrated at seeds {sorted(old['per_seed'])}, asked to top it up at "
+                           f"{sorted(str(s) for s in pretrain_seeds)}: use the same --seeds")
+    per_seed = {str(s): calibrate(checkpoint_of(out, s, pretrain_seeds, pretrainer), s, n_batches, extra, todo)
                 for s in pretrain_seeds}
+    if old is not None:
+        for s, row in per_seed.items():
+            if abs(row["rank"] - old["per_seed"][s]["rank"]) > 1e-4 * abs(row["rank"]):
+                raise RuntimeError(f"{path}: topping up {todo}: seed {s}'s ranking loss {row['rank']:.6g} is not the "
+                                   f"one calibrated before ({old['per_seed'][s]['rank']:.6g}): not the same "
+                                   f"checkpoints or batches")
+            per_seed[s] = {**old["per_seed"][s], **{k: v for k, v in row.items() if k != "rank"}}
     mean = {k: sum(v[k] for v in per_seed.values()) / len(per_seed) for k in next(iter(per_seed.values()))}
-    lam = {r: {f: frac * mean["rank"] / mean[r] for f, frac in FRACTIONS.items()} for r in REGULARIZERS}
-    result = {"n_batches": n_batches, "per_seed": per_seed, "mean": mean, "lambda": lam,
+    lam = {r: {f: frac * mean["rank"] / mean[r] for f, frac in FRACTIONS.items()} for r in todo}
+    result = {"n_batches": n_batches, "per_seed": per_seed, "mean": mean,
+              "lambda": {**(old["lambda"] if old else {}), **lam},
               "rule": "lambda = f * mean L_rank / mean L_reg at the pre-trained checkpoints (f = 0.1, 0.3)"}
+    if old is not None:
+        result["topped_up"] = old.get("topped_up", []) + [{"names": todo, "at": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                             time.gmtime())}]
     atomic_write_text(path, json.dumps(result, indent=1))
     print("calibration:", json.dumps(result["lambda"]), flush=True)
     return result
