@@ -317,6 +317,8 @@ def test_retrieval_checkpoint_saved_matrix_and_recompute(world, ckpt, tmp_path, 
     expected = retrieval_metrics(m.scores, split.txt2img)
     assert {k: res[k] for k in expected} == expected
     assert res["split"] == "test" and res["model"] == "tiny"
+    assert res["batch_size"] == 33 and res["device"] == "cpu" and res["processes"] == 1 and res["pairs"] == 500
+    assert res["scoring_seconds"] > 0 and res["pairs_per_s"] == pytest.approx(500 / res["scoring_seconds"], rel=1e-2)
     assert json.loads((tmp_path / "a" / "results.json").read_text()) == json.loads(json.dumps(res))
 
     again = cli.run_retrieval(make_cfg("retrieval", [f"scores={matrix}", f"output={tmp_path / 'b'}"]))

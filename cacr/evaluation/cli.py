@@ -11,6 +11,7 @@ reader training's datamodule uses, without Lightning). The bodies of both comman
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -220,12 +221,19 @@ def run_retrieval(cfg: DictConfig) -> Dict[str, Any]:
                      f"data {cfg.data.name!r} split {split.name!r}")
         if save is not None and save.suffix not in (".pt", ".npz"):
             raise ConfigError(f"save_scores={cfg.save_scores}: score matrix files end in .pt or .npz")
-        metrics = evaluate_retrieval(model, split, head=head, batch_size=scoring_batch_size(cfg.batch_size, device, model), device=device,
+        batch_size = scoring_batch_size(cfg.batch_size, device, model)
+        t0 = time.perf_counter()
+        metrics = evaluate_retrieval(model, split, head=head, batch_size=batch_size, device=device,
                                      bf16=bf16, progress=bool(cfg.progress) and is_rank_zero(),
                                      save_scores=save)
+        seconds = time.perf_counter() - t0  # scoring (all ranks; the matrix is gathered) and the recalls
+        pairs = split.num_texts * split.num_images
         out = {**metrics, "model": name, "checkpoint": str(resolve_path(cfg.ckpt_path or cfg.model.checkpoint)),
                "head": head, "data": str(cfg.data.name), "split": split.name, "bf16": bf16,
-               "bf16_reason": bf16_reason}
+               "bf16_reason": bf16_reason, "batch_size": batch_size, "device": str(device),
+               "processes": dist.get_world_size() if dist.is_initialized() else 1,
+               "threads": torch.get_num_threads(), "pairs": pairs, "scoring_seconds": round(seconds, 3),
+               "pairs_per_s": round(pairs / seconds, 2) if seconds > 0 else None}
         if save is not None:
             out["saved_scores"] = str(save)
     if is_rank_zero():
