@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "experiments"))
 
+from cacr.outputs import atomic_write_text  # noqa: E402
 from benchmark import describe_machine, machine_line, public_practice_scores, r1_agreement  # noqa: E402
 
 VOCAB = 28996  # bert-base-cased, as uniter_base
@@ -207,7 +208,7 @@ def _bench(args, work: Path, common: list, data: dict, weights: Path, size: dict
         report["paths"][name] = entry
         print(f"| {name} | {rate:.2f} | {med:.2f} | {rate / ref_rate:.2f}x | {min(walls[name]):.1f} | {settings} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        atomic_write_text(Path(args.json), json.dumps(report, indent=1))
     return report
 
 

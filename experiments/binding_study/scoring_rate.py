@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "experiments"))
 
+from cacr.outputs import atomic_write_text  # noqa: E402
 from benchmark import describe_machine, machine_line, pair_flops  # noqa: E402
 from cacr.evaluation.engine import score_matrix  # noqa: E402
 
@@ -125,7 +126,7 @@ def main(argv=None) -> dict:
                             "gflops": rate / 1e9, "share_of_matmul": rate / ceiling}
         print(f"| {bs} | {P / fast:.0f} | {P / med:.0f} | {rate / 1e9:.1f} | {100 * rate / ceiling:.0f}% |")
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        atomic_write_text(Path(args.json), json.dumps(out, indent=1))
     return out
 
 
