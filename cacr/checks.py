@@ -78,9 +78,15 @@ def settings_problems(cfg: DictConfig, cuda_available: Optional[bool] = None) ->
         problems.append(f"train.num_candidates={K}: fewer than module.num_negatives={k}; expected at least as many "
                         f"candidates as negatives kept")
     need_int("data.batch_size", 1, "positive pairs per device per step")
-    need_int("data.eval_batch_size", 1, "pairs per evaluation batch")
+    def need_batch(key: str, what: str) -> None:
+        v = _get(cfg, key)
+        if v != "auto" and (not _is_int(v) or v < 1):
+            problems.append(f"{key}={v}: expected an integer >= 1 or auto ({what})")
+
+    need_batch("data.eval_batch_size", "pairs per evaluation batch; auto: 512 on a GPU, on a CPU 16 for "
+                                       "hidden >= 512 and 64 below")
     if _get(cfg, "module.eval_batch_size") is not None and not OmegaConf.is_interpolation(cfg.module, "eval_batch_size"):
-        need_int("module.eval_batch_size", 1, "pairs per evaluation forward")
+        need_batch("module.eval_batch_size", "pairs per evaluation forward")
     need_int("module.mining_batch_size", 1, "pairs per mining forward")
     need_int("data.num_workers", 0, "DataLoader worker processes")
     need_int("data.val_max_images", 1, "validation images; null validates on all", allow_none=True)

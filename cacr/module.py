@@ -42,7 +42,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
@@ -80,7 +80,7 @@ class RetrievalModule(pl.LightningModule):
         mining: bool = True,
         mining_start: int = 0,
         mining_batch_size: int = 1024,
-        eval_batch_size: int = 1024,
+        eval_batch_size: Union[int, str] = 1024,
         eval_bf16: Union[bool, str] = False,
         seed: int = 42,
         score_head: str = "rank",
@@ -98,6 +98,9 @@ class RetrievalModule(pl.LightningModule):
         super().__init__()
         if ranking not in ("hinge", "softmax"):
             raise ValueError(f"module.ranking must be 'hinge' (official) or 'softmax', got {ranking!r}")
+        if not (eval_batch_size == "auto" or (isinstance(eval_batch_size, int) and not isinstance(eval_batch_size, bool)
+                                              and eval_batch_size >= 1)):
+            raise ValueError(f"module.eval_batch_size must be a positive number of pairs or auto, got {eval_batch_size!r}")
         self.model = model
         self.regularizer = regularizer
         self.save_hyperparameters(ignore=["model", "regularizer"], logger=False)
@@ -429,10 +432,25 @@ class RetrievalModule(pl.LightningModule):
         was_training = self.model.training
         self.model.eval()
         try:
-            return fn(self.model, *args, head=self.hparams.score_head, batch_size=self.hparams.eval_batch_size,
+            return fn(self.model, *args, head=self.hparams.score_head, batch_size=self.eval_batch_size,
                       device=self.device, bf16=self.eval_bf16, **kwargs)
         finally:
             self.model.train(was_training)
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Pairs per evaluation forward (``module.eval_batch_size``: a number, or auto = the size
+        the evaluators' ``batch_size: auto`` picks for this device and model width)."""
+        return self._eval_batch_size()[0]
+
+    def _eval_batch_size(self) -> Tuple[int, str]:
+        setting = self.hparams.eval_batch_size
+        if setting == "auto":
+            from cacr.evaluation.inputs import auto_batch_size
+
+            size, why = auto_batch_size(self.device, self.model)
+            return size, f"auto: {why}"
+        return int(setting), "set explicitly"
 
     @property
     def eval_bf16(self) -> bool:
@@ -449,7 +467,8 @@ class RetrievalModule(pl.LightningModule):
         if self.trainer.is_global_zero:
             import logging
 
-            logging.getLogger(__name__).info("evaluation scoring in %s (%s)", "bf16" if use else "fp32", why)
+            logging.getLogger(__name__).info("evaluation scoring in %s (%s), %d pairs per forward (%s)",
+                                             "bf16" if use else "fp32", why, *self._eval_batch_size())
 
     def validation_step(self, batch, batch_idx):
         # The val loader holds one item per rank; the evaluation itself runs once per

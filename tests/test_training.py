@@ -716,3 +716,21 @@ def _optimizer(module):
     finally:
         module._trainer = None
     return out[0][0] if isinstance(out, tuple) else (out["optimizer"] if isinstance(out, dict) else out)
+
+
+def test_eval_batch_size_auto_follows_the_device_and_width():
+    from cacr.model import UniterConfig, UniterForImageTextRetrieval
+    from cacr.module import RetrievalModule
+    from cacr.regularizers import Regularizer
+
+    def module(hidden, setting):
+        cfg = UniterConfig(vocab_size=16, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=32, img_dim=8)
+        return RetrievalModule(UniterForImageTextRetrieval(cfg), Regularizer("none", weight=0.0), eval_batch_size=setting)
+
+    assert module(64, "auto").eval_batch_size == 64  # the evaluators' CPU choice for small models
+    assert module(512, "auto").eval_batch_size == 16  # ... and for UNITER-base widths
+    assert module(64, 33).eval_batch_size == 33
+    for bad in (0, "big", True):
+        with pytest.raises(ValueError, match="module.eval_batch_size"):
+            module(64, bad)

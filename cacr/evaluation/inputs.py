@@ -59,15 +59,23 @@ def scoring_bf16(setting, device: torch.device, flags: Optional[Set[str]] = None
     return use, why
 
 
+def auto_batch_size(device: torch.device, model: nn.Module) -> Tuple[int, str]:
+    """``(pairs per forward, why)`` that measured fastest for the device and model width
+    (experiments/BENCHMARKS.md): 512 on a GPU; on a CPU 16 for hidden >= 512 and 64 below."""
+    if device.type == "cuda":
+        return 512, "GPU"
+    if getattr(getattr(model, "config", None), "hidden_size", 768) >= 512:
+        return 16, "CPU, hidden >= 512"
+    return 64, "CPU, hidden < 512"
+
+
 def scoring_batch_size(setting, device: torch.device, model: nn.Module) -> int:
     """Pairs per forward for the ``batch_size`` option: an int, or ``auto`` = the size that
     measured fastest for the device and model width (experiments/BENCHMARKS.md): 512 on a GPU;
     on a CPU 16 for UNITER-base/large widths (at 512, 2.5x slower: the attention and FFN
     intermediates of a big batch fall out of cache) and 64 for small models; logged."""
     if isinstance(setting, str) and setting == "auto":
-        wide = getattr(getattr(model, "config", None), "hidden_size", 768) >= 512
-        size, why = (512, "GPU") if device.type == "cuda" else ((16, "CPU, hidden >= 512") if wide else
-                                                                (64, "CPU, hidden < 512"))
+        size, why = auto_batch_size(device, model)
         log.info("scoring %d pairs per forward (auto: %s)", size, why)
         return size
     try:
