@@ -81,7 +81,7 @@ def test_the_study_runs_end_to_end_on_a_tiny_world(tmp_path):
             "train.max_steps=4", "train.num_candidates=6", "module.num_negatives=2", "eval.val_every_n_steps=2", "eval.n_boot=20",
             "module.warmup_steps=1", "logger=csv"]
     out = tmp_path / "study"
-    cmd = [sys.executable, str(STUDY / "study.py"), "--out", str(out), "--seeds", "0", "--jobs", "1",
+    cmd = [sys.executable, str(STUDY / "study.py"), "--out", str(out), "--seeds", "0", "--jobs", "2",
            "--threads", "1", "--arms", "none", "cacr_30", "--calibration-batches", "2", "--", *tiny]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
