@@ -96,10 +96,13 @@ def test_the_study_runs_end_to_end_on_a_tiny_world(tmp_path):
         assert set(res["winoground"]["by_tag"]["split"]) == {"dev", "test"}
         diag = json.loads((job / "diagnostics.json").read_text())
         assert 0.0 <= diag["entropy"] <= 1.0 and diag["L_cacr"] >= 0
+        assert (diag["loss_key"], diag["loss_layers"]) == (arm.split("_")[0], "last")
+        assert diag["L_cacr"] == diag["L_cacr@last"] and diag["L_cacr_single_softmax@all"] >= 0
     cfg = (out / "finetune" / "cacr_30" / "seed0" / ".hydra" / "config.yaml").read_text()
     assert f"weight: {cal['lambda']['cacr']['30']:.6g}" in cfg.replace("'", "")
     rep = json.loads((out / "report.json").read_text())
     assert rep["selected"]["cacr"] == "cacr_30" and "verdict" in rep
+    assert rep["arms"]["cacr_30"]["validity"]["L_reg_key"] == "L_cacr@last"
     assert (out / "report.md").is_file() and (out / "differences.png").is_file()
     # the per-seed table and the per-seed differences agree with the arms' own per-seed figures
     ps = {a: rep["arms"][a]["per_seed"]["0"] for a in ("none", "cacr_30")}
@@ -398,3 +401,38 @@ def test_calibration_is_topped_up_with_new_variants_and_keeps_old_weights(tmp_pa
         study.stage_calibrate(tmp_path, [0, 1], 20, [])
     with pytest.raises(RuntimeError, match="same --seeds"):
         study.stage_calibrate(tmp_path, [0, 1, 2], 20, [])
+
+
+def test_an_arm_is_compared_with_none_on_its_own_loss_in_its_own_layers(tmp_path, monkeypatch):
+    def row(diag, seed):
+        return {"diag": diag, "rsum": 300.0, "seed": seed}
+
+    def diag(key, layers, **losses):
+        return {"loss_key": key, "loss_layers": layers, "entropy": 0.9, **losses}
+
+    none = {s: row(diag("none", "last", **{"L_cacr@last": 0.03, "L_cacr_single_softmax@last": 1.0,
+                                              "L_cacr@penultimate": 0.5, "L_cacr": 0.03}), s) for s in (0, 1)}
+    arms = {"none": none,
+            "cacr_30_single_softmax_cal": {s: row(diag("cacr_single_softmax", "last", **{
+                "L_cacr_single_softmax@last": 0.2, "L_cacr@last": 0.05, "L_cacr": 0.05}), s) for s in (0, 1)},
+            "cacr_30_penultimate": {s: row(diag("cacr", "penultimate", **{
+                "L_cacr@penultimate": 0.4, "L_cacr": 0.4}), s) for s in (0, 1)}}
+    v = report.validity("cacr_30_single_softmax_cal", arms)
+    assert (v["L_reg_key"], v["L_reg"], v["L_reg_none"], v["reg_lower"]) == ("L_cacr_single_softmax@last", 0.2, 1.0, True)
+    v = report.validity("cacr_30_penultimate", arms)  # not against none's last layer (0.03)
+    assert (v["L_reg_key"], v["L_reg_none"], v["reg_lower"]) == ("L_cacr@penultimate", 0.5, True)
+    del none[0]["diag"]["L_cacr@penultimate"]  # diagnostics from before the matched measures: the old key
+    assert report.validity("cacr_30_penultimate", arms)["L_reg_key"] == "L_cacr"
+
+    study = _load("study")
+    job = tmp_path / "finetune" / "cacr_30" / "seed0"
+    job.mkdir(parents=True)
+    (job / "results.json").write_text("{}")
+    (job / "diagnostics.json").write_text(json.dumps({"L_cacr": 0.123, "entropy": 0.5}))
+    monkeypatch.setattr(study, "diagnose", lambda j: {"L_cacr": 0.1230001, "L_cacr@last": 0.1230001,
+                                                      "loss_key": "cacr", "loss_layers": "last", "entropy": 0.5})
+    study.stage_diagnose(tmp_path)
+    d = json.loads((job / "diagnostics.json").read_text())
+    assert d["L_cacr"] == 0.123 and d["L_cacr@last"] == 0.1230001 and d["loss_key"] == "cacr"  # old values kept
+    monkeypatch.setattr(study, "diagnose", lambda j: pytest.fail("complete diagnostics measured again"))
+    study.stage_diagnose(tmp_path)

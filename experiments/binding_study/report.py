@@ -182,16 +182,29 @@ def select(arms: Dict[str, Dict[int, Dict]], reg: str) -> Optional[str]:
     return max(cands, key=lambda a: np.mean([r["dev/binding"] for r in arms[a].values()]))
 
 
+def loss_measure(diag: Dict, reg: str) -> str:
+    """The diagnostics key of an arm's own loss: its loss (variant) in its own layers
+    (``L_<loss>@<layers>``, measured the same way in ``none``), or ``L_<reg>`` in diagnostics
+    written before those existed."""
+    if "loss_key" in diag:
+        return f"L_{diag['loss_key']}@{diag['loss_layers']}"
+    return f"L_{reg}"
+
+
 def validity(arm: str, arms: Dict[str, Dict[int, Dict]]) -> Dict:
-    """L_reg below the none model's (same regularizer, same seeds), normalised entropy below
+    """L_reg below the none model's (the arm's own loss in its own layers, measured the same way in
+    none; same seeds), normalised entropy below
     0.95, R-sum within 5% of none."""
     reg = next((r for r in REGULARIZERS if arm.startswith(r)), None)
     rows, none = arms[arm], arms.get("none", {})
     out: Dict = {}
     if reg is not None and all(r["diag"] for r in rows.values()) and all(r["diag"] for r in none.values()) and none:
-        own = np.mean([r["diag"][f"L_{reg}"] for r in rows.values()])
-        base = np.mean([r["diag"][f"L_{reg}"] for r in none.values()])
-        out.update(L_reg=float(own), L_reg_none=float(base), reg_lower=bool(own < base))
+        key = loss_measure(next(iter(rows.values()))["diag"], reg)
+        if not all(key in r["diag"] for r in [*rows.values(), *none.values()]):
+            key = f"L_{reg}"  # some diagnostics predate the matched measures
+        own = np.mean([r["diag"][key] for r in rows.values()])
+        base = np.mean([r["diag"][key] for r in none.values()])
+        out.update(L_reg=float(own), L_reg_none=float(base), reg_lower=bool(own < base), L_reg_key=key)
     if all(r["diag"] for r in rows.values()):
         ent = float(np.mean([r["diag"]["entropy"] for r in rows.values()]))
         out.update(entropy=ent, entropy_ok=bool(ent < ENTROPY_MAX))

@@ -18,8 +18,10 @@ Stages:
    written to ``calibration.json`` (and used by the arms);
 3. ``finetune``: every arm of :func:`arms` from the checkpoint of the same seed
    (``experiment=binding_finetune``): paired seeds, same data order and negatives;
-4. ``diagnose``: per fine-tuned model, the raw loss of every regularizer and the
-   normalised entropy of the regularized blocks on fixed validation positives;
+4. ``diagnose``: per fine-tuned model, on fixed validation positives, the raw loss of every
+   regularizer and variant in its own regularized layers and in each layer set (so that an
+   arm's loss is compared with ``none``'s measured the same way), and the normalised entropy
+   of its regularized blocks;
 5. ``report``: ``report.py`` (table, paired differences with CIs, the pre-registered
    verdict, plots).
 """
@@ -321,9 +323,27 @@ def normalised_entropy(P, mask) -> float:
     return float((h / norm)[ok].mean()) if ok.any() else float("nan")
 
 
+LAYER_SETS = ("last", "penultimate", "all")  # loss.layers
+
+
+def loss_key(loss_cfg) -> str:
+    """The calibration / diagnostics name of a job's loss: its regularizer, or the variant of it
+    that it runs (``cacr_single_softmax`` for ``loss.double_softmax=false``)."""
+    name = str(loss_cfg.get("name", "none"))
+    if name == "cacr" and loss_cfg.get("double_softmax", True) is False:
+        return "cacr_single_softmax"
+    return name
+
+
 def diagnose(job: Path, n_pairs: int = 200) -> Dict:
-    """Raw losses of every regularizer and the normalised entropy of S_LL / S_VV (the blocks CACR
-    and IAIS act on), in the regularized layers, on the first ``n_pairs`` validation positives."""
+    """On the first ``n_pairs`` validation positives:
+
+    - ``L_<r>``: the raw loss of every regularizer and variant ``r`` in the job's own regularized
+      layers, and ``L_<r>@<layers>`` in each of :data:`LAYER_SETS`. The arm's validity compares
+      its own loss with ``none``'s measured the same way: same loss, same layers.
+    - ``entropy`` (``_LL``, ``_VV``): the normalised entropy of S_LL / S_VV (the blocks CACR and
+      IAIS act on) in the job's own regularized layers.
+    - ``loss_key`` and ``loss_layers``: which of those is the job's own."""
     import torch
 
     from cacr.regularizers import Regularizer
@@ -337,18 +357,28 @@ def diagnose(job: Path, n_pairs: int = 200) -> Dict:
     split = dm.split("val")
     caps = torch.arange(min(n_pairs, split.num_texts))
     pos = store.batch(caps, split.txt2img[caps])
-    layers = Regularizer("cacr", layers=cfg.loss.get("layers", "last")).layer_indices(module.model.config.num_hidden_layers)
+    n_layers = module.model.config.num_hidden_layers
     with torch.no_grad():
-        o = module.model(pos, score_rows=torch.arange(len(caps)), score_layers=layers)
-    out = {"layers": layers}
-    for r in REGULARIZERS:
-        reg = Regularizer(r, weight=1.0)
-        vals = [float(reg(*reg.blocks(s, pos.word_index, pos.word_mask, pos.region_index, pos.region_mask)).loss)
-                for s in o.layer_scores]
-        out[f"L_{r}"] = sum(vals) / len(vals)
+        o = module.model(pos, score_rows=torch.arange(len(caps)), score_layers=list(range(n_layers)))
+    own_layers = str(cfg.loss.get("layers", "last"))
+    out = {"layers": Regularizer("cacr", layers=own_layers).layer_indices(n_layers),
+           "loss_key": loss_key(cfg.loss), "loss_layers": own_layers}
+    for layer_set in LAYER_SETS:
+        if layer_set == "penultimate" and n_layers < 2:
+            continue
+        idx = Regularizer("cacr", layers=layer_set).layer_indices(n_layers)
+        for r in REGULARIZERS + tuple(VARIANTS):
+            base, kw = VARIANTS.get(r, (r, {}))
+            reg = Regularizer(base, weight=1.0, **kw)
+            vals = [float(reg(*reg.blocks(o.layer_scores[i], pos.word_index, pos.word_mask, pos.region_index,
+                                          pos.region_mask)).loss) for i in idx]
+            out[f"L_{r}@{layer_set}"] = sum(vals) / len(vals)
+    for r in REGULARIZERS + tuple(VARIANTS):
+        out[f"L_{r}"] = out[f"L_{r}@{own_layers}"]
     ents = []
-    for s in o.layer_scores:
-        b = Regularizer("cacr").blocks(s, pos.word_index, pos.word_mask, pos.region_index, pos.region_mask)
+    for i in out["layers"]:
+        b = Regularizer("cacr").blocks(o.layer_scores[i], pos.word_index, pos.word_mask, pos.region_index,
+                                       pos.region_mask)
         ents.append((normalised_entropy(b.S_LL, b.word_mask), normalised_entropy(b.S_VV, b.region_mask)))
     out["entropy_LL"] = sum(e[0] for e in ents) / len(ents)
     out["entropy_VV"] = sum(e[1] for e in ents) / len(ents)
@@ -362,9 +392,12 @@ def stage_diagnose(out: Path) -> None:
     print(f"diagnose: {len(jobs)} model(s)", flush=True)
     for job in jobs:
         path = job / "diagnostics.json"
-        if path.is_file():
+        old = json.loads(path.read_text()) if path.is_file() else None
+        if old is not None and "loss_key" in old:
             continue
-        atomic_write_text(path, json.dumps(diagnose(job), indent=1))
+        # New, or written before the per-layer-set and variant losses existed: measured (again);
+        # the values already there are kept as they were.
+        atomic_write_text(path, json.dumps({**diagnose(job), **(old or {})}, indent=1))
 
 
 # ------------------------------------------------------------------ main
