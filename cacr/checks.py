@@ -87,7 +87,8 @@ def settings_problems(cfg: DictConfig, cuda_available: Optional[bool] = None) ->
                                        "hidden >= 512 and 64 below")
     if _get(cfg, "module.eval_batch_size") is not None and not OmegaConf.is_interpolation(cfg.module, "eval_batch_size"):
         need_batch("module.eval_batch_size", "pairs per evaluation forward")
-    need_int("module.mining_batch_size", 1, "pairs per mining forward")
+    need_batch("module.mining_batch_size", "pairs per no-grad mining forward; auto: 1024 on a GPU, on a CPU as "
+                                           "data.eval_batch_size's auto")
     need_int("data.num_workers", 0, "DataLoader worker processes")
     need_int("data.val_max_images", 1, "validation images; null validates on all", allow_none=True)
     if _get(cfg, "data.max_txt_len") is not None:

@@ -79,7 +79,7 @@ class RetrievalModule(pl.LightningModule):
         num_negatives: int = 31,
         mining: bool = True,
         mining_start: int = 0,
-        mining_batch_size: int = 1024,
+        mining_batch_size: Union[int, str] = 1024,
         eval_batch_size: Union[int, str] = 1024,
         eval_bf16: Union[bool, str] = False,
         seed: int = 42,
@@ -98,9 +98,9 @@ class RetrievalModule(pl.LightningModule):
         super().__init__()
         if ranking not in ("hinge", "softmax"):
             raise ValueError(f"module.ranking must be 'hinge' (official) or 'softmax', got {ranking!r}")
-        if not (eval_batch_size == "auto" or (isinstance(eval_batch_size, int) and not isinstance(eval_batch_size, bool)
-                                              and eval_batch_size >= 1)):
-            raise ValueError(f"module.eval_batch_size must be a positive number of pairs or auto, got {eval_batch_size!r}")
+        for name, v in (("eval_batch_size", eval_batch_size), ("mining_batch_size", mining_batch_size)):
+            if not (v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)):
+                raise ValueError(f"module.{name} must be a positive number of pairs or auto, got {v!r}")
         self.model = model
         self.regularizer = regularizer
         self.save_hyperparameters(ignore=["model", "regularizer"], logger=False)
@@ -175,7 +175,7 @@ class RetrievalModule(pl.LightningModule):
         batch["max_txt_len"], batch["max_regions"] = int(batch["max_txt_len"]), int(batch["max_regions"])
         if self.mines(batch["neg_img"].shape[1], int(batch.get("step", self.hparams.mining_start))):
             caps, imgs = self.mining_pairs(batch)
-            batch["mine_order"], batch["mine_chunks"] = store.length_plan(caps, imgs, self.hparams.mining_batch_size)
+            batch["mine_order"], batch["mine_chunks"] = store.length_plan(caps, imgs, self.mining_batch_size)
         return batch
 
     def mines(self, num_candidates: int, step: int) -> bool:
@@ -202,7 +202,7 @@ class RetrievalModule(pl.LightningModule):
             caps, imgs = caps[order], imgs[order]
             chunks = batch["mine_chunks"]
         else:
-            n = self.hparams.mining_batch_size
+            n = self.mining_batch_size
             lj = bounds["max_txt_len"] + bounds["max_regions"]
             chunks = [(s, min(s + n, caps.numel()), bounds["max_txt_len"], bounds["max_regions"], lj)
                       for s in range(0, caps.numel(), n)]
@@ -443,8 +443,17 @@ class RetrievalModule(pl.LightningModule):
         the evaluators' ``batch_size: auto`` picks for this device and model width)."""
         return self._eval_batch_size()[0]
 
-    def _eval_batch_size(self) -> Tuple[int, str]:
-        setting = self.hparams.eval_batch_size
+    @property
+    def mining_batch_size(self) -> int:
+        """Pairs per no-grad mining forward (``module.mining_batch_size``: a number, or auto =
+        1024 on a GPU, else what ``eval_batch_size: auto`` picks for this CPU and width)."""
+        setting = self.hparams.mining_batch_size
+        if setting == "auto":
+            return 1024 if self.device.type == "cuda" else self._eval_batch_size(auto=True)[0]
+        return int(setting)
+
+    def _eval_batch_size(self, auto: bool = False) -> Tuple[int, str]:
+        setting = "auto" if auto else self.hparams.eval_batch_size
         if setting == "auto":
             from cacr.evaluation.inputs import auto_batch_size
 

@@ -731,6 +731,10 @@ def test_eval_batch_size_auto_follows_the_device_and_width():
     assert module(64, "auto").eval_batch_size == 64  # the evaluators' CPU choice for small models
     assert module(512, "auto").eval_batch_size == 16  # ... and for UNITER-base widths
     assert module(64, 33).eval_batch_size == 33
+    assert module(64, 33).mining_batch_size == 1024  # the module's own default
+    m = module(512, 33)
+    m.hparams.mining_batch_size = "auto"
+    assert m.mining_batch_size == 16  # on a CPU: as eval_batch_size's auto, whatever eval_batch_size is set to
     for bad in (0, "big", True):
         with pytest.raises(ValueError, match="module.eval_batch_size"):
             module(64, bad)
