@@ -78,6 +78,7 @@ def settings_problems(cfg: DictConfig, cuda_available: Optional[bool] = None) ->
         problems.append(f"train.num_candidates={K}: fewer than module.num_negatives={k}; expected at least as many "
                         f"candidates as negatives kept")
     need_int("data.batch_size", 1, "positive pairs per device per step")
+
     def need_batch(key: str, what: str) -> None:
         v = _get(cfg, key)
         if v != "auto" and (not _is_int(v) or v < 1):

@@ -441,19 +441,19 @@ class RetrievalModule(pl.LightningModule):
     def eval_batch_size(self) -> int:
         """Pairs per evaluation forward (``module.eval_batch_size``: a number, or auto = the size
         the evaluators' ``batch_size: auto`` picks for this device and model width)."""
-        return self._eval_batch_size()[0]
+        return self._batch_size(self.hparams.eval_batch_size)[0]
 
     @property
     def mining_batch_size(self) -> int:
         """Pairs per no-grad mining forward (``module.mining_batch_size``: a number, or auto =
         1024 on a GPU, else what ``eval_batch_size: auto`` picks for this CPU and width)."""
         setting = self.hparams.mining_batch_size
-        if setting == "auto":
-            return 1024 if self.device.type == "cuda" else self._eval_batch_size(auto=True)[0]
-        return int(setting)
+        if setting == "auto" and self.device.type == "cuda":
+            return 1024
+        return self._batch_size(setting)[0]
 
-    def _eval_batch_size(self, auto: bool = False) -> Tuple[int, str]:
-        setting = "auto" if auto else self.hparams.eval_batch_size
+    def _batch_size(self, setting) -> Tuple[int, str]:
+        """``(pairs per forward, why)`` for a batch size setting: a number, or auto."""
         if setting == "auto":
             from cacr.evaluation.inputs import auto_batch_size
 
@@ -477,7 +477,8 @@ class RetrievalModule(pl.LightningModule):
             import logging
 
             logging.getLogger(__name__).info("evaluation scoring in %s (%s), %d pairs per forward (%s)",
-                                             "bf16" if use else "fp32", why, *self._eval_batch_size())
+                                             "bf16" if use else "fp32", why,
+                                             *self._batch_size(self.hparams.eval_batch_size))
 
     def validation_step(self, batch, batch_idx):
         # The val loader holds one item per rank; the evaluation itself runs once per

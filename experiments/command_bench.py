@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO / "experiments"))
 from cacr.outputs import atomic_write_text  # noqa: E402
 from benchmark import describe_machine, machine_line, public_practice_scores, r1_agreement  # noqa: E402
 
-VOCAB = 28996  # bert-base-cased, as uniter_base
+VOCAB = 28996  # bert-base-cased, as uniter_base (UniterConfig's default)
 SPECIALS = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}
 
 
@@ -85,17 +85,16 @@ def write_split(root: Path, n_cap: int, n_img: int, seed: int = 0, dim: int = 20
 
 
 def write_weights(path: Path, model_overrides: dict) -> Path:
-    """UNITER-base (or ``model_overrides``' size) with random weights, in the official format."""
+    """UNITER-base (``UniterConfig``'s defaults, or ``model_overrides``' size) with random
+    weights, in the official format."""
     from cacr.model import UniterConfig, build_uniter
     from cacr.model.export import official_state_dict
+    from cacr.outputs import atomic_write
 
-    base = dict(vocab_size=VOCAB, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                intermediate_size=3072, img_dim=2048)
-    cfg = UniterConfig(**{**base, **model_overrides})
+    cfg = UniterConfig(**model_overrides)
     torch.manual_seed(0)
-    model = build_uniter(cfg)
-    torch.save(official_state_dict(cfg, model.state_dict(), where="command_bench"), path)
-    return path
+    state = official_state_dict(cfg, build_uniter(cfg).state_dict(), where="command_bench")
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def run_command(overrides: list, out: Path) -> dict:
@@ -150,9 +149,7 @@ def _bench(args, work: Path, common: list, data: dict, weights: Path, size: dict
     split = open_data(dcfg).split("test")
     caps = list(split.texts)
     imgs = [split.image(j) for j in range(split.num_images)]
-    base = dict(vocab_size=VOCAB, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                intermediate_size=3072, img_dim=2048)
-    eager = build_uniter(UniterConfig(**{**base, **size, "attn_impl": "eager"}), checkpoint=str(weights)).eval()
+    eager = build_uniter(UniterConfig(**size, attn_impl="eager"), checkpoint=str(weights)).eval()
     rows = list(range(len(caps)))
     P = len(caps) * len(imgs)
 

@@ -425,6 +425,12 @@ def test_an_arm_is_compared_with_none_on_its_own_loss_in_its_own_layers(tmp_path
     assert report.validity("cacr_30_penultimate", arms)["L_reg_key"] == "L_cacr"
 
     study = _load("study")
+    from omegaconf import OmegaConf
+
+    key = lambda **loss: study.loss_key(OmegaConf.create(loss))  # noqa: E731
+    assert key(name="cacr", double_softmax=False) == "cacr_single_softmax"
+    assert key(name="cacr", double_softmax=True) == key(name="cacr") == "cacr" and key(name="none") == "none"
+    assert key(name="iais_singular", double_softmax=False) == "iais_singular"
     job = tmp_path / "finetune" / "cacr_30" / "seed0"
     job.mkdir(parents=True)
     (job / "results.json").write_text("{}")

@@ -38,23 +38,22 @@ from cacr.evaluation.engine import score_matrix  # noqa: E402
 
 
 def load_model(ckpt, layers: int, data_overrides):
-    from cacr.model import build_uniter, load_checkpoint
-    from cacr.model.export import read_run_checkpoint
+    """The evaluators' model of a run's ``.ckpt``, or ``uniter_tiny`` at ``layers`` with random weights."""
+    from omegaconf import OmegaConf
+
+    from cacr.model import build_uniter
 
     if ckpt:
-        config, state = read_run_checkpoint(Path(ckpt), label=f"--ckpt {ckpt}")
-        model = build_uniter(config)
-        load_checkpoint(model, state, strict=True)
-    else:
-        from omegaconf import OmegaConf
-        from hydra import compose, initialize_config_dir
+        from cacr.evaluation.inputs import build_model
 
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-            cfg = compose("train", overrides=["model=uniter_tiny", f"model.config.num_hidden_layers={layers}",
-                                              *data_overrides])
-        torch.manual_seed(0)
-        model = build_uniter(OmegaConf.to_container(cfg.model.config, resolve=True))
-    return model.eval()
+        return build_model(OmegaConf.create({"ckpt_path": str(ckpt)}), torch.device("cpu"))[0]
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose("train", overrides=["model=uniter_tiny", f"model.config.num_hidden_layers={layers}",
+                                          *data_overrides])
+    torch.manual_seed(0)
+    return build_uniter(OmegaConf.to_container(cfg.model.config, resolve=True)).eval()
 
 
 def fp32_ffn_rate(tokens: int, hidden: int, inter: int, rounds: int = 3, seconds: float = 0.5) -> float:

@@ -46,6 +46,15 @@ REGULARIZERS = ("cacr", "iais_singular", "iais_distributed")
 # Loss variants calibrated on their own (key in calibration.json -> Regularizer keywords); an arm
 # built on one of them gets the weight measured for it, not its parent's.
 VARIANTS = {"cacr_single_softmax": ("cacr", {"double_softmax": False})}
+
+
+def raw_loss(name: str):
+    """The unweighted regularizer ``name`` (one of :data:`REGULARIZERS` or :data:`VARIANTS`), as
+    calibration and diagnostics measure it."""
+    from cacr.regularizers import Regularizer
+
+    base, kw = VARIANTS.get(name, (name, {}))
+    return Regularizer(base, weight=1.0, schedule="constant", **kw)
 FRACTIONS = {"10": 0.1, "30": 0.3}  # lambda * L_reg = f * L_rank at the start checkpoint
 SEEDS = (0, 1, 2, 3, 4)
 PROBE_STOP = 65.0  # --pretrainer probe: stop at the first evaluation with binding >= this (the 60-75% band)
@@ -254,7 +263,6 @@ def calibrate(checkpoint: Path, seed: int, n_batches: int, extra: Sequence[str],
     first ``n_batches`` fine-tuning batches."""
     import torch
 
-    from cacr.regularizers import Regularizer
     from cacr.train_data import TrainBatches
 
     cfg = compose_finetune([f"model.checkpoint={checkpoint}", f"seed={seed}", *extra])
@@ -269,8 +277,7 @@ def calibrate(checkpoint: Path, seed: int, n_batches: int, extra: Sequence[str],
     with torch.no_grad():
         for step in range(n_batches):
             for r in names:
-                base, kw = VARIANTS.get(r, (r, {}))
-                module.regularizer = Regularizer(base, weight=1.0, schedule="constant", **kw)
+                module.regularizer = raw_loss(r)
                 losses = module.compute_losses(batches[step], step=0, total_steps=int(cfg.train.max_steps))
                 sums[r] += float(losses["reg_loss"])
             sums["rank"] += float(losses["rank_loss"])
@@ -328,10 +335,11 @@ LAYER_SETS = ("last", "penultimate", "all")  # loss.layers
 
 def loss_key(loss_cfg) -> str:
     """The calibration / diagnostics name of a job's loss: its regularizer, or the variant of it
-    that it runs (``cacr_single_softmax`` for ``loss.double_softmax=false``)."""
+    that it runs (the :data:`VARIANTS` entry whose settings it has)."""
     name = str(loss_cfg.get("name", "none"))
-    if name == "cacr" and loss_cfg.get("double_softmax", True) is False:
-        return "cacr_single_softmax"
+    for variant, (base, kw) in VARIANTS.items():
+        if base == name and all(loss_cfg.get(k) == v for k, v in kw.items()):
+            return variant
     return name
 
 
@@ -368,8 +376,7 @@ def diagnose(job: Path, n_pairs: int = 200) -> Dict:
             continue
         idx = Regularizer("cacr", layers=layer_set).layer_indices(n_layers)
         for r in REGULARIZERS + tuple(VARIANTS):
-            base, kw = VARIANTS.get(r, (r, {}))
-            reg = Regularizer(base, weight=1.0, **kw)
+            reg = raw_loss(r)
             vals = [float(reg(*reg.blocks(o.layer_scores[i], pos.word_index, pos.word_mask, pos.region_index,
                                           pos.region_mask)).loss) for i in idx]
             out[f"L_{r}@{layer_set}"] = sum(vals) / len(vals)
