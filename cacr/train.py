@@ -19,15 +19,17 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cacr.config import ConfigError, register_resolvers  # noqa: F401 (register_resolvers: scripts import it here)
 from cacr.distributed import is_script_ddp, primary_process, trainer_global_rank
 from cacr.launch import job_processes
+
+if TYPE_CHECKING:  # Lightning is imported where a run starts, after the settings are checked
+    import pytorch_lightning as pl
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +194,8 @@ def training_precision(tcfg: Dict[str, Any]) -> Tuple[Any, str]:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks, loggers) -> pl.Trainer:
+    import pytorch_lightning as pl
+
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     tcfg["strategy"] = _strategy(tcfg)
     tcfg["precision"] = training_precision(tcfg)[0]
@@ -211,12 +215,13 @@ def run(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Dict[st
     exist (``rerun_eval=true`` evaluates again)."""
     from cacr import rundir
     from cacr.checks import check_settings
-    from cacr.resume import inspect_resume
 
     run_dir = _run_dir(cfg)
-    check_settings(cfg)
+    check_settings(cfg)  # before Lightning is imported (seconds): a bad setting answers at once
     _check_paths(cfg)
     _check_trainer(cfg)
+    from cacr.resume import inspect_resume
+
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resume = inspect_resume(cfg, resolved)
     claimed = False
@@ -269,6 +274,7 @@ def _best_weights(best_path: str, ckpt_dir: Path) -> str:
 
 def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[List[Any]], resume=None,
                       resolved: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    import pytorch_lightning as pl
     from hydra.utils import instantiate
 
     from cacr.checks import check_data

@@ -379,6 +379,30 @@ def test_config_errors_are_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == f"train.py: ckpt_path={tmp_path}/nope.ckpt: checkpoint not found"
 
 
+BAD_SETTINGS_WITHOUT_LIGHTNING = """
+import sys
+from hydra import compose, initialize_config_dir
+from cacr.checks import SettingsError
+from cacr.config import ConfigError, register_resolvers
+from cacr.train import run
+register_resolvers()
+with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
+    for overrides in (["train.max_steps=-3"], ["ckpt_path=/nonexistent/last.ckpt"]):
+        try:
+            run(compose(config_name="train", overrides=overrides + ["run_dir=" + sys.argv[2]]))
+        except (SettingsError, ConfigError) as e:
+            print(type(e).__name__)
+print("pytorch_lightning" in sys.modules)
+"""
+
+
+def test_bad_settings_are_found_before_lightning_is_imported(tmp_path):
+    """Lightning's import takes seconds; a user's mistyped setting must not wait for it."""
+    proc = subprocess.run([sys.executable, "-c", BAD_SETTINGS_WITHOUT_LIGHTNING, str(REPO / "conf"),
+                           str(tmp_path / "r")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["SettingsError", "ConfigError", "False"]
+
 @pytest.mark.slow
 def test_multirun_gives_each_job_its_own_directory(tmp_path):
     args = [sys.executable, "train.py", "-m", "loss=cacr,none", "train.max_steps=2", "eval.val_every_n_steps=2",
