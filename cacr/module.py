@@ -85,6 +85,7 @@ class RetrievalModule(pl.LightningModule):
         seed: int = 42,
         score_head: str = "rank",
         compile_scoring: bool = False,
+        train_chunk_size: Union[int, str] = 0,
         align_weight: float = 0.0,
         align_temperature: float = 0.1,
         mlm_weight: float = 0.0,
@@ -101,6 +102,10 @@ class RetrievalModule(pl.LightningModule):
         for name, v in (("eval_batch_size", eval_batch_size), ("mining_batch_size", mining_batch_size)):
             if not (v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)):
                 raise ValueError(f"module.{name} must be a positive number of pairs or auto, got {v!r}")
+        if not (train_chunk_size == "auto" or (isinstance(train_chunk_size, int)
+                                               and not isinstance(train_chunk_size, bool) and train_chunk_size >= 0)):
+            raise ValueError(f"module.train_chunk_size must be a number of pairs (0: one batch) or auto, "
+                             f"got {train_chunk_size!r}")
         self.model = model
         self.regularizer = regularizer
         self.save_hyperparameters(ignore=["model", "regularizer"], logger=False)
@@ -238,12 +243,17 @@ class RetrievalModule(pl.LightningModule):
                                  "(module.mining=true); use one or the other")
             swap = torch.full((len(caps), 2), -1, dtype=torch.long, device=swap_rows.device)
             swap[B + torch.arange(B, device=swap.device) * k] = swap_rows  # each caption's first image negative
-        pairs = store.batch(caps, imgs, **bounds, swap=swap)
         reg = self.regularizer
         layers = reg.layer_indices(self.model.config.num_hidden_layers) if reg.enabled else None
-        out = self.model(pairs, score_rows=torch.arange(B, device=caps.device) if reg.enabled else None,
-                         score_layers=None if reg.layers == "last" else layers)
-        logits = out.rank_logits
+        score_layers = None if reg.layers == "last" else layers
+        chunk = self.train_chunk_size
+        if chunk and 2 * B * k > chunk:
+            logits, out, pairs = self._chunked_forward(store, caps, imgs, swap, B, chunk, reg.enabled, score_layers)
+        else:
+            pairs = store.batch(caps, imgs, **bounds, swap=swap)
+            out = self.model(pairs, score_rows=torch.arange(B, device=caps.device) if reg.enabled else None,
+                             score_layers=score_layers)
+            logits = out.rank_logits
         neg = logits[B:].view(2, B, k).transpose(0, 1)  # (B, 2, k): "t" and "i" groups
         if self.hparams.ranking == "hinge":
             rank = ranking_loss(logits[:B], neg, self.hparams.margin)
@@ -275,6 +285,47 @@ class RetrievalModule(pl.LightningModule):
         n_mined = 2 * B * K if mined else 0
         losses["pairs"] = torch.tensor(float(B + 2 * B * k + n_mined))
         return losses
+
+    @property
+    def train_chunk_size(self) -> int:
+        """Trained negatives per forward, after sorting them by joint width (0: all the trained
+        pairs in one batch padded to the step's widths). ``module.train_chunk_size``: a number,
+        or auto = 4 on a CPU for UNITER-base/large widths (hidden >= 512), where padding is
+        most of the cost, else 0 (:meth:`_chunked_forward`)."""
+        return self._train_chunk()[0]
+
+    def _train_chunk(self) -> Tuple[int, str]:
+        """``(module.train_chunk_size resolved, why)``."""
+        setting = self.hparams.get("train_chunk_size", 0)
+        if setting and self.hparams.wra_weight > 0:
+            return 0, f"module.train_chunk_size={setting} unused: module.wra_weight > 0 needs every pair at one width"
+        if setting == "auto":
+            if self.device.type == "cpu" and self.model.config.hidden_size >= 512:
+                return 4, "auto: a CPU and hidden >= 512"
+            return 0, f"auto: {'a GPU' if self.device.type == 'cuda' else 'hidden < 512'}"
+        return int(setting), "set explicitly"
+
+    def _chunked_forward(self, store: PairStore, caps: Tensor, imgs: Tensor, swap: Optional[Tensor], B: int,
+                         chunk: int, score: bool, score_layers):
+        """The training forward of the ``B + 2Bk`` pairs ``(caps, imgs)`` with little padding:
+        the ``B`` positives in one batch of their own widths (with the regularizer's score
+        rows), the negatives sorted by joint length and cut into batches of ``chunk``, each
+        padded to its own longest pair. Returns the rank logits in the pairs' order, the
+        positives' output and the positives' batch. The same function as one padded batch
+        (padding changes no output), at the cost of reading the negatives' lengths on the
+        host: free on a CPU, a synchronisation on a GPU."""
+        pos_pairs = store.batch(caps[:B], imgs[:B])
+        out = self.model(pos_pairs, score_rows=torch.arange(B, device=caps.device) if score else None,
+                         score_layers=score_layers)
+        order, chunks = store.length_plan(caps[B:], imgs[B:], chunk)
+        order = order.to(caps.device)
+        n_caps, n_imgs = caps[B:][order], imgs[B:][order]
+        n_swap = swap[B:][order] if swap is not None else None
+        parts = [self.model(store.batch(n_caps[s:e], n_imgs[s:e], max_txt_len=lt, max_regions=lv, max_len=lj,
+                                        swap=n_swap[s:e] if n_swap is not None else None)).rank_logits
+                 for s, e, lt, lv, lj in chunks]
+        neg = torch.cat(parts)[torch.argsort(order)]  # back to the pairs' order
+        return torch.cat([out.rank_logits, neg]), out, pos_pairs
 
     def mask_words(self, pos: UniterBatch):
         """UNITER's MLM corruption of a batch of positives: each word piece is chosen with
@@ -479,6 +530,10 @@ class RetrievalModule(pl.LightningModule):
             logging.getLogger(__name__).info("evaluation scoring in %s (%s), %d pairs per forward (%s)",
                                              "bf16" if use else "fp32", why,
                                              *self._batch_size(self.hparams.eval_batch_size))
+            chunk, why = self._train_chunk()
+            logging.getLogger(__name__).info(
+                "trained pairs: %s (%s)", f"negatives sorted by width, {chunk} per forward" if chunk
+                else "one batch per step", why)
 
     def validation_step(self, batch, batch_idx):
         # The val loader holds one item per rank; the evaluation itself runs once per

@@ -375,11 +375,18 @@ def bench_train(model, device, n_items, B, K, k, reps, mining_batch, gen, bf16, 
                                     store.region_pos_feat[:-1], store.num_bbs_cpu, layout="padded")
     ref_opt = make_optimizer(ref)
     paths, step_no = {}, {}
-    variants = [("cacr", False), ("none", False)] + ([("cacr", True)] if compile_ else [])
-    for reg_name, comp in variants:
-        name = f"project_{reg_name}" + ("_compiled" if comp else "")
+    # (regularizer, compiled mining, module.train_chunk_size): "auto" is what training uses on
+    # this device; 0 trains every pair in one batch padded to the step's widths
+    variants = [("cacr", False, "auto"), ("none", False, "auto"), ("cacr", False, 0)]
+    variants += [("cacr", True, "auto")] if compile_ else []
+    for reg_name, comp, chunk in variants:
+        name = f"project_{reg_name}" + ("_compiled" if comp else "") + ("_one_batch" if chunk == 0 else "")
         module = RetrievalModule(model, Regularizer(reg_name), num_negatives=k, mining=True,
-                                 mining_batch_size=mining_batch, ranking="hinge", compile_scoring=comp).to(device)
+                                 mining_batch_size=mining_batch, ranking="hinge", compile_scoring=comp,
+                                 train_chunk_size=chunk).to(device)
+        res.setdefault("train_chunk_size", module.train_chunk_size)
+        if chunk == 0 and res["train_chunk_size"] == 0:
+            continue  # auto is one batch here already
         module.stores["train"] = store
         opt = make_optimizer(module.model)
         step_no[name] = 0
@@ -483,10 +490,13 @@ def report(r):
         t = r["train"]
         lines += ["", f"Training step, UNITER-{r['layers']}L: {t['positives']} positives, {t['candidates']} candidates mined "
                       f"per direction, {t['hard_negatives']} hard negatives kept ({t['pairs_per_step']} pairs scored), "
-                      f"project {'bf16 autocast' if t['bf16'] else 'fp32'}; {t['repeats']} interleaved rounds",
+                      f"project {'bf16 autocast' if t['bf16'] else 'fp32'}, trained negatives "
+                      + (f"sorted by width, {t['train_chunk_size']} per forward" if t.get("train_chunk_size")
+                         else "in one batch") + f" (train_chunk_size auto); {t['repeats']} interleaved rounds",
                   f"{'path':<24}{'s/step':>9}{'(median)':>10}{'pos/s':>9}{'pairs/s':>10}{'util':>8}{'peak GiB':>10}{'x ref':>8}"]
         base = t["reference_cacr"]["seconds_per_step"]
-        for name in ("project_cacr", "project_cacr_compiled", "project_none", "reference_cacr"):
+        for name in ("project_cacr", "project_cacr_compiled", "project_none", "project_cacr_one_batch",
+                     "reference_cacr"):
             if name not in t:
                 continue
             x = t[name]

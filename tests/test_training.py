@@ -79,10 +79,12 @@ def test_ranks_split_the_global_batch(tiny_dm):
         assert sorted(both.tolist()) == sorted(one[step]["cap_idx"].tolist())
 
 
-@pytest.mark.parametrize("plan", [False, True], ids=["padded-mining", "length-planned-mining"])
-def test_batched_training_step_equals_a_loop_over_positives(tiny_dm, plan):
+@pytest.mark.parametrize("plan,chunk", [(False, 0), (True, 0), (True, 3)],
+                         ids=["padded-mining", "length-planned-mining", "chunked-training-forward"])
+def test_batched_training_step_equals_a_loop_over_positives(tiny_dm, plan, chunk):
     """Mining (in fixed batches padded to the bounds, or in the length-sorted plan made on the
-    host), the packed training batch and both losses, against one positive at a time through collate."""
+    host), the packed training batch (one batch, or the negatives sorted by width in batches
+    of 3: module.train_chunk_size) and both losses, against one positive at a time through collate."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["model.config.hidden_dropout_prob=0", "model.config.attention_probs_dropout_prob=0",
                                           "model.config.hidden_size=32", "model.config.num_hidden_layers=2",
@@ -91,7 +93,7 @@ def test_batched_training_step_equals_a_loop_over_positives(tiny_dm, plan):
                                           "model.config.initializer_range=0.3"])
     model = instantiate(cfg.model)
     reg = instantiate(cfg.loss, schedule="constant")
-    module = RetrievalModule(model, reg, num_negatives=2, mining=True, mining_batch_size=5)
+    module = RetrievalModule(model, reg, num_negatives=2, mining=True, mining_batch_size=5, train_chunk_size=chunk)
     module.stores["train"] = tiny_dm.pair_store("train")
     batch = _batches(tiny_dm)[3]
     if plan:
@@ -127,7 +129,8 @@ def test_batched_training_step_equals_a_loop_over_positives(tiny_dm, plan):
     assert got["loss"] == pytest.approx(got["rank_loss"] + got["reg_loss"], abs=1e-5)
 
 
-def test_box_swapped_negatives_equal_a_loop_over_positives(tiny_dm):
+@pytest.mark.parametrize("chunk", [0, 3], ids=["one-batch", "chunked"])
+def test_box_swapped_negatives_equal_a_loop_over_positives(tiny_dm, chunk):
     """data.p_swap: each caption's first image negative is its own image with the two named
     objects' boxes exchanged, built inside the packed batch; checked against collate pairs whose
     boxes are exchanged by hand, one positive at a time."""
@@ -138,7 +141,8 @@ def test_box_swapped_negatives_equal_a_loop_over_positives(tiny_dm):
                                           "model.config.hidden_size=32", "model.config.num_hidden_layers=2",
                                           "model.config.intermediate_size=64", "model.config.initializer_range=0.3"])
     model = instantiate(cfg.model)
-    module = RetrievalModule(model, instantiate(cfg.loss), num_negatives=2, mining=False, ranking="softmax")
+    module = RetrievalModule(model, instantiate(cfg.loss), num_negatives=2, mining=False, ranking="softmax",
+                             train_chunk_size=chunk)
     module.stores["train"] = tiny_dm.pair_store("train")
     pools, split = tiny_dm.train_pools, tiny_dm.split("train")
     sampler = NegativeSampler(pools.txt2img, pools.positives, pools.num_images, tiny_dm.train_truth, 0.0, "bag",
@@ -175,6 +179,74 @@ def test_box_swapped_negatives_equal_a_loop_over_positives(tiny_dm):
     module.hparams.mining = True  # mined candidates would lose the swaps: refused
     with pytest.raises(ValueError, match="cannot be mined"):
         module.compute_losses(batch, step=step, total_steps=10)
+
+
+@pytest.mark.parametrize("loss", ["cacr", "none"])
+def test_chunked_training_forward_gives_the_one_batch_logits_losses_and_gradients(tiny_dm, loss):
+    """module.train_chunk_size: the negatives sorted by width in small batches give every
+    pair the logit the one padded batch gives it (in the pairs' order), hence the same losses
+    and gradients, on random ragged steps."""
+    import copy
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"loss={loss}", "model.config.hidden_dropout_prob=0",
+                                          "model.config.attention_probs_dropout_prob=0",
+                                          "model.config.hidden_size=32", "model.config.num_hidden_layers=2",
+                                          "model.config.intermediate_size=64", "model.config.initializer_range=0.3"])
+    model = instantiate(cfg.model)
+    one = RetrievalModule(model, instantiate(cfg.loss, schedule="constant"), num_negatives=3, mining=False)
+    chunked = RetrievalModule(copy.deepcopy(model), instantiate(cfg.loss, schedule="constant"), num_negatives=3,
+                              mining=False, train_chunk_size=5)
+    store = tiny_dm.pair_store("train")
+    one.stores["train"] = chunked.stores["train"] = store
+    batches = _batches(tiny_dm, batch_size=3)
+    for step in (1, 8, 17):
+        batch = batches[step]
+        B, k = 3, 3
+        caps = torch.cat([batch["cap_idx"], batch["cap_idx"].repeat_interleave(k), batch["neg_cap"][:, :k].flatten()])
+        imgs = torch.cat([batch["img_idx"], batch["neg_img"][:, :k].flatten(), batch["img_idx"].repeat_interleave(k)])
+        widths = store.txt_lens_cpu[caps] + store.num_bbs_cpu[imgs]
+        assert len(set(widths.tolist())) > 3  # ragged
+        want = model(store.batch(caps, imgs)).rank_logits
+        got, _, pos = chunked._chunked_forward(store, caps, imgs, None, B, 5, False, None)
+        assert pos.attn_mask.shape[0] == B
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        grads = []
+        for m in (one, chunked):
+            m.model.zero_grad(set_to_none=True)
+            losses = m.compute_losses(batch, step=step, total_steps=20)
+            losses["loss"].backward()
+            grads.append((losses, {n: p.grad.clone() for n, p in m.model.named_parameters() if p.grad is not None}))
+        (la, ga), (lb, gb) = grads
+        for key in la:
+            torch.testing.assert_close(lb[key].float(), la[key].float(), atol=1e-5, rtol=1e-4)
+        assert ga.keys() == gb.keys() and ga
+        for n in ga:
+            torch.testing.assert_close(gb[n], ga[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_train_chunk_size_auto_chunks_wide_models_on_a_cpu_only():
+    from cacr.model import UniterConfig, UniterForImageTextRetrieval
+
+    tiny = UniterForImageTextRetrieval(UniterConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                    intermediate_size=64, vocab_size=64, img_dim=16))
+    wide = UniterForImageTextRetrieval(UniterConfig(hidden_size=512, num_hidden_layers=1, num_attention_heads=8,
+                                                    intermediate_size=64, vocab_size=64, img_dim=16))
+    assert RetrievalModule(tiny, _none(), train_chunk_size="auto").train_chunk_size == 0
+    assert RetrievalModule(wide, _none(), train_chunk_size="auto").train_chunk_size == 4
+    assert RetrievalModule(wide, _none(), train_chunk_size=0).train_chunk_size == 0
+    assert RetrievalModule(tiny, _none(), train_chunk_size=4).train_chunk_size == 4
+    with_wra = RetrievalModule(wide, _none(), train_chunk_size=4, wra_weight=0.5)
+    assert with_wra.train_chunk_size == 0 and "wra_weight" in with_wra._train_chunk()[1]  # needs one width
+    for bad in (-1, "big", True, 2.5):
+        with pytest.raises(ValueError, match="train_chunk_size"):
+            RetrievalModule(tiny, _none(), train_chunk_size=bad)
+
+
+def _none():
+    from cacr.regularizers import Regularizer
+
+    return Regularizer("none")
 
 
 def test_p_swap_with_mining_is_refused_before_training(tmp_path):
