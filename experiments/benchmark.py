@@ -345,7 +345,7 @@ def regularizer_time(model, store, batch, reg_name, device, reps):
     return statistics.median(times)
 
 
-def bench_train(model, device, n_items, B, K, k, reps, mining_batch, gen, bf16, compile_=False):
+def bench_train(model, device, n_items, B, K, k, reps, mining_batch, gen, bf16, compile_=False, train_chunk=None):
     """Project training steps (CACR, none, optionally compiled mining) and the reference step,
     interleaved one step each per round; bf16 autocast for the project paths if ``bf16``."""
     cfg = model.config
@@ -379,8 +379,10 @@ def bench_train(model, device, n_items, B, K, k, reps, mining_batch, gen, bf16, 
     # this device; 0 trains every pair in one batch padded to the step's widths
     variants = [("cacr", False, "auto"), ("none", False, "auto"), ("cacr", False, 0)]
     variants += [("cacr", True, "auto")] if compile_ else []
+    variants += [("cacr", False, train_chunk)] if train_chunk else []
     for reg_name, comp, chunk in variants:
-        name = f"project_{reg_name}" + ("_compiled" if comp else "") + ("_one_batch" if chunk == 0 else "")
+        name = (f"project_{reg_name}" + ("_compiled" if comp else "") + ("_one_batch" if chunk == 0 else "")
+                + (f"_chunks_of_{chunk}" if isinstance(chunk, int) and chunk > 0 else ""))
         module = RetrievalModule(model, Regularizer(reg_name), num_negatives=k, mining=True,
                                  mining_batch_size=mining_batch, ranking="hinge", compile_scoring=comp,
                                  train_chunk_size=chunk).to(device)
@@ -493,18 +495,19 @@ def report(r):
                       f"project {'bf16 autocast' if t['bf16'] else 'fp32'}, trained negatives "
                       + (f"sorted by width, {t['train_chunk_size']} per forward" if t.get("train_chunk_size")
                          else "in one batch") + f" (train_chunk_size auto); {t['repeats']} interleaved rounds",
-                  f"{'path':<24}{'s/step':>9}{'(median)':>10}{'pos/s':>9}{'pairs/s':>10}{'util':>8}{'peak GiB':>10}{'x ref':>8}"]
+                  f"{'path':<28}{'s/step':>9}{'(median)':>10}{'pos/s':>9}{'pairs/s':>10}{'util':>8}{'peak GiB':>10}{'x ref':>8}"]
         base = t["reference_cacr"]["seconds_per_step"]
-        for name in ("project_cacr", "project_cacr_compiled", "project_none", "project_cacr_one_batch",
-                     "reference_cacr"):
+        names = ["project_cacr", "project_cacr_compiled", "project_none", "project_cacr_one_batch"]
+        names += [n for n in t if n.startswith("project_cacr_chunks_of_")] + ["reference_cacr"]
+        for name in names:
             if name not in t:
                 continue
             x = t[name]
             if "error" in x:
-                lines.append(f"{name:<24}failed: {x['error']}")
+                lines.append(f"{name:<28}failed: {x['error']}")
                 continue
             mem = "-" if x.get("peak_gib") is None else f"{x['peak_gib']:.2f}"
-            lines.append(f"{name:<24}{x['seconds_per_step']:>9.3f}{x['seconds_per_step_median']:>10.3f}"
+            lines.append(f"{name:<28}{x['seconds_per_step']:>9.3f}{x['seconds_per_step_median']:>10.3f}"
                          f"{x['positives_per_s']:>9.2f}{x['pairs_per_s']:>10.1f}"
                          f"{100 * x['flop_per_s'] / peak:>7.1f}%{mem:>10}{base / x['seconds_per_step']:>7.2f}x")
         lines.append("regularizer fwd+bwd: " + ", ".join(
@@ -533,6 +536,9 @@ def main(argv=None):
     ap.add_argument("--hard", type=int, default=None, help="hard negatives kept (default 31 GPU, 3 CPU)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timed repeats of every path (at least 3)")
     ap.add_argument("--layers", type=int, default=12, help="encoder layers (12 = UNITER-base; fewer for a quick check)")
+    ap.add_argument("--train-chunk", type=int, default=None,
+                    help="also time the CACR step with module.train_chunk_size at this value (auto is 0, one batch, "
+                         "on a GPU)")
     ap.add_argument("--compile", action="store_true",
                     help="also time evaluation and training with torch.compile'd scoring (model.scorer(compile=True))")
     ap.add_argument("--public-code", default=None, metavar="PATH",
@@ -569,7 +575,8 @@ def main(argv=None):
     if "train" in parts:
         r["train"] = bench_train(model, device, 2000 if gpu else 64, pick(args.positives, 4, 1),
                                  pick(args.candidates, 399, 7), pick(args.hard, 31, 3), max(1, args.repeats),
-                                 1024 if gpu else 32, gen, bf16, compile_=args.compile)
+                                 1024 if gpu else 32, gen, bf16, compile_=args.compile,
+                                 train_chunk=args.train_chunk)
     r["machine"]["load_average_end"] = os.getloadavg()[0]
     text = report(r)
     print(text)

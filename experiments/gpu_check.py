@@ -82,7 +82,7 @@ def main(argv=None):
                                                    "tests/test_eval_engine.py"], 300, env)
     if "bench" not in skip:
         cmd = [sys.executable, "experiments/benchmark.py", "--json", str(out / "benchmark.json")]
-        cmd += ["--device", "cuda", "--captions", "50", "--compile"] if cuda else ["--device", "cpu", "--layers", "1"]
+        cmd += ["--device", "cuda", "--captions", "50", "--compile", "--train-chunk", "64"] if cuda else ["--device", "cpu", "--layers", "1"]
         status["bench"] = step(log, "benchmark", cmd, 420, env)
     if "train" not in skip:
         run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"cacr_gpu_check_{os.getpid()}"

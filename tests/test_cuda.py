@@ -112,6 +112,32 @@ def test_training_step_never_synchronises_on_cuda(reg):
     assert torch.isfinite(loss).item()
 
 
+def test_chunked_training_forward_matches_one_batch_on_cuda():
+    """module.train_chunk_size set on a GPU (auto leaves it off there): the same losses and
+    gradients as one padded batch, the widths read from device indices."""
+    import copy
+
+    store, batch = _store_and_batch()
+    model = UniterForImageTextRetrieval(UniterConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=128, img_dim=16,
+                                                     max_position_embeddings=40, hidden_dropout_prob=0.0,
+                                                     attention_probs_dropout_prob=0.0))
+    assert RetrievalModule(copy.deepcopy(model), Regularizer("cacr"), train_chunk_size="auto").cuda().train_chunk_size == 0
+    grads = []
+    for chunk in (0, 4):
+        module = RetrievalModule(copy.deepcopy(model), Regularizer("cacr"), num_negatives=3, mining=True,
+                                 mining_batch_size=16, train_chunk_size=chunk).cuda()
+        module.stores["train"] = store.to("cuda")
+        b = module.prepare_batch(batch, module.stores["train"])
+        b = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+        loss = module.compute_losses(b, step=5, total_steps=100)["loss"]
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in module.model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-4, rtol=1e-4)
+    for n, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][n], g, atol=1e-4, rtol=1e-3, msg=n)
+
+
 def test_compiled_scorer_matches_eager_on_cuda():
     """model.scorer(compile=True) (torch.compile, dynamic shapes) on batches of two widths."""
     model = UniterForImageTextRetrieval(UniterConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2,
