@@ -181,7 +181,7 @@ def test_box_swapped_negatives_equal_a_loop_over_positives(tiny_dm, chunk):
         module.compute_losses(batch, step=step, total_steps=10)
 
 
-@pytest.mark.parametrize("loss", ["cacr", "none"])
+@pytest.mark.parametrize("loss", ["cacr", "cacr loss.layers=all", "iais_singular", "none"])
 def test_chunked_training_forward_gives_the_one_batch_logits_losses_and_gradients(tiny_dm, loss):
     """module.train_chunk_size: the negatives sorted by width in small batches give every
     pair the logit the one padded batch gives it (in the pairs' order), hence the same losses
@@ -189,7 +189,7 @@ def test_chunked_training_forward_gives_the_one_batch_logits_losses_and_gradient
     import copy
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"loss={loss}", "model.config.hidden_dropout_prob=0",
+        cfg = compose("train", overrides=[f"loss={loss.split()[0]}", *loss.split()[1:], "model.config.hidden_dropout_prob=0",
                                           "model.config.attention_probs_dropout_prob=0",
                                           "model.config.hidden_size=32", "model.config.num_hidden_layers=2",
                                           "model.config.intermediate_size=64", "model.config.initializer_range=0.3"])
