@@ -302,7 +302,7 @@ class RetrievalModule(pl.LightningModule):
         if setting == "auto":
             if self.device.type == "cpu" and self.model.config.hidden_size >= 512:
                 return 4, "auto: a CPU and hidden >= 512"
-            return 0, f"auto: {'a GPU' if self.device.type == 'cuda' else 'hidden < 512'}"
+            return 0, f"auto: {'hidden < 512' if self.device.type == 'cpu' else self.device.type + ', not a CPU'}"
         return int(setting), "set explicitly"
 
     def _chunked_forward(self, store: PairStore, caps: Tensor, imgs: Tensor, swap: Optional[Tensor], B: int,
