@@ -79,10 +79,10 @@ def settings_problems(cfg: DictConfig, cuda_available: Optional[bool] = None) ->
                         f"candidates as negatives kept")
     need_int("data.batch_size", 1, "positive pairs per device per step")
 
-    def need_batch(key: str, what: str) -> None:
+    def need_batch(key: str, what: str, lo: int = 1) -> None:
         v = _get(cfg, key)
-        if v != "auto" and (not _is_int(v) or v < 1):
-            problems.append(f"{key}={v}: expected an integer >= 1 or auto ({what})")
+        if v != "auto" and (not _is_int(v) or v < lo):
+            problems.append(f"{key}={v}: expected an integer >= {lo} or auto ({what})")
 
     need_batch("data.eval_batch_size", "pairs per evaluation batch; auto: 512 on a GPU, on a CPU 16 for "
                                        "hidden >= 512 and 64 below")
@@ -90,10 +90,9 @@ def settings_problems(cfg: DictConfig, cuda_available: Optional[bool] = None) ->
         need_batch("module.eval_batch_size", "pairs per evaluation forward")
     need_batch("module.mining_batch_size", "pairs per no-grad mining forward; auto: 1024 on a GPU, on a CPU as "
                                            "data.eval_batch_size's auto")
-    chunk = _get(cfg, "module.train_chunk_size")
-    if chunk is not None and chunk != "auto" and (not _is_int(chunk) or chunk < 0):
-        problems.append(f"module.train_chunk_size={chunk}: expected an integer >= 0 or auto (trained negatives per "
-                        f"forward after sorting by width; 0: one batch; auto: 4 on a CPU from hidden 512, else 0)")
+    if _get(cfg, "module.train_chunk_size") is not None:  # absent from configs older than the setting
+        need_batch("module.train_chunk_size", "trained negatives per forward after sorting by width; 0: one batch; "
+                                              "auto: 4 on a CPU from hidden 512, else 0", lo=0)
     need_int("data.num_workers", 0, "DataLoader worker processes")
     need_int("data.val_max_images", 1, "validation images; null validates on all", allow_none=True)
     if _get(cfg, "data.max_txt_len") is not None:

@@ -99,13 +99,10 @@ class RetrievalModule(pl.LightningModule):
         super().__init__()
         if ranking not in ("hinge", "softmax"):
             raise ValueError(f"module.ranking must be 'hinge' (official) or 'softmax', got {ranking!r}")
-        for name, v in (("eval_batch_size", eval_batch_size), ("mining_batch_size", mining_batch_size)):
-            if not (v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)):
-                raise ValueError(f"module.{name} must be a positive number of pairs or auto, got {v!r}")
-        if not (train_chunk_size == "auto" or (isinstance(train_chunk_size, int)
-                                               and not isinstance(train_chunk_size, bool) and train_chunk_size >= 0)):
-            raise ValueError(f"module.train_chunk_size must be a number of pairs (0: one batch) or auto, "
-                             f"got {train_chunk_size!r}")
+        for name, v, lo in (("eval_batch_size", eval_batch_size, 1), ("mining_batch_size", mining_batch_size, 1),
+                            ("train_chunk_size", train_chunk_size, 0)):  # 0: the trained pairs in one batch
+            if not (v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= lo)):
+                raise ValueError(f"module.{name} must be a number of pairs >= {lo} or auto, got {v!r}")
         self.model = model
         self.regularizer = regularizer
         self.save_hyperparameters(ignore=["model", "regularizer"], logger=False)
