@@ -542,7 +542,11 @@ class RetrievalModule(pl.LightningModule):
             raise ValueError("RetrievalModule: validation needs the validation split; give it with "
                              "attach(val_split=...) (the data has no val split?)")
         metrics = self._evaluate(evaluate_retrieval, self.val_split, compile=self.hparams.compile_scoring)
-        log = {f"val/{k}": float(v) for k, v in metrics.items()}
+        # the recalls and counts (not the scoring record; its fp32 re-scoring share is logged)
+        log = {f"val/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        scoring = metrics.get("scoring", {})
+        if "fp32_pairs" in scoring:
+            log["val/fp32_share"] = scoring["fp32_pairs"] / scoring["pairs"]
         if self.hparams.val_winoground and self.winoground is not None:
             log.update(self.winoground_dev_metrics())
         # Every rank computed the same gathered metrics: no reduction needed.

@@ -233,3 +233,24 @@ def test_cli_uniter_pair(tmp_path, bert_like_vocab, capsys):
     assert len(read_captions(tmp_path / "c.h5", regions_path=tmp_path / "r.h5")) == 30
     assert main(["uniter-img", str(tmp_path / "nope"), str(tmp_path / "x.h5")]) == 1
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["img", "txt"])
+def test_a_corrupt_lmdb_is_named_with_the_item_being_read(tmp_path, bert_like_vocab, which):
+    src = IMG_DB if which == "img" else TXT_DB
+    db = tmp_path / src.name
+    shutil.copytree(src, db)
+    if which == "img":
+        shutil.copy(IMG_DB.parent / "nbb_th0.2_max100_min10.json", tmp_path)
+    data = bytearray((db / "data.mdb").read_bytes())
+    page = 4096
+    assert len(data) > 3 * page
+    for at in range(2 * page, len(data), page):  # every page after the two meta pages: a wrong page type
+        data[at + 10:at + 12] = b"\xff\xff"
+    (db / "data.mdb").write_bytes(bytes(data))
+    out = str(tmp_path / "o.h5")
+    args = (["uniter-img", str(db), out] if which == "img" else
+            ["uniter-txt", str(db), "--tokenizer", str(bert_like_vocab), "--out", out])
+    with pytest.raises(FormatError, match=r"(?s)data\.mdb: 1 problem.*(the key list|image '|caption ').*corrupt"):
+        main(args + ["--debug"])
+    assert not (tmp_path / "o.h5").exists()

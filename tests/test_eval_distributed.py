@@ -49,16 +49,29 @@ def test_two_gloo_processes_match_one(tmp_path):
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
 
     from cacr.evaluation.engine import score_matrix, score_winoground
+    from cacr.evaluation.multiple_choice import score_items
     model = tiny_model(0)
     captions, images = ragged_data(11, 7)
-    single = score_matrix(model.score, captions, images, batch_size=8)
-    single_wino = score_winoground(model.score, captions[:6], images[:6], 3, batch_size=5)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: the thread count changes fp32 sums
+    try:
+        single = {name: {"matrix": score_matrix(model.score, captions, images, batch_size=8, bf16=bf16),
+                         "winoground": score_winoground(model.score, captions[:6], images[:6], 3, batch_size=5,
+                                                        bf16=bf16),
+                         "items": score_items(model.score, captions, [0, 3, 5, 9, 11], [0, 2, 4, 6], images,
+                                              batch_size=3, bf16=bf16)}
+                  for name, bf16 in (("fp32", False), ("bf16", True))}
+    finally:
+        torch.set_num_threads(n)
 
     assert r0["rows"] == list(range(0, 5)) and r1["rows"] == list(range(5, 11))
+    assert not torch.equal(single["fp32"]["matrix"], single["bf16"]["matrix"])  # bf16 really ran
     for r in (r0, r1):
-        assert r["matrix"].shape == (11, 7)
-        torch.testing.assert_close(r["matrix"], single, atol=1e-5, rtol=0)
-        torch.testing.assert_close(r["winoground"], single_wino, atol=1e-5, rtol=0)
+        assert r["fp32"]["matrix"].shape == (11, 7) and r["fp32"]["items"].shape == (4, 4)
+        for name in ("fp32", "bf16"):  # one batch plan: the same bits as one process, in both precisions
+            for what in ("matrix", "winoground", "items"):
+                torch.testing.assert_close(r[name][what], single[name][what], rtol=0, atol=0, equal_nan=True,
+                                           msg=lambda m: f"{name} {what}: {m}")
         expected = torch.cat([torch.arange(2.0, dtype=torch.float64).view(1, 2),
                               torch.arange(8.0, dtype=torch.float64).view(4, 2) + 100])
         assert torch.equal(r["ragged"], expected)
@@ -66,6 +79,4 @@ def test_two_gloo_processes_match_one(tmp_path):
         assert r["objects"] == [{"rank": 0}, {"rank": 1}]
         assert "rank 0 holds torch.float32 rows of shape [3]" in r["mismatch"] or \
                "rank 1 holds torch.float32 rows of shape [4]" in r["mismatch"]
-    torch.testing.assert_close(r0["local_block"], single[:5], atol=1e-5, rtol=0)
-    torch.testing.assert_close(r1["local_block"], single[5:], atol=1e-5, rtol=0)
-    assert torch.equal(r0["matrix"], r1["matrix"])
+

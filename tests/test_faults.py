@@ -637,6 +637,7 @@ def test_a_changed_config_is_refused_then_recorded_when_overridden(killed_and_re
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")  # as the subprocess that ran it: the thread count changes fp32 sums
 def test_rerun_eval_evaluates_a_finished_run_again(killed_and_resumed, world, tmp_path):
     root, _ = killed_and_resumed
     src = root / "full" / "checkpoints" / "last.ckpt"

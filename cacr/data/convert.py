@@ -55,7 +55,30 @@ def _open_lmdb(path: Path):
 
     if not (path / "data.mdb").is_file():
         raise FileNotFoundError(f"{path}: not an LMDB folder (data.mdb missing)")
-    return lmdb.open(str(path), readonly=True, lock=False, readahead=False, create=False)
+    try:
+        return lmdb.open(str(path), readonly=True, lock=False, readahead=False, create=False)
+    except lmdb.Error as e:
+        raise FormatError(path / "data.mdb", [f"cannot open the LMDB ({type(e).__name__}: {e})"]) from None
+
+
+class _LmdbReading:
+    """Turns an ``lmdb.Error`` while reading ``db`` into a FormatError naming the file and
+    the item being read (``self.item``); closes the environment."""
+
+    def __init__(self, db: Path, env):
+        self.db, self.env, self.item = db, env, "the key list"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        import lmdb
+
+        self.env.close()
+        if kind is not None and issubclass(kind, lmdb.Error):
+            raise FormatError(self.db / "data.mdb", [f"{self.item}: the LMDB is corrupt or truncated "
+                                                     f"({type(e).__name__}: {e})"]) from None
+        return False
 
 
 def _decode_img_value(value: bytes, compressed: bool, where: str) -> Dict[str, np.ndarray]:
@@ -89,7 +112,7 @@ def read_uniter_img_db(db, nbb_json=None, compressed: Optional[bool] = None
                                 f"pass --nbb")
     nbb = _json(nbb_path)
     env = _open_lmdb(db)
-    with env.begin() as txn:
+    with _LmdbReading(db, env) as reading, env.begin() as txn:
         raw_keys = txn.get(b"__keys__")
         if raw_keys is not None:
             keys = json.loads(raw_keys)
@@ -99,6 +122,7 @@ def read_uniter_img_db(db, nbb_json=None, compressed: Optional[bool] = None
         if problems:
             raise FormatError(db, problems)
         for k in tqdm(keys, desc=f"images {db.name}", unit="img"):
+            reading.item = f"image {k!r}"
             v = txn.get(k.encode("utf-8"))
             if v is None:
                 raise FormatError(db, [f"image {k!r}: listed in __keys__ but not stored"])
@@ -117,7 +141,6 @@ def read_uniter_img_db(db, nbb_json=None, compressed: Optional[bool] = None
                 raise FormatError(db, [f"image {k!r}: nbb says {n} regions, the DB stores {d['features'].shape[0]}"])
             conf = d["conf"][:n] if "conf" in d else None
             yield k, d["features"][:n], d["norm_bb"][:n], conf
-    env.close()
 
 
 def convert_uniter_img(db, out, nbb_json=None, compressed: Optional[bool] = None, source: str = "") -> Path:
@@ -158,10 +181,11 @@ def read_uniter_txt_db(db) -> Tuple[dict, List[Tuple[str, dict]]]:
     if (db / "img2txts.json").is_file():
         order = [t for ts in _json(db / "img2txts.json").values() for t in ts]
     out = []
-    with env.begin() as txn:
+    with _LmdbReading(db, env) as reading, env.begin() as txn:
         if order is None:
             order = [k.decode() for k, _ in txn.cursor()]
         for k in tqdm(order, desc=f"captions {db.name}", unit="cap"):
+            reading.item = f"caption {k!r}"
             v = txn.get(k.encode("utf-8"))
             if v is None:
                 raise FormatError(db, [f"caption {k!r}: listed in img2txts.json but not stored"])
@@ -176,7 +200,6 @@ def read_uniter_txt_db(db) -> Tuple[dict, List[Tuple[str, dict]]]:
             if miss:
                 raise FormatError(db, [f"caption {k!r}: fields {miss} missing"])
             out.append((k, ex))
-    env.close()
     return meta, out
 
 

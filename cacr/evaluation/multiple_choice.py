@@ -31,8 +31,9 @@ Accuracy is the percentage of correct items, overall and per category of every t
 with a percentile-bootstrap 95% interval over items; ``macro`` is the mean accuracy over
 the categories of a tag (ARO reports VG-Relation and VG-Attribution so; VG-Attribution
 over attribute pairs with at least 25 items). Scoring uses the same engine as Winoground
-(``score_pairs`` on a ``PairStore``, the model's ``rank`` or ``itm`` head, optional bf16) and
-shards the items exactly across DDP ranks (``shard_range`` / ``gather_shards``).
+(``score_pairs`` on a ``PairStore``, the model's ``rank`` or ``itm`` head), shares one batch
+plan among DDP ranks (the same scores on any process count) and, in bf16, decides in fp32
+every item whose outcome bf16 rounding could change (:mod:`cacr.evaluation.exact`).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .distributed import gather_shards, rank_and_world_size, shard_range
+from .distributed import rank_and_world_size
 from .engine import score_pairs
 
 FORMATS = ("aro_relation", "aro_attribution", "aro_order", "sugarcrepe", "valse", "jsonl")
@@ -280,28 +281,31 @@ class MultipleChoiceData:
                 for it in self.set.items for k in range(len(it.captions))]
 
 
+def item_pairs(offsets: Sequence[int], image_rows: Sequence[int]) -> Tuple[Tensor, Tensor]:
+    """``(pairs (P, 2), where (P, 2))``: caption ``c`` of item ``n`` against the item's image,
+    and its place ``[n, k]`` in the ``(N, K)`` score table."""
+    pairs, where = [], []
+    for n in range(len(offsets) - 1):
+        for k, c in enumerate(range(offsets[n], offsets[n + 1])):
+            pairs.append((c, image_rows[n]))
+            where.append((n, k))
+    return torch.tensor(pairs, dtype=torch.long).view(-1, 2), torch.tensor(where, dtype=torch.long).view(-1, 2)
+
+
 def score_items(score_fn, texts: Sequence[Tensor], offsets: Sequence[int], image_rows: Sequence[int], images,
                 *, group=None, progress: bool = False, **kwargs) -> Tensor:
     """``(N, K)`` scores of N items, ``[n, k]`` = caption ``k`` of item ``n`` (0 the true one)
-    against its image, NaN where an item has fewer than K captions. Items are sharded
-    exactly across DDP ranks and gathered to every rank."""
+    against its image, NaN where an item has fewer than K captions. Under DDP the ranks share
+    the batches of one plan (``score_pairs(shard=True)``); every rank gets the whole table."""
     N = len(offsets) - 1
     K = max(offsets[n + 1] - offsets[n] for n in range(N))
-    rows = shard_range(N, group)
     rank, _ = rank_and_world_size(group)
-    pairs, where = [], []
-    for j, n in enumerate(rows):
-        for k, c in enumerate(range(offsets[n], offsets[n + 1])):
-            pairs.append((c, image_rows[n]))
-            where.append((j, k))
-    pairs_t = torch.tensor(pairs, dtype=torch.long).view(-1, 2)
-    s = score_pairs(score_fn, pairs_t, texts, images, progress=progress and rank == 0, desc="multiple choice",
-                    **kwargs)
-    local = torch.full((len(rows), K), float("nan"))
-    if where:
-        w = torch.tensor(where, dtype=torch.long)
-        local[w[:, 0], w[:, 1]] = s
-    return gather_shards(local, N, group)
+    pairs, where = item_pairs(offsets, image_rows)
+    s = score_pairs(score_fn, pairs, texts, images, progress=progress and rank == 0, desc="multiple choice",
+                    shard=True, group=group, **kwargs)
+    out = torch.full((N, K), float("nan"))
+    out[where[:, 0], where[:, 1]] = s
+    return out
 
 
 # --------------------------------------------------------------------------- metrics
@@ -429,14 +433,37 @@ def results_markdown(name: str, results: Mapping[str, Mapping[str, Any]]) -> str
 
 def evaluate_multiple_choice(model, data: MultipleChoiceData, *, head: str = "rank", batch_size: int = 512,
                              device=None, bf16: bool = False, progress: bool = False, n_boot: int = 10000,
-                             seed: int = 0) -> Tuple[Tensor, Dict[str, Any]]:
-    """Scores ``(N, K)`` and the results record of one set, with a model in eval mode."""
+                             seed: int = 0, exact: bool = True) -> Tuple[Tensor, Dict[str, Any]]:
+    """Scores ``(N, K)`` and the results record of one set, with a model in eval mode; in bf16
+    (unless ``exact=False``) every item bf16 could decide wrongly is re-scored in fp32
+    (:mod:`cacr.evaluation.exact`), recorded under ``scoring``."""
     if model.training:
         raise ValueError("evaluation needs the model in eval mode (dropout off): call model.eval()")
+    from .exact import exact_choices, fp32_record
+
     device = device or next(model.parameters()).device
-    scores = score_items(functools.partial(model.score, head=head), data.texts, data.offsets, data.image_rows,
-                         data.regions.get, batch_size=batch_size, device=device, bf16=bf16, progress=progress)
-    return scores, set_results(data.set, scores, n_boot=n_boot, seed=seed)
+    fn = functools.partial(model.score, head=head)
+    scores = score_items(fn, data.texts, data.offsets, data.image_rows, data.regions.get, batch_size=batch_size,
+                         device=device, bf16=bf16, progress=progress)
+    record = fp32_record() if not bf16 else {"precision": "bf16"}
+    if bf16 and exact:
+        pairs, where = item_pairs(data.offsets, data.image_rows)
+        flat = where[:, 0] * scores.shape[1] + where[:, 1]  # pair row -> [n, k] flat
+        row_of = torch.full((scores.numel(),), -1, dtype=torch.long)
+        row_of[flat] = torch.arange(len(pairs))
+        kw = dict(batch_size=batch_size, device=device, bf16=False, shard=True)
+
+        def rescore(idx):
+            return score_pairs(fn, pairs[row_of[idx]], data.texts, data.regions.get, **kw)
+
+        def replan(idx):
+            out = torch.full((scores.numel(),), float("nan"))
+            out[flat] = score_pairs(fn, pairs, data.texts, data.regions.get, only=row_of[idx], **kw)
+            return out
+        scores, record = exact_choices(scores, rescore, replan)
+    results = set_results(data.set, scores, n_boot=n_boot, seed=seed)
+    results["scoring"] = record
+    return scores, results
 
 
 # --------------------------------------------------------------------------- command line

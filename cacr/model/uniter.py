@@ -13,6 +13,7 @@ rows, recomputed from the same Q and K, without touching the fused path of any r
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -303,6 +304,31 @@ class UniterForImageTextRetrieval(nn.Module):
             last_scores=None if layered else scores,
             layer_scores=scores if layered else None,
         )
+
+    @contextlib.contextmanager
+    def low_precision_weights(self, dtype: torch.dtype = torch.bfloat16):
+        """For no-grad scoring under autocast to ``dtype``: the encoder's linear weights and
+        biases are held in ``dtype`` for the duration (restored after). Autocast would cast
+        them on every forward (4% of a bf16 CPU forward, measured); the cast is the same
+        rounding, so the scores are the same bits. The embeddings, pooler and heads, which
+        run outside autocast or in full precision, keep their weights."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("low_precision_weights is for no-grad scoring (torch.inference_mode / no_grad)")
+        # The modules see copies in their parameter slots; the Parameter objects themselves
+        # are untouched (their data, dtype and autograd state: DDP's gradient hooks hang on them).
+        saved = []
+        try:
+            for m in self.uniter.encoder.modules():
+                if isinstance(m, nn.Linear):
+                    for name in ("weight", "bias"):
+                        p = m._parameters.get(name)
+                        if p is not None and p.dtype != dtype:
+                            saved.append((m, name, p))
+                            m._parameters[name] = p.detach().to(dtype)
+            yield self
+        finally:
+            for m, name, p in saved:
+                m._parameters[name] = p
 
     def scorer(self, head: str = "rank", compile: bool = False):
         """The scoring function that mining and evaluation call on batches: :meth:`score` with

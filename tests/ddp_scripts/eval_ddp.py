@@ -17,16 +17,19 @@ def worker(rank: int, world_size: int, out_dir: str, init_file: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     from cacr.evaluation import all_gather_objects, all_gather_rows, gather_shards, shard_range
     from cacr.evaluation.engine import score_matrix, score_winoground
+    from cacr.evaluation.multiple_choice import score_items
     from eval_problem import ragged_data, tiny_model
 
     model = tiny_model(0)
     captions, images = ragged_data(11, 7)
-    out = {
-        "rows": list(shard_range(11)),
-        "matrix": score_matrix(model.score, captions, images, batch_size=8),
-        "winoground": score_winoground(model.score, captions[:6], images[:6], 3, batch_size=5),
-        "local_block": score_matrix(model.score, captions, images, batch_size=8, gather=False),
-    }
+    out = {"rows": list(shard_range(11))}
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        out[name] = {
+            "matrix": score_matrix(model.score, captions, images, batch_size=8, bf16=bf16),
+            "winoground": score_winoground(model.score, captions[:6], images[:6], 3, batch_size=5, bf16=bf16),
+            "items": score_items(model.score, captions, [0, 3, 5, 9, 11], [0, 2, 4, 6], images, batch_size=3,
+                                 bf16=bf16),
+        }
     # variable lengths (rank 0: 1 row, rank 1: 4 rows) with a trailing shape
     local = torch.arange(2 * (1 + 3 * rank), dtype=torch.float64).view(-1, 2) + 100 * rank
     out["ragged"] = all_gather_rows(local)
