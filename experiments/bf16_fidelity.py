@@ -64,9 +64,10 @@ def compare(ckpt: Path, work: Path, split: str, log) -> dict:
     wino, ret = {}, {}
     for prec in ("fp32", "bf16"):
         flag = "bf16=" + ("true" if prec == "bf16" else "false")
-        run([sys.executable, "eval_winoground.py", f"ckpt_path={ckpt}", flag, f"output={work / ('wino_' + prec)}",
+        flag, plain = flag, "exact=false"  # plain bf16 scores: what the evaluators' fp32 re-scoring repairs
+        run([sys.executable, "eval_winoground.py", f"ckpt_path={ckpt}", flag, plain, f"output={work / ('wino_' + prec)}",
              "progress=false", "n_boot=100"], log)
-        run([sys.executable, "eval_retrieval.py", f"ckpt_path={ckpt}", flag, f"split={split}",
+        run([sys.executable, "eval_retrieval.py", f"ckpt_path={ckpt}", flag, plain, f"split={split}",
              f"output={work / ('ret_' + prec)}", f"save_scores={work / ('ret_' + prec + '.pt')}", "progress=false"],
             log)
         wino[prec] = wino_scores(work / f"wino_{prec}" / "winoground_scores.jsonl")

@@ -148,7 +148,8 @@ def run_winoground(cfg: DictConfig) -> Dict[str, Any]:
                      wino.regions.feature_dim, str(examples_path))
         scores, results = evaluate_winoground(model, wino, head=head, batch_size=scoring_batch_size(cfg.batch_size, device, model), device=device,
                                               bf16=bf16, progress=bool(cfg.progress) and is_rank_zero(),
-                                              n_boot=n_boot, seed=seed, tag_files=tag_paths)
+                                              n_boot=n_boot, seed=seed, tag_files=tag_paths,
+                                              exact=bool(cfg.get("exact", True)))
         record.update(checkpoint=str(resolve_path(cfg.ckpt_path or cfg.model.checkpoint)), head=head,
                       regions=str(regions_path), bf16=bf16, bf16_reason=bf16_reason)
 
@@ -225,7 +226,7 @@ def run_retrieval(cfg: DictConfig) -> Dict[str, Any]:
         t0 = time.perf_counter()
         metrics = evaluate_retrieval(model, split, head=head, batch_size=batch_size, device=device,
                                      bf16=bf16, progress=bool(cfg.progress) and is_rank_zero(),
-                                     save_scores=save)
+                                     save_scores=save, exact=bool(cfg.get("exact", True)))
         seconds = time.perf_counter() - t0  # scoring (all ranks; the matrix is gathered) and the recalls
         pairs = split.num_texts * split.num_images
         out = {**metrics, "model": name, "checkpoint": str(resolve_path(cfg.ckpt_path or cfg.model.checkpoint)),

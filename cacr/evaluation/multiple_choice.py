@@ -537,7 +537,7 @@ def run_multiple_choice(cfg) -> Dict[str, Any]:
         check_inputs(model, mc.texts, mc.caption_names(), mc.regions.feature_dim, f"set {s.name!r}")
         scores, res = evaluate_multiple_choice(model, mc, head=head, batch_size=scoring_batch_size(cfg.batch_size, device, model), device=device,
                                                bf16=bf16, progress=bool(cfg.progress) and is_rank_zero(),
-                                               n_boot=n_boot, seed=seed)
+                                               n_boot=n_boot, seed=seed, exact=bool(cfg.get("exact", True)))
         res["regions"] = str(regions[s.name])
         results[s.name] = res
         correct = correct_items(scores).tolist()
