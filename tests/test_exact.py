@@ -248,3 +248,25 @@ def test_weights_held_in_bf16_for_scoring_give_autocast_bits_and_are_restored():
     with pytest.raises(RuntimeError, match="no-grad scoring"):
         with model.low_precision_weights():
             pass
+
+
+def test_the_re_scorings_fetch_each_item_once():
+    from cacr.evaluation.evaluators import _rescorers
+
+    model = tiny_model(0)
+    captions, images = ragged_data(9, 7, seed=5)
+    reads = []
+
+    def image(i):
+        reads.append(i)
+        return images[i]
+    pairs = all_pairs(9, 7)
+    rescore, replan = _rescorers(model.score, pairs, captions, image, 8, "cpu")
+    first = rescore(torch.tensor([0, 8, 20]))
+    exact = replan(torch.tensor([3, 40]))
+    rescore(torch.tensor([1, 50]))
+    assert sorted(reads) == list(range(7))  # every image read once, for all three
+    plain = score_pairs(model.score, pairs, captions, images, batch_size=8)
+    got = ~torch.isnan(exact)
+    assert got[[3, 40]].all() and torch.equal(exact[got], plain[got])  # the plan's very bits
+    assert (first - plain[[0, 8, 20]]).abs().max() < 1e-4

@@ -49,6 +49,18 @@ def _fetch(lookup, i: int):
     return lookup[i] if hasattr(lookup, "__getitem__") else lookup(i)
 
 
+def memoized(lookup):
+    """``lookup`` as a callable that fetches each index once (for scoring the same items again,
+    as the exact metrics' re-scoring does: no second read of an HDF5 file per item)."""
+    cache = {}
+
+    def get(i: int):
+        if i not in cache:
+            cache[i] = _fetch(lookup, i)
+        return cache[i]
+    return get
+
+
 def _owner_module(fn) -> Optional[nn.Module]:
     while isinstance(fn, functools.partial):
         fn = fn.func
@@ -162,8 +174,7 @@ def score_pairs(
     chosen = list(range(len(plan)))
     if only is not None:
         batch_of = torch.empty(P, dtype=torch.long)
-        for b, idx in enumerate(plan):
-            batch_of[idx] = b
+        batch_of[torch.cat(plan)] = torch.arange(P) // batch_size  # every batch but the last holds batch_size
         chosen = torch.unique(batch_of[torch.as_tensor(only, dtype=torch.long)]).tolist()
     plan = [plan[b] for b in chosen]
     mine = [plan[b] for b in rank_batches(len(plan), rank, world)]

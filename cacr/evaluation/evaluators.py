@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from cacr.distributed import is_main_process
 
-from .engine import all_pairs, score_matrix, score_pairs, score_winoground, winoground_pairs
-from .exact import exact_retrieval, exact_winoground, fp32_record
+from .engine import all_pairs, memoized, score_matrix, score_pairs, score_winoground, winoground_pairs
+from .exact import exact_retrieval, exact_winoground, plain_record
 from .retrieval_metrics import retrieval_metrics
 from .scorefile import example_tag_sets, read_tag_file, save_score_matrix
 from .winoground_metrics import winoground_results
@@ -36,7 +36,10 @@ def _score_fn(model: nn.Module, head: str, compile: bool = False):
 
 def _rescorers(fn, pairs: Tensor, captions, images, batch_size: int, device):
     """The two fp32 re-scorings of :mod:`cacr.evaluation.exact` for flat indices into
-    ``pairs``: in batches of their own, and in their batches of the evaluation's plan."""
+    ``pairs``: in batches of their own, and in their batches of the evaluation's plan (each
+    item fetched once for all of them)."""
+    captions, images = memoized(captions), memoized(images)
+
     def rescore(idx):
         return score_pairs(fn, pairs[idx], captions, images, batch_size=batch_size, device=device, bf16=False,
                            shard=True)
@@ -78,7 +81,7 @@ def evaluate_retrieval(
         bf16=bf16,
         progress=progress,
     ).cpu()
-    record = fp32_record() if not bf16 else {"precision": "bf16"}
+    record = plain_record(bf16)
     if bf16 and exact:
         pairs = all_pairs(split.num_texts, split.num_images)
         scores, record = exact_retrieval(scores, split.txt2img,
@@ -119,7 +122,7 @@ def evaluate_winoground(
         bf16=bf16,
         progress=progress,
     ).cpu()
-    record = fp32_record() if not bf16 else {"precision": "bf16"}
+    record = plain_record(bf16)
     if bf16 and exact:
         scores, record = exact_winoground(scores, *_rescorers(fn, winoground_pairs(len(wino)), captions, wino.image,
                                                               batch_size, device))

@@ -54,9 +54,9 @@ Replan = Callable[[Tensor], Tensor]  # flat pair indices -> (P,) fp32 scores of 
 Undecided = Callable[[Tensor, Tensor], Tensor]  # (values, uncertainty) -> flat indices of pairs to climb
 
 
-def fp32_record() -> Dict[str, Any]:
-    """The scoring record of an evaluation that scored every pair in fp32."""
-    return {"precision": "fp32"}
+def plain_record(bf16: bool) -> Dict[str, Any]:
+    """The scoring record of an evaluation that kept its first scores (fp32, or plain bf16)."""
+    return {"precision": "bf16" if bf16 else "fp32"}
 
 
 def calibration_sample(num: int, size: int, seed: int = CALIBRATION_SEED) -> Tensor:

@@ -439,26 +439,28 @@ def evaluate_multiple_choice(model, data: MultipleChoiceData, *, head: str = "ra
     (:mod:`cacr.evaluation.exact`), recorded under ``scoring``."""
     if model.training:
         raise ValueError("evaluation needs the model in eval mode (dropout off): call model.eval()")
-    from .exact import exact_choices, fp32_record
+    from .engine import memoized
+    from .exact import exact_choices, plain_record
 
     device = device or next(model.parameters()).device
     fn = functools.partial(model.score, head=head)
     scores = score_items(fn, data.texts, data.offsets, data.image_rows, data.regions.get, batch_size=batch_size,
                          device=device, bf16=bf16, progress=progress)
-    record = fp32_record() if not bf16 else {"precision": "bf16"}
+    record = plain_record(bf16)
     if bf16 and exact:
         pairs, where = item_pairs(data.offsets, data.image_rows)
         flat = where[:, 0] * scores.shape[1] + where[:, 1]  # pair row -> [n, k] flat
         row_of = torch.full((scores.numel(),), -1, dtype=torch.long)
         row_of[flat] = torch.arange(len(pairs))
         kw = dict(batch_size=batch_size, device=device, bf16=False, shard=True)
+        regions = memoized(data.regions.get)  # each image read once for every re-scoring
 
         def rescore(idx):
-            return score_pairs(fn, pairs[row_of[idx]], data.texts, data.regions.get, **kw)
+            return score_pairs(fn, pairs[row_of[idx]], data.texts, regions, **kw)
 
         def replan(idx):
             out = torch.full((scores.numel(),), float("nan"))
-            out[flat] = score_pairs(fn, pairs, data.texts, data.regions.get, only=row_of[idx], **kw)
+            out[flat] = score_pairs(fn, pairs, data.texts, regions, only=row_of[idx], **kw)
             return out
         scores, record = exact_choices(scores, rescore, replan)
     results = set_results(data.set, scores, n_boot=n_boot, seed=seed)
