@@ -42,6 +42,40 @@ def inside(path: PathLike, folder: PathLike) -> bool:
     return p == f or f in p.parents
 
 
+MAX_STEM_BYTES = 200  # file names are at most 255 bytes; room for the suffixes the writers add
+
+
+def file_stem(name, what: str = "id") -> str:
+    """An item id from a data file (example id, image id) as one file name component that
+    cannot leave its folder: every character other than letters, digits, ``_``, ``-`` and
+    ``.`` (``/``, ``\\``, ``%``, NUL, ...) is percent-encoded, and so is a leading ``.`` (no
+    ``.``, ``..`` or hidden file). The encoding is one-to-one: two ids never share a file."""
+    from urllib.parse import quote
+
+    text = str(name)
+    stem = quote(text, safe="")  # keeps A-Z a-z 0-9 _ . - ~
+    stem = stem.replace("~", "%7E")
+    if stem.startswith("."):
+        stem = "%2E" + stem[1:]
+    if not stem:
+        raise CacrError(f"{what} {text!r}: empty; expected a non-empty id")
+    if len(stem.encode()) > MAX_STEM_BYTES:
+        raise CacrError(f"{what} {text[:40]!r}...: too long for a file name ({len(stem.encode())} bytes encoded, "
+                        f"at most {MAX_STEM_BYTES})")
+    return stem
+
+
+def item_path(folder: PathLike, name: str, what: str = "id") -> Path:
+    """``folder / name`` for a per-item file whose name was built from an id; refused (one
+    line) unless it lies directly in ``folder``: nothing is written outside an output folder."""
+    folder = Path(folder)
+    path = folder / name
+    if Path(name).name != name or name in ("", ".", "..") or path.parent.resolve() != folder.resolve():
+        raise CacrError(f"{what}: file name {name!r} would leave the output folder {folder}; expected a name "
+                        f"without path separators or '..'")
+    return path
+
+
 def check_writable_dir(folder: PathLike, what: str) -> Path:
     """Create ``folder`` if needed and prove a file can be created in it (before any scoring)."""
     folder = Path(folder)
@@ -97,12 +131,26 @@ def remove_stale_temps(path: PathLike) -> int:
     return n
 
 
+class WriteError(CacrError, OSError):
+    """An output file that could not be written, in one line naming it (its old content kept)."""
+
+    def __init__(self, path: PathLike, e: OSError):
+        what = "existing content kept" if Path(path).exists() else "nothing written"
+        super().__init__(f"{path}: cannot write ({e.strerror or e}); {what}, no temporary file left")
+        self.errno = e.errno
+
+
 def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path`` (mode
-    0644 under the usual umask; the temporary file is removed on any failure or interrupt)."""
+    0644 under the usual umask; the temporary file is removed on any failure or interrupt).
+    A write error (disk full, file too large, read-only folder) is a :class:`WriteError`
+    naming ``path``; an existing ``path`` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise WriteError(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -110,9 +158,11 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
             os.fsync(f.fileno())
         publish_mode(tmp)  # mkstemp's 0600 would hide results from colleagues on a shared machine
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(path, e) from None
         raise
     return path
 

@@ -205,6 +205,7 @@ def pair_pictures(att: PairAttention, out_dir: Path, stem: str, *, image: Option
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
     from cacr.evaluation.scorefile import write_results_json
+    from cacr.outputs import item_path
 
     from . import inputs, pictures
 
@@ -226,7 +227,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     logged: Dict[str, Path] = {}
     for pair, att in zip(pairs, records):
         image, source = inputs.background(pair, image_file=args.image_file, image_dir=args.image_dir)
-        att.save_npz(out_dir / f"{pair.stem}_attention.npz")
+        att.save_npz(item_path(out_dir, f"{pair.stem}_attention.npz", pair.label))  # the stem's ids made safe
         views = [(pair.stem, att)] if args.heads == "mean" else \
             [(f"{pair.stem}_head{k}", att.head(k)) for k in range(att.S_LL.shape[0])]
         entry = {"label": pair.label, "image_id": pair.image_id, "words": att.words, "score": att.score,

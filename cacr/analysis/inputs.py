@@ -25,6 +25,7 @@ from torch import nn
 
 from cacr.data.sources import OpenedData
 from cacr.model import PairExample
+from cacr.outputs import file_stem, item_path
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -148,7 +149,7 @@ def winoground_pairs(src: Sources, example_id: str, which: str = "matched",
         out.append(Pair(pair, _words(src.tokenizer, pair.input_ids.tolist()),
                         label=f"example {example_id}: caption_{c} {getattr(ex, f'caption_{c}')!r} / image_{i} "
                               f"({image_id})",
-                        stem=f"ex{example_id}_c{c}_i{i}", image_id=image_id,
+                        stem=f"ex{file_stem(example_id, '--example')}_c{c}_i{i}", image_id=image_id,
                         scene=_scene(Path(scenes) if scenes else None, image_id, pair.img_pos_feat),
                         scene_source=str(scenes) if scenes else None))
     return out
@@ -177,7 +178,7 @@ def free_pair(src: Sources, text: str, image_id: str, regions: Optional[str] = N
     check_inputs(src.model, [ids], [f"--text {text!r}"], store.feature_dim, str(path))
     if scenes is None and not regions:
         scenes = synthetic_scenes(src.cfg, "main")
-    stem = "pair_" + "".join(ch if ch.isalnum() else "_" for ch in image_id)
+    stem = "pair_" + file_stem(image_id, "--image-id")
     return Pair(PairExample(ids, feat, box), _words(tok, ids.tolist()), label=f"{text!r} / {image_id}", stem=stem,
                 image_id=image_id, scene=_scene(Path(scenes) if scenes else None, image_id, box),
                 scene_source=str(scenes) if scenes else None)
@@ -204,7 +205,7 @@ def background(pair: Pair, image_file: Optional[str] = None,
         return load_image(image_file), f"file {image_file}"
     if image_dir:
         for suffix in IMAGE_SUFFIXES:
-            p = Path(image_dir) / f"{pair.image_id}{suffix}"
+            p = item_path(image_dir, f"{pair.image_id}{suffix}", f"image id {pair.image_id!r}")  # read in it only
             if p.is_file():
                 return load_image(p), f"file {p}"
         raise FileNotFoundError(f"{image_dir}: no {pair.image_id}{{{','.join(IMAGE_SUFFIXES)}}}")

@@ -117,16 +117,20 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m cacr.data.render", description=__doc__.split("\n\n")[0])
     p.add_argument("--scenes", required=True, help="scenes.jsonl of a synthetic world")
     p.add_argument("--image-id", required=True, nargs="+", help="image id(s), e.g. ex_0_img_0 syn_test_00003")
-    p.add_argument("--out", required=True, help="output folder (one <image_id>.png each)")
+    p.add_argument("--out", required=True, help="output folder (one <image_id>.png each; characters other than "
+                   "letters, digits, _ - . percent-encoded, so no id leaves the folder)")
     p.add_argument("--size", type=int, default=384, help="picture side in pixels")
     a = p.parse_args(argv)
+    from cacr.errors import one_line
+    from cacr.outputs import file_stem
+
     try:
         for image_id in a.image_id:
             regions = scene_regions(a.scenes, image_id)
             picture = render_scene(regions, a.size, where=f"{a.scenes} {image_id}")
-            print(save_png(picture, Path(a.out) / f"{image_id}.png"))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        sys.exit(f"cacr.data.render: {e.args[0] if isinstance(e, KeyError) else e}")
+            print(save_png(picture, Path(a.out) / f"{file_stem(image_id, '--image-id')}.png"))
+    except (ValueError, KeyError, OSError) as e:  # OSError: a write error names its path
+        sys.exit(f"cacr.data.render: {one_line(e)}")
 
 
 if __name__ == "__main__":

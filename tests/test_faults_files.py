@@ -1,0 +1,149 @@
+"""Faults of issue 30 around files (docs/faults.md lists every case): ids that become file
+names never leave their output folder, run directories holding someone else's files are
+not claimed, a copied run uses its own checkpoints, write errors are one line naming the
+path. Every case checks that pre-existing files keep their SHA-256 sums."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cacr.errors import CacrError
+from cacr.outputs import WriteError, atomic_write, atomic_write_text, file_stem, item_path
+
+from .conftest import REPO, synthetic_world
+from .test_faults import ENV, last_line, no_traceback, sums, unchanged
+
+WORLD = dict(n_train=20, n_val=8, n_test=8, n_winoground=8)
+HOSTILE = ["/../../TRAVERSAL", "../../TRAVERSAL", "..", ".", "a/b\\c", "%2F..%2F", "~", ".hidden", "x\x00y"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return synthetic_world(tmp_path_factory.mktemp("world"), WORLD)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from cacr.model import UniterConfig, build_uniter
+
+    torch.manual_seed(0)
+    model = build_uniter(UniterConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=64, img_dim=64)).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"model_config": model.config.to_dict()}, "global_step": 3}, path)
+    return path
+
+
+def files_under(root: Path) -> set:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+# --------------------------------------------------------------------------- ids as file names
+
+
+def test_file_stems_of_hostile_ids_stay_in_their_folder_and_never_collide(tmp_path):
+    stems = [file_stem(i) for i in HOSTILE + ["ex_0_img_0", "TRAVERSAL", "a%2Fb%5Cc"]]
+    assert len(set(stems)) == len(stems)  # one-to-one: two ids never share a file
+    assert file_stem("ex_0_img_0") == "ex_0_img_0"
+    for s in stems:
+        assert "/" not in s and "\\" not in s and "\x00" not in s and not s.startswith(".")
+        assert item_path(tmp_path, s + ".png").parent == tmp_path
+    with pytest.raises(CacrError, match="would leave the output folder"):
+        item_path(tmp_path, "../x.png")
+    with pytest.raises(CacrError, match="empty"):
+        file_stem("")
+
+
+def test_attention_example_id_with_a_path_never_writes_outside_out(tmp_path, world, ckpt):
+    """Issue 30, 1: ``--example /../../TRAVERSAL`` replaced a file outside ``--out``."""
+    paths, overrides = world
+    lines = paths.winoground_examples.read_text().splitlines()
+    first = json.loads(lines[0])
+    hostile = "/../../TRAVERSAL"
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text("\n".join([json.dumps({**first, "id": hostile}), *lines[1:]]) + "\n")
+    out = tmp_path / "a" / "b" / "out"
+    out.mkdir(parents=True)
+    for victim in (tmp_path / "a" / "b" / "TRAVERSAL_c0_i0_attention.npz", tmp_path / "a" / "TRAVERSAL_c0_i0_attention.npz"):
+        victim.write_bytes(b"the user's file")
+    before = sums(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "cacr.analysis.attention", "--ckpt", str(ckpt), "--example", hostile,
+                           "--figures", "heatmap", "--direction", "LV", "--out", str(out), *overrides,
+                           f"examples={examples}", f"regions={paths.winoground_regions}"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert unchanged(before, tmp_path)
+    new = files_under(tmp_path) - {Path(p) for p in before}
+    assert new and all(out in p.parents for p in new), sorted(map(str, new))
+    assert (out / f"ex{file_stem(hostile)}_c0_i0_attention.npz").is_file()
+
+
+def test_render_image_id_with_a_path_never_writes_outside_out(tmp_path, world):
+    """Issue 30, 2: an image id ``../../RENDER_TRAV`` in scenes.jsonl replaced a PNG outside ``--out``."""
+    paths, _ = world
+    lines = paths.winoground_scenes.read_text().splitlines()
+    hostile = "../../RENDER_TRAV"
+    scenes = tmp_path / "scenes.jsonl"
+    scenes.write_text("\n".join([json.dumps({**json.loads(lines[0]), "image_id": hostile}), *lines[1:]]) + "\n")
+    out = tmp_path / "a" / "b" / "out"
+    out.mkdir(parents=True)
+    victim = tmp_path / "a" / "RENDER_TRAV.png"
+    victim.write_bytes(b"the user's picture")
+    before = sums(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "cacr.data.render", "--scenes", str(scenes), "--image-id", hostile,
+                           "--out", str(out), "--size", "32"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert unchanged(before, tmp_path)
+    assert files_under(tmp_path) - {Path(p) for p in before} == {out / f"{file_stem(hostile)}.png"}
+
+
+# --------------------------------------------------------------------------- write errors
+
+
+def test_write_error_names_the_path_and_leaves_no_temporary_file(tmp_path):
+    """Issue 30, 5: ``[Errno 27] File too large`` named no path; the old output stays."""
+    target = tmp_path / "results.json"
+    atomic_write_text(target, "old")
+
+    def too_large(f):
+        f.write(b"partial")
+        raise OSError(errno.EFBIG, "File too large")
+
+    with pytest.raises(WriteError) as e:
+        atomic_write(target, too_large)
+    assert str(e.value) == f"{target}: cannot write (File too large); existing content kept, no temporary file left"
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def file_size_limit(n_bytes):
+    """``preexec_fn`` of a child whose files may not grow past ``n_bytes`` (EFBIG, even for root)."""
+    def limit():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death by signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, n_bytes))
+    return limit
+
+
+def test_export_past_the_file_size_limit_is_one_line(tmp_path, ckpt):
+    """Issue 30, 5: a write error of ``python -m cacr.model.export`` was a traceback (PermissionError, EFBIG)."""
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"old export")
+    before = sums(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "cacr.model.export", str(ckpt), str(out), "--overwrite"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120,
+                          preexec_fn=file_size_limit(4096))
+    assert proc.returncode != 0 and no_traceback(proc), proc.stderr
+    assert last_line(proc) == f"cacr.model.export: {out}: cannot write (File too large); existing content kept, " \
+                              f"no temporary file left"
+    assert sums(tmp_path) == before  # the old output, and no temporary file
