@@ -91,6 +91,55 @@ def holds_a_run(path, hydra_files: bool = True) -> bool:
             or (hydra_files and (p / ".hydra" / "config.yaml").exists()))
 
 
+def made_by_a_run(path) -> bool:
+    """Whether ``path`` was made by a run of this project: the claim file a run leaves
+    (``.lock``, ``pid P on H since ...``), or an earlier run's files."""
+    lock = Path(path) / LOCK_NAME
+    try:
+        if lock.is_file() and lock.read_bytes()[:4] in (b"pid ", b""):
+            return True
+    except OSError:
+        pass
+    return holds_a_run(path)
+
+
+def check_claimable(path, reuse: bool = False, what: str = "run_dir") -> None:
+    """Refuse (one line) a folder that holds anything not made by a run of this project,
+    unless ``reuse`` (``run_dir_reuse=true``): a user's own files are never overwritten."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise CacrError(f"{what}={p}: is a file, expected a folder for the run")
+    try:
+        names = sorted(os.listdir(p)) if p.is_dir() else []
+    except OSError as e:
+        raise CacrError(f"{what}={p}: cannot read the folder ({e.strerror or e})") from None
+    if names and not reuse and not made_by_a_run(p):
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise CacrError(f"{what}={p}: holds files not made by a run of this project ({shown}); choose an empty or "
+                        f"new folder, or pass run_dir_reuse=true to run there (a file of the same name is replaced)")
+
+
+def complete_checkpoint(path) -> Optional[Path]:
+    """The checkpoint to resume the run in ``path`` from: ``checkpoints/last.ckpt``, else the
+    newest ``checkpoints/*.ckpt`` (never a half-written ``*.tmp-*``); None if there is none."""
+    ckpts = Path(path) / "checkpoints"
+    if (ckpts / "last.ckpt").is_file():
+        return ckpts / "last.ckpt"
+    found = sorted(ckpts.glob("*.ckpt"), key=lambda q: q.stat().st_mtime) if ckpts.is_dir() else []
+    return found[-1] if found else None
+
+
+def earlier_run(path) -> CacrError:
+    """The one-line refusal of a ``run_dir`` that holds an earlier run, with advice that names
+    a checkpoint that exists."""
+    ckpt = complete_checkpoint(path)
+    if ckpt is not None:
+        return CacrError(f"run_dir={path}: holds an earlier run; resume it with ckpt_path={ckpt} or choose another "
+                         f"run_dir")
+    return CacrError(f"run_dir={path}: holds an earlier run that left no complete checkpoint to resume from; "
+                     f"choose another run_dir")
+
+
 def resume_dir(ckpt_path) -> Optional[Path]:
     """``<dir>`` for ``ckpt_path = <dir>/checkpoints/<name>.ckpt``, else None."""
     if not ckpt_path:
@@ -113,9 +162,10 @@ def unique_dir(base) -> Path:
     raise CacrError(f"{base}: no free directory name")
 
 
-def hydra_run_dir(run_dir=None, ckpt_path=None, default=None) -> str:
-    """Resolver ``cacr.run_dir`` of ``hydra.run.dir``: the directory of a single run, claimed."""
-    memo = ("run", run_dir, ckpt_path, default)
+def hydra_run_dir(run_dir=None, ckpt_path=None, default=None, reuse=False) -> str:
+    """Resolver ``cacr.run_dir`` of ``hydra.run.dir``: the directory of a single run, claimed
+    (an explicit ``run_dir`` only when empty or made by a run, or ``reuse``: ``run_dir_reuse``)."""
+    memo = ("run", run_dir, ckpt_path, default, reuse)
     if memo in _resolved:
         return _resolved[memo]
     from cacr.paths import resolve_path
@@ -125,11 +175,13 @@ def hydra_run_dir(run_dir=None, ckpt_path=None, default=None) -> str:
         path = Path(_key(run_dir)) if run_dir else (here or Path(_key(default)))
     elif run_dir:
         path = Path(_key(run_dir))
-        if path.exists() and holds_a_run(path) and not same_dir(here, path):
+        if not same_dir(here, path):
+            check_claimable(path, reuse=str(reuse).lower() == "true")
+        # Hydra's files alone (a run that stopped before its first checkpoint) are not a run to keep
+        if path.exists() and holds_a_run(path, hydra_files=False) and not same_dir(here, path):
             claim(path)  # a running one is refused as in use
             release(path)
-            raise CacrError(f"run_dir={path}: holds an earlier run; resume it with "
-                            f"ckpt_path={path}/checkpoints/last.ckpt or choose another run_dir")
+            raise earlier_run(path)
         _note_resume(path, here)
         claim(path)
     elif here is not None and here.is_dir():

@@ -227,12 +227,13 @@ def run(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Dict[st
     claimed = False
     if primary_process() and not rundir.holds(run_dir):
         here = resume is not None and rundir.same_dir(rundir.resume_dir(resume.path), run_dir)
+        if not here and cfg.get("run_dir"):
+            rundir.check_claimable(run_dir, reuse=bool(cfg.get("run_dir_reuse", False)))
         rundir.claim(run_dir)
         claimed = True
         if not here and rundir.holds_a_run(run_dir, hydra_files=False):
             rundir.release(run_dir)
-            raise ConfigError(f"run_dir={run_dir}: holds an earlier run; resume it with "
-                              f"ckpt_path={run_dir}/checkpoints/last.ckpt or choose another run_dir")
+            raise rundir.earlier_run(run_dir)
     try:
         if resume is not None and resume.finished and not cfg.get("rerun_eval"):
             for d in dict.fromkeys([run_dir, rundir.resume_dir(resume.path)]):
@@ -255,7 +256,8 @@ class RunFinished(Exception):
 def recorded_config(resolved: Dict[str, Any]) -> Dict[str, Any]:
     """The resolved config as ``results.json`` records it: without ``ckpt_path``, so a run
     resumed in its own directory writes the file the uninterrupted run writes."""
-    return {k: v for k, v in resolved.items() if k not in ("ckpt_path", "resume_override", "rerun_eval")}
+    return {k: v for k, v in resolved.items()
+            if k not in ("ckpt_path", "resume_override", "rerun_eval", "run_dir_reuse")}
 
 
 def _best_weights(best_path: str, ckpt_dir: Path) -> str:

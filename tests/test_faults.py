@@ -182,7 +182,7 @@ def test_a_directory_holding_a_run_is_not_reused(tmp_path, world):
     rd.mkdir()
     (rd / "results.json").write_text('{"retrieval": {}}\n')
     before = sums(rd)
-    with pytest.raises(ValueError, match="holds an earlier run; resume it with ckpt_path="):
+    with pytest.raises(ValueError, match="holds an earlier run that left no complete checkpoint"):
         run(compose_train(world[0], *RUN, f"run_dir={rd}"))
     assert unchanged(before, rd) and not rundir.holds(rd)
 

@@ -147,3 +147,73 @@ def test_export_past_the_file_size_limit_is_one_line(tmp_path, ckpt):
     assert last_line(proc) == f"cacr.model.export: {out}: cannot write (File too large); existing content kept, " \
                               f"no temporary file left"
     assert sums(tmp_path) == before  # the old output, and no temporary file
+
+
+# --------------------------------------------------------------------------- run directories
+
+
+@pytest.fixture(scope="module")
+def train_world(tmp_path_factory):
+    from .test_faults import WORLD as TRAIN_WORLD
+
+    root = tmp_path_factory.mktemp("train_world")
+    synthetic_world(root, TRAIN_WORLD, config="train")
+    return root
+
+
+def test_run_dir_with_the_users_own_files_is_refused(tmp_path, train_world):
+    """Issue 30, 3: ``run_dir=DIR`` holding the user's ``metrics.csv`` and ``winoground_scores.jsonl``
+    overwrote both."""
+    from .test_faults import RUN, TINY, error_lines, train_cli
+
+    rd = tmp_path / "mine"
+    rd.mkdir()
+    (rd / "metrics.csv").write_text("step,my_metric\n0,1.0\n")
+    (rd / "winoground_scores.jsonl").write_text('{"label": "0_c0_i0", "score": 1.0}\n')
+    before = sums(rd)
+    proc = train_cli(*TINY, f"data.root={train_world}", *RUN, f"run_dir={rd}")
+    assert proc.returncode == 1 and no_traceback(proc), proc.stderr[-2000:]
+    assert error_lines(proc) == [f"train.py: run_dir={rd}: holds files not made by a run of this project (metrics.csv, "
+                                 f"winoground_scores.jsonl); choose an empty or new folder, or pass run_dir_reuse=true "
+                                 f"to run there (a file of the same name is replaced)"]
+    assert sums(rd) == before and sorted(p.name for p in rd.iterdir()) == ["metrics.csv", "winoground_scores.jsonl"]
+
+
+def test_run_dir_reuse_flag_claims_a_foreign_folder(tmp_path):
+    from cacr import rundir
+
+    rd = tmp_path / "mine"
+    rd.mkdir()
+    (rd / "notes.txt").write_text("mine")
+    with pytest.raises(CacrError, match="holds files not made by a run of this project"):
+        rundir.hydra_run_dir(str(rd), None, str(tmp_path / "default"), False)
+    assert rundir.hydra_run_dir(str(rd), None, str(tmp_path / "default"), True) == str(rd)
+    rundir.release(rd)
+    assert (rd / "notes.txt").read_text() == "mine"
+
+
+def test_earlier_run_advice_names_a_checkpoint_that_exists(tmp_path):
+    """Issue 30, misleading: after a DDP rank died (only ``last.ckpt.tmp-*``) or a run failed before its
+    first checkpoint, the advice named ``checkpoints/last.ckpt``, which did not exist."""
+    from cacr import rundir
+
+    failed = tmp_path / "failed"  # stopped on a bad setting: Hydra's files and the claim only
+    (failed / ".hydra").mkdir(parents=True)
+    (failed / ".hydra" / "config.yaml").write_text("train: {max_steps: 0}\n")
+    rundir.claim(failed)
+    rundir.release(failed)
+    assert rundir.hydra_run_dir(str(failed), None, str(tmp_path / "d"), False) == str(failed)  # nothing to keep
+    rundir.release(failed)
+
+    died = tmp_path / "died"
+    (died / "checkpoints").mkdir(parents=True)
+    (died / "checkpoints" / "last.ckpt.tmp-12345").write_bytes(b"half")
+    with pytest.raises(CacrError) as e:
+        rundir.hydra_run_dir(str(died), None, str(tmp_path / "d"), False)
+    assert str(e.value) == (f"run_dir={died}: holds an earlier run that left no complete checkpoint to resume "
+                            f"from; choose another run_dir")
+    (died / "checkpoints" / "best-step4.ckpt").write_bytes(b"a checkpoint")
+    with pytest.raises(CacrError) as e:
+        rundir.hydra_run_dir(str(died), None, str(tmp_path / "d"), False)
+    assert f"resume it with ckpt_path={died / 'checkpoints' / 'best-step4.ckpt'} " in str(e.value)
+    assert not rundir.holds(died)
