@@ -53,6 +53,16 @@ def exit_on_error(prog: str, e: BaseException) -> NoReturn:
     sys.exit(f"{prog}: {one_line(e)}")
 
 
+def exit_interrupted(prog: str, e: BaseException) -> NoReturn:
+    """End the program after SIGINT (or SIGTERM, SIGHUP: :class:`Interrupted`) with one line and
+    exit code 130; the clean-ups have run (results are written whole or not at all)."""
+    if debug():
+        raise e
+    what = str(e).strip() or "stopped by signal SIGINT"
+    print(f"{prog}: interrupted ({what}); no partial file left", file=sys.stderr)
+    sys.exit(130)
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM (or SIGHUP) turned into an exception, so that ``finally`` blocks and
     ``except BaseException`` clean-ups (temporary files, locks) run as on Ctrl-C."""

@@ -42,6 +42,9 @@ BOOKKEEPING_KEYS = {"ckpt_path", "run_dir", "run_dir_reuse", "resume_override", 
                     "module.compile_scoring", "module.eval_bf16", "trainer.enable_progress_bar",
                     "trainer.log_every_n_steps",
                     "data.store_device"}  # retired (2026-11-30): where the mining store lived; no effect on results
+# Model settings that change the shapes of the weights: no resume across them, even when overridden.
+SHAPE_KEYS = {f"model.config.{k}" for k in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                                             "max_position_embeddings", "type_vocab_size", "img_dim")}
 # May change together as long as the positives per optimizer step stay the same (README: a
 # 2-GPU run resumed on 1 GPU with twice the batch per device).
 LAYOUT_KEYS = {"trainer.devices", "trainer.num_nodes", "trainer.strategy", "data.batch_size"}
@@ -54,10 +57,40 @@ def _tmp(path: str) -> str:
 class BestCheckpoint(ModelCheckpoint):
     """``best-step{N}.ckpt``: the checkpoint with the highest ``val/rsum`` so far."""
 
-    def __init__(self, dirpath: str):
+    def __init__(self, dirpath: str, source_dir: Optional[str] = None):
         super().__init__(dirpath=dirpath, filename="best-step{step}", monitor="val/rsum", mode="max", save_top_k=1,
                          auto_insert_metric_name=False, enable_version_counter=False)
         self._pending: List[str] = []
+        self.source_dir = source_dir  # the checkpoints folder of the checkpoint resumed from
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Lightning's state, with the files of this run's checkpoint folder by name only: a
+        copied or moved run resumes and evaluates its own checkpoints."""
+        state = super().state_dict()
+        mine = Path(self.dirpath).resolve() if self.dirpath else None
+
+        def rel(p):
+            return Path(p).name if p and mine is not None and Path(p).resolve().parent == mine else p
+
+        for k in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if k in state:
+                state[k] = rel(state[k])
+        if isinstance(state.get("best_k_models"), Mapping):
+            state["best_k_models"] = {rel(k): v for k, v in state["best_k_models"].items()}
+        return state
+
+    def _own(self, p):
+        """A stored path as a file: a bare name lies beside the checkpoint resumed from; an
+        absolute one (older checkpoints) too, when a file of that name is there (a copied run)."""
+        if not p:
+            return p
+        base = Path(self.source_dir or self.dirpath or ".")
+        q = Path(p)
+        if not q.is_absolute():
+            return str(base / q)
+        if (base / q.name).is_file() and q.parent.resolve() != base.resolve():
+            return str(base / q.name)
+        return p
 
     @property
     def state_key(self) -> str:  # the key of the plain ModelCheckpoint it replaces (older checkpoints)
@@ -83,10 +116,11 @@ class BestCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         # Restored whatever the directory: the best so far may be a file of the run resumed from.
         self.best_model_score = state_dict["best_model_score"]
-        self.best_model_path = state_dict["best_model_path"]
-        self.kth_best_model_path = state_dict.get("kth_best_model_path", self.kth_best_model_path)
+        self.best_model_path = self._own(state_dict["best_model_path"])
+        self.kth_best_model_path = self._own(state_dict.get("kth_best_model_path", self.kth_best_model_path))
         self.kth_value = state_dict.get("kth_value", self.kth_value)
-        self.best_k_models = dict(state_dict.get("best_k_models", self.best_k_models))
+        self.best_k_models = {self._own(k): v for k, v in
+                              dict(state_dict.get("best_k_models", self.best_k_models)).items()}
 
 
 class LastCheckpoint(Checkpoint):
@@ -178,12 +212,86 @@ def stopped_state(ckpt: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
 class RecordConfig(pl.Callback):
     """Stores the resolved config (and the resume history) in every checkpoint."""
 
-    def __init__(self, config: Mapping[str, Any], history: Optional[List[Dict[str, Any]]] = None):
+    def __init__(self, config: Mapping[str, Any], history: Optional[List[Dict[str, Any]]] = None,
+                 data: Optional[Mapping[str, str]] = None):
         self.config = dict(config)
         self.history = list(history or [])
+        self.data = dict(data or {})  # data file role -> fingerprint (:func:`data_fingerprints`)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
-        checkpoint["cacr"] = {"config": self.config, "history": self.history}
+        checkpoint["cacr"] = {"config": self.config, "history": self.history, "data": self.data}
+
+
+FULL_HASH_BYTES = 256 << 20  # files up to this size are hashed whole; larger ones in sampled blocks
+SAMPLED_BLOCKS, BLOCK_BYTES = 64, 1 << 16
+
+
+def file_fingerprint(path) -> str:
+    """``sha256:<hex>`` of a data file's bytes (a folder such as an LMDB: of its files);
+    files over 256 MiB: of their size, 64 evenly spaced 64 KiB blocks and, for HDF5 files
+    of this project, the SHA-256 digests their string datasets carry."""
+    import hashlib
+
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    for q in files:
+        size = q.stat().st_size
+        h.update(f"{q.relative_to(p) if p.is_dir() else ''}:{size};".encode())
+        with open(q, "rb") as f:
+            if size <= FULL_HASH_BYTES:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                for k in range(SAMPLED_BLOCKS):
+                    f.seek(k * (size - BLOCK_BYTES) // (SAMPLED_BLOCKS - 1))
+                    h.update(f.read(BLOCK_BYTES))
+                if q.suffix in (".h5", ".hdf5"):
+                    h.update(_h5_digests(q).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _h5_digests(path: Path) -> str:
+    import h5py
+
+    from cacr.data.formats import DIGEST_ATTR
+
+    try:
+        with h5py.File(path, "r") as f:
+            return ";".join(f"{k}={f[k].attrs.get(DIGEST_ATTR, '')}" for k in sorted(f.keys()))
+    except OSError:
+        return ""
+
+
+def data_fingerprints(paths: Mapping[str, Any]) -> Dict[str, str]:
+    """Role (``regions``, ``captions``, ...) -> :func:`file_fingerprint` of each data file the
+    run reads; keyed by role, not path, so a data folder moved elsewhere is the same data."""
+    return {role: file_fingerprint(p) for role, p in sorted(paths.items()) if p is not None and Path(p).exists()}
+
+
+def data_changes(recorded: Mapping[str, str], now: Mapping[str, str]) -> List[str]:
+    """``<role>: changed`` (or gone, new) for every data file whose fingerprint differs from
+    the one the checkpoint recorded; [] for a checkpoint that recorded none."""
+    if not recorded:
+        return []
+    return [f"{role} {'changed' if role in recorded and role in now else 'gone' if role in recorded else 'new'} "
+            f"({recorded.get(role, '-')[:19]} -> {now.get(role, '-')[:19]})"
+            for role in sorted(set(recorded) | set(now)) if recorded.get(role) != now.get(role)]
+
+
+def check_data_unchanged(resume: Optional["ResumeInfo"], now: Mapping[str, str], allow: bool) -> List[str]:
+    """The data changes since the checkpoint of ``resume`` was written; a one-line refusal
+    naming the files unless ``allow`` (``resume_override=true``: the changes are recorded)."""
+    if resume is None:
+        return []
+    changes = data_changes(resume.data, now)
+    if changes and not allow:
+        raise CacrError(f"ckpt_path={resume.path}: the data differs from the run's: " + "; ".join(changes)
+                        + " (resume on the run's data files, or pass resume_override=true to accept and record "
+                          "the change)")
+    if changes:
+        log.warning("resuming %s on changed data (recorded): %s", resume.path, "; ".join(changes))
+    return changes
 
 
 # --------------------------------------------------------------------------- resume
@@ -199,6 +307,7 @@ class ResumeInfo:
     overridden: bool = False
     history: List[Dict[str, Any]] = field(default_factory=list)
     best_model_path: Optional[str] = None
+    data: Dict[str, str] = field(default_factory=dict)  # the data fingerprints recorded in the checkpoint
 
 
 def flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
@@ -292,7 +401,8 @@ def inspect_resume(cfg: DictConfig, resolved: Mapping[str, Any]) -> Optional[Res
     stored = ckpt.get("cacr") if isinstance(ckpt.get("cacr"), Mapping) else None
     info = ResumeInfo(path=path, step=step, finished=step >= max_steps or stopped_state(ckpt) is not None,
                       config=dict(stored["config"]) if stored else None,
-                      history=list(stored.get("history", [])) if stored else [])
+                      history=list(stored.get("history", [])) if stored else [],
+                      data=dict(stored.get("data") or {}) if stored else {})
     best = best_state(ckpt)
     info.best_model_path = best.get("best_model_path") if best else None
     del ckpt
@@ -307,6 +417,11 @@ def inspect_resume(cfg: DictConfig, resolved: Mapping[str, Any]) -> Optional[Res
         log.warning("%s: written before the settings %s existed; resuming with their current values", path,
                     ", ".join(f"{k}={flatten(resolved)[k]!r}" for k in added))
     info.diff = config_diff(info.config, resolved)
+    reshaped = [d for d in info.diff if d.split(":")[0] in SHAPE_KEYS]
+    if reshaped and cfg.get("resume_override"):
+        raise CacrError(f"ckpt_path={path}: {'; '.join(reshaped)} changes the shapes of the checkpoint's weights, "
+                        f"which resume_override=true cannot accept; resume with the checkpoint's model settings or "
+                        f"start a new run")
     if info.diff:
         if not cfg.get("resume_override"):
             raise CacrError(f"ckpt_path={path}: the config differs from the checkpoint's: " + "; ".join(info.diff)

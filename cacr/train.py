@@ -282,7 +282,8 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
     from cacr.checks import check_data
     from cacr import rundir
     from cacr.module import RetrievalModule
-    from cacr.resume import BestCheckpoint, LastCheckpoint, RecordConfig, StopAtBinding
+    from cacr.resume import (BestCheckpoint, LastCheckpoint, RecordConfig, StopAtBinding, check_data_unchanged,
+                             data_fingerprints)
     from cacr.train_data import TrainingDataModule
 
     resolved = resolved if resolved is not None else OmegaConf.to_container(cfg, resolve=True)
@@ -306,15 +307,17 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
 
         for name in {p.name.split(".tmp-")[0] for p in ckpt_dir.glob("*.ckpt.tmp-*")}:
             remove_stale_temps(ckpt_dir / name)  # half-written checkpoints of a killed run
-    best = BestCheckpoint(str(ckpt_dir))
+    best = BestCheckpoint(str(ckpt_dir), source_dir=str(Path(resume.path).parent) if resume is not None else None)
     # last.ckpt: the latest state, after every validation (once the best is decided) and at
     # the end of training, so a resume from it repeats no validation and knows the best so far.
     last = LastCheckpoint(str(ckpt_dir), best)
+    fingerprints = data_fingerprints(dm.paths)  # on every rank: all refuse a changed resume alike
+    changed = check_data_unchanged(resume, fingerprints, allow=bool(cfg.get("resume_override")))
     history = list(resume.history) if resume is not None else []
     if resume is not None:
         history.append({"resumed_at_step": resume.step, "from": str(resume.path),
-                        "config_changes": resume.diff if resume.overridden else []})
-    record = RecordConfig(recorded_config(resolved), history)
+                        "config_changes": resume.diff if resume.overridden else [], "data_changes": changed})
+    record = RecordConfig(recorded_config(resolved), history, data=fingerprints)
     from cacr.dashboards import dashboard_callbacks, log_final_dashboards
 
     stop = cfg.train.get("stop_at_binding")
@@ -358,8 +361,8 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
         results.update(module.final_evaluation(test=cfg.eval.test, winoground=cfg.eval.winoground,
                                                n_boot=cfg.eval.n_boot, output_dir=run_dir))
         results["config"] = recorded_config(resolved)
-        if any(h["config_changes"] for h in history):
-            results["resumes"] = history  # accepted config changes (resume_override=true) stay on record
+        if history:
+            results["resumes"] = history  # every resume, with the config and data changes it accepted
         if trainer.is_global_zero:
             from cacr.evaluation.scorefile import write_results_json
 
@@ -399,7 +402,7 @@ def main_entry(cfg: DictConfig) -> Dict[str, Any]:
     import sys
 
     from cacr.checks import SettingsError
-    from cacr.errors import EXPECTED, debug, exit_on_error, raise_on_termination
+    from cacr.errors import EXPECTED, debug, exit_interrupted, exit_on_error, raise_on_termination
 
     raise_on_termination()  # SIGTERM runs the clean-ups of Ctrl-C (temporary files, the run lock)
     try:
@@ -413,6 +416,8 @@ def main_entry(cfg: DictConfig) -> Dict[str, Any]:
         sys.exit("\n".join(f"train.py: {line}" for line in e.lines))
     except EXPECTED as e:
         exit_on_error("train.py", e)
+    except KeyboardInterrupt as e:  # the run's clean-ups (temporary files, the lock) have run
+        exit_interrupted("train.py", e)
     from pytorch_lightning.utilities import rank_zero_only
 
     @rank_zero_only

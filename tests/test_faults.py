@@ -575,6 +575,7 @@ def _normalised_results(rd: Path, name: str) -> dict:
     text = (rd / "results.json").read_text().replace(str(rd), "<run>")
     res = json.loads(text)
     res["config"].pop("run_dir", None)
+    res.pop("resumes", None)  # a resumed run lists its resumes; the rest is the uninterrupted run's
     return res
 
 

@@ -217,3 +217,129 @@ def test_earlier_run_advice_names_a_checkpoint_that_exists(tmp_path):
         rundir.hydra_run_dir(str(died), None, str(tmp_path / "d"), False)
     assert f"resume it with ckpt_path={died / 'checkpoints' / 'best-step4.ckpt'} " in str(e.value)
     assert not rundir.holds(died)
+
+
+# --------------------------------------------------------------------------- a run knows its own files
+
+
+@pytest.fixture(scope="module")
+def trained(train_world, tmp_path_factory):
+    """A finished 8-step run of the fault suite's tiny setting."""
+    from cacr.train import run
+
+    from .test_faults import RUN, compose_train
+
+    rd = tmp_path_factory.mktemp("trained") / "orig"
+    torch.set_num_threads(1)
+    run(compose_train(train_world, *RUN, f"run_dir={rd}"))
+    return rd
+
+
+def test_a_copied_run_evaluates_its_own_checkpoints(trained, train_world, tmp_path):
+    """Issue 30, 4: after ``cp -a runs/orig runs/copy``, ``rerun_eval=true`` on the copy evaluated
+    orig's best checkpoint through its stored absolute path."""
+    import shutil
+
+    from cacr.train import run
+
+    from .test_faults import RUN, compose_train
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy, symlinks=True)
+    before = sums(trained)
+    res = run(compose_train(train_world, *RUN, f"run_dir={copy}", f"ckpt_path={copy / 'checkpoints' / 'last.ckpt'}",
+                            "rerun_eval=true"))
+    assert Path(res["best_checkpoint"]).parent == copy / "checkpoints", res["best_checkpoint"]
+    assert Path(res["best_checkpoint"]).is_file() and unchanged(before, trained)
+    saved = json.loads((copy / "results.json").read_text())
+    assert [r["resumed_at_step"] for r in saved["resumes"]] == [8]  # every resume is listed
+
+
+def test_resume_on_changed_data_is_refused_then_recorded(trained, train_world, tmp_path):
+    """Issue 30, 5: ``captions.h5`` replaced between a kill and the resume went unnoticed."""
+    import shutil
+
+    import h5py
+
+    from cacr.train import run
+
+    from .test_faults import RUN, compose_train
+
+    moved = tmp_path / "data"
+    shutil.copytree(train_world, moved)
+    (captions,) = moved.rglob("captions.h5")
+    with h5py.File(captions, "r+") as f:
+        f.attrs["edited"] = "by hand"  # still a valid captions file, other bytes
+    src = trained / "checkpoints" / "last.ckpt"
+    before = sums(trained)
+    with pytest.raises(CacrError) as e:
+        run(compose_train(moved, *RUN, f"ckpt_path={src}", f"run_dir={tmp_path / 'r'}", "rerun_eval=true"))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"ckpt_path={src}: the data differs from the run's: captions changed (")
+    assert "resume_override=true" in msg and "regions" not in msg  # the moved but unchanged files are the same data
+    res = run(compose_train(moved, *RUN, f"ckpt_path={src}", f"run_dir={tmp_path / 'r2'}", "rerun_eval=true",
+                            "resume_override=true"))
+    assert [c.split(" (")[0] for c in res["resumes"][-1]["data_changes"]] == ["captions changed"]
+    assert json.loads((tmp_path / "r2" / "results.json").read_text())["resumes"] == res["resumes"]
+    assert unchanged(before, trained)
+
+
+def test_resume_with_other_weight_shapes_is_refused_before_loading(trained, train_world, tmp_path):
+    """Issue 30, 5: ``model.config.hidden_size`` changed with ``resume_override=true`` ended in a
+    ``size mismatch`` traceback."""
+    from cacr.train import run
+
+    from .test_faults import RUN, compose_train
+
+    src = trained / "checkpoints" / "last.ckpt"
+    with pytest.raises(CacrError) as e:
+        run(compose_train(train_world, *RUN, "model.config.hidden_size=64", "train.max_steps=10",
+                          f"ckpt_path={src}", f"run_dir={tmp_path / 'r'}", "resume_override=true"))
+    assert str(e.value).startswith(f"ckpt_path={src}: model.config.hidden_size: 32 -> 64 changes the shapes of the "
+                                   f"checkpoint's weights, which resume_override=true cannot accept")
+    assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------- score files
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npz"])
+def test_truncated_score_matrix_is_refused_like_a_truncated_checkpoint(tmp_path, suffix):
+    """Issue 30, 5: ``eval_retrieval.py scores=<truncated .pt>`` ended in a PytorchStreamReader traceback."""
+    from cacr.evaluation.scorefile import load_score_matrix, save_score_matrix
+
+    path = tmp_path / f"scores{suffix}"
+    save_score_matrix(path, torch.randn(10, 2), [f"c{i}" for i in range(10)], ["a", "b"], torch.arange(10) % 2)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError) as e:
+        load_score_matrix(path)
+    assert str(e.value).startswith(f"{path}: not a readable score matrix") and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- SIGINT
+
+SLOW_EVALUATOR = """
+import runpy, sys, time
+import cacr.evaluation.cli as c
+def slow(cfg):
+    print("scoring", flush=True)
+    time.sleep(120)
+c.run_retrieval = slow
+sys.argv = ["eval_retrieval.py", *sys.argv[1:]]
+runpy.run_path("eval_retrieval.py", run_name="__main__")
+"""
+
+
+def test_sigint_during_an_evaluation_is_one_line_and_exit_130(tmp_path):
+    """Issue 30, 5: SIGINT during ``eval_retrieval.py`` ended in a KeyboardInterrupt traceback."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EVALUATOR, f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stdout.readline().strip() == "scoring"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "eval_retrieval.py: interrupted (stopped by signal SIGINT); no partial " \
+                                           "file left"

@@ -231,7 +231,7 @@ def add_common_arguments(p: argparse.ArgumentParser, pictures: str) -> None:
 def run_command(prog: str, parser: argparse.ArgumentParser, run, argv=None) -> None:
     """Parse ``argv``, check the output folder is writable, and call ``run(args)``; bad input
     exits with one line naming ``prog`` (``CACR_DEBUG=1``: the traceback)."""
-    from cacr.errors import EXPECTED, exit_on_error, raise_on_termination
+    from cacr.errors import EXPECTED, exit_interrupted, exit_on_error, raise_on_termination
     from cacr.outputs import check_writable_dir
 
     args = parser.parse_args(argv)
@@ -242,3 +242,5 @@ def run_command(prog: str, parser: argparse.ArgumentParser, run, argv=None) -> N
         run(args)
     except EXPECTED as e:
         exit_on_error(prog, e)
+    except KeyboardInterrupt as e:
+        exit_interrupted(prog, e)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from cacr.errors import EXPECTED, exit_on_error
+from cacr.errors import EXPECTED, exit_interrupted, exit_on_error
 from cacr.winoground import read_winoground_examples
 
 from .datasets import winoground_problems
@@ -67,6 +67,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results = validate(args.files)
     except EXPECTED as e:  # a file that cannot even be opened as what it claims to be
         exit_on_error("python -m cacr.data.validate", e)
+    except KeyboardInterrupt as e:
+        exit_interrupted("python -m cacr.data.validate", e)
     bad = 0
     for p, probs in results.items():
         if probs:

@@ -78,13 +78,15 @@ def check_outputs(cfg: DictConfig, names: Sequence[str], inputs: Sequence[Option
 def guarded(prog: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run ``fn(cfg)``; bad input ends the program with one line ``prog: message``
     (``CACR_DEBUG=1`` or ``HYDRA_FULL_ERROR=1``: the traceback)."""
-    from cacr.errors import EXPECTED, exit_on_error, raise_on_termination
+    from cacr.errors import EXPECTED, exit_interrupted, exit_on_error, raise_on_termination
 
     raise_on_termination()
     try:
         return fn(cfg)
     except EXPECTED as e:
         exit_on_error(prog, e)
+    except KeyboardInterrupt as e:
+        exit_interrupted(prog, e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

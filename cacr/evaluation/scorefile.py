@@ -219,17 +219,29 @@ def load_score_matrix(path: PathLike) -> ScoreMatrix:
         raise FileNotFoundError(f"score matrix file not found: {path}")
     keys = ("scores", "caption_ids", "image_ids", "txt2img")
     if path.suffix == ".pt":
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure to read means: not a usable score file
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ValueError(f"{path}: not a readable score matrix, truncated or not written by torch.save "
+                             f"({type(e).__name__}: {first[:200]})") from None
         if not isinstance(obj, dict) or any(k not in obj for k in keys):
             raise ValueError(f"{path}: expected a dict with keys {list(keys)}")
         return _check_matrix(ScoreMatrix(*(obj[k] for k in keys)), str(path))
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in keys if k not in z.files]
-            if missing:
-                raise ValueError(f"{path}: missing array(s) {missing}")
-            return _check_matrix(ScoreMatrix(
-                torch.from_numpy(z["scores"]), z["caption_ids"].tolist(), z["image_ids"].tolist(),
-                torch.from_numpy(z["txt2img"]),
-            ), str(path))
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = [k for k in keys if k not in z.files]
+                if missing:
+                    raise ValueError(f"{path}: missing array(s) {missing}")
+                m = ScoreMatrix(torch.from_numpy(z["scores"]), z["caption_ids"].tolist(), z["image_ids"].tolist(),
+                                torch.from_numpy(z["txt2img"]))
+        except ValueError as e:
+            if str(e).startswith(f"{path}:"):
+                raise
+            raise ValueError(f"{path}: not a readable score matrix .npz ({e})") from None
+        except Exception as e:  # noqa: BLE001 - zipfile.BadZipFile, EOFError, OSError of a truncated file
+            raise ValueError(f"{path}: not a readable score matrix .npz, truncated? ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:200]})") from None
+        return _check_matrix(m, str(path))
     raise ValueError(f"{path}: score matrix files end in .pt or .npz")

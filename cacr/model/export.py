@@ -208,9 +208,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         info = export(args.ckpt, args.out, dtype=args.dtype, fmt=args.fmt, rank_into_itm=args.rank_into_itm,
                       overwrite=args.overwrite, config_out=args.config_out)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"cacr.model.export: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # OSError: a read or write error names its path
+        from cacr.errors import one_line
+
+        print(f"cacr.model.export: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("cacr.model.export: interrupted; no partial file left", file=sys.stderr)
+        return 130
     print(f"wrote {info['out']} ({info['tensors']} tensors, {info['parameters']:,} parameters, {info['dtype']}, "
           f"{info['format']} format) and {info['config']}")
     if info["img_dim"] != OFFICIAL_IMG_DIM:
