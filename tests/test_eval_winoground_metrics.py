@@ -1,7 +1,11 @@
 """Winoground scores: hand cases (ties, all-correct, all-wrong, one-sided), a loop twin,
-breakdowns and the seeded bootstrap against a loop twin."""
+breakdowns and the seeded BCa bootstrap against scipy's own call (cacr/evaluation/bootstrap.py)."""
+import numpy as np
 import pytest
 import torch
+from scipy import stats
+
+from cacr.evaluation.bootstrap import wilson
 
 from cacr.evaluation.winoground_metrics import (
     bootstrap_ci, breakdown, summarize, winoground_correct, winoground_results,
@@ -37,10 +41,22 @@ def test_all_correct_and_all_wrong():
     wrong = torch.tensor([ex(0., 1., 1., 0.)] * 5)
     r = winoground_results(right, n_boot=200)
     assert (r["text"], r["image"], r["group"], r["n"]) == (100.0, 100.0, 100.0, 5)
-    assert r["ci95"] == {"text": [100.0, 100.0], "image": [100.0, 100.0], "group": [100.0, 100.0],
-                         "binding": [100.0, 100.0]}
+    # every example the same: BCa is undefined, the Wilson interval of 5 of 5 (it was
+    # [100, 100] with the former percentile bootstrap, which collapses at the extremes)
+    lo = 100 * wilson(5, 5)[0]
+    assert lo == pytest.approx(56.55, abs=0.01)  # worked by hand in test_wilson_by_hand
+    assert r["ci95"] == {m: [lo, 100.0] for m in ("text", "image", "group", "binding")}
     r = winoground_results(wrong, n_boot=200)
     assert (r["text"], r["image"], r["group"]) == (0.0, 0.0, 0.0)
+    assert r["ci95"]["text"] == [0.0, pytest.approx(100 - lo)]
+
+
+def test_wilson_by_hand():
+    # p = 1, n = 5, z = 1.959964: centre = (1 + z^2/10) / (1 + z^2/5), half = z sqrt(z^2/100) / (1 + z^2/5)
+    z = 1.959963984540054
+    centre, half = (1 + z * z / 10) / (1 + z * z / 5), z * (z * z / 100) ** 0.5 / (1 + z * z / 5)
+    assert wilson(5, 5) == (pytest.approx(centre - half), 1.0)
+    assert wilson(0, 20)[0] == 0.0 and wilson(0, 20)[1] == pytest.approx(0.16113, abs=1e-5)
 
 
 def loop_correct(scores):
@@ -85,7 +101,7 @@ def test_breakdown_matches_subsets_and_multi_tags():
         breakdown(c, [["a"]] * 3, n_boot=0)
 
 
-def test_bootstrap_matches_loop_twin_and_is_seeded():
+def test_bootstrap_is_scipy_bca_and_is_seeded():
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(60, 2, 2, generator=g)
     c = winoground_correct(scores)
@@ -93,16 +109,11 @@ def test_bootstrap_matches_loop_twin_and_is_seeded():
     ci = bootstrap_ci(c, n_boot=n_boot, seed=7)
     assert ci == bootstrap_ci(c, n_boot=n_boot, seed=7)
     assert ci != bootstrap_ci(c, n_boot=n_boot, seed=8)
-    # Loop twin: the same draws (one chunk), per-resample means, linear-interpolated percentiles.
-    idx = torch.randint(60, (n_boot, 60), generator=torch.Generator().manual_seed(7))
+    # the obvious twin: scipy's BCa called directly on each score's 0/1 outcomes, same seed
     for m in ("text", "image", "group"):
-        vals = sorted(sum(float(c[m][i]) for i in row) / 60 for row in idx.tolist())
-        def pct(q):
-            pos = q * (n_boot - 1)
-            lo = int(pos)
-            return vals[lo] + (vals[min(lo + 1, n_boot - 1)] - vals[lo]) * (pos - lo)
-        assert ci[m][0] == pytest.approx(100 * pct(0.025), abs=1e-9)
-        assert ci[m][1] == pytest.approx(100 * pct(0.975), abs=1e-9)
+        x = c[m].double().numpy()
+        want = stats.bootstrap([x], np.mean, n_resamples=n_boot, method="BCa", rng=np.random.default_rng(7))
+        assert ci[m] == pytest.approx([100 * want.confidence_interval.low, 100 * want.confidence_interval.high])
         point = 100 * c[m].double().mean().item()
         assert ci[m][0] <= point <= ci[m][1]
 

@@ -17,8 +17,10 @@ from cacr.data.formats import RegionsWriter
 from cacr.data.synthetic_mc import multiple_choice_items, write_multiple_choice
 from cacr.data.tokenizer import SPECIAL_TOKENS
 from cacr.evaluation import cli
-from cacr.evaluation.multiple_choice import (accuracy_summary, correct_items, macro_of_resamples, macro_summary,
-                                             read_file, read_set, results_markdown, run_multiple_choice)
+from cacr.evaluation.bootstrap import macro_interval, macro_mean, wilson
+from cacr.evaluation.multiple_choice import (ARO_SYMMETRIC_RELATIONS, Item, MultipleChoiceSet, accuracy_summary,
+                                             correct_items, macro_summary, read_file, read_set, results_markdown,
+                                             run_multiple_choice, set_results)
 from cacr.evaluation.scorefile import read_score_file, read_winoground_examples
 from cacr.model import build_uniter, collate
 from cacr.model.batch import PairExample
@@ -31,8 +33,9 @@ FILES = {
     "vg_relation": MC / "aro" / "visual_genome_relation.json",
     "vg_attribution": MC / "aro" / "visual_genome_attribution.json",
     "coco_order": MC / "aro" / "coco_order.json",
+    "flickr30k_order": MC / "aro" / "flickr30k_order.json",
     "sugarcrepe": [MC / "sugarcrepe" / "replace_rel.json", MC / "sugarcrepe" / "swap_att.json"],
-    "valse": [MC / "valse" / "existence.json", MC / "valse" / "counting-hard.json"],
+    "valse": [MC / "valse" / "action-replacement.json", MC / "valse" / "existence.json"],
 }
 WORLD = dict(n_train=20, n_val=10, n_test=10, n_winoground=16)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,10 +46,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_readers_of_the_public_formats():
     fmt, items = read_file(FILES["vg_relation"])
-    assert fmt == "aro_relation" and len(items) == 4
+    assert fmt == "aro_relation" and len(items) == 5
     assert items[0].captions == ("the horse is eating the grass", "the grass is eating the horse")
     assert items[0].image == "2315375" and items[0].key == "visual_genome_relation/0"
-    assert [it.tags["relation"] for it in items] == ["eating", "on", "on", "eating"]
+    assert [it.tags["relation"] for it in items] == ["eating", "on", "on", "eating", "next to"]
+    assert items[2].box == (5.0, 5.0, 100.0, 80.0)  # ARO crops the image to bbox_x, bbox_y, bbox_w, bbox_h
 
     fmt, items = read_file(FILES["vg_attribution"])
     assert fmt == "aro_attribution" and items[1].tags == {"attributes": "brown_white"}
@@ -57,19 +61,42 @@ def test_readers_of_the_public_formats():
     assert items[0].image == "COCO_val2014_000000391895"
     assert read_file(FILES["coco_order"], image_key="path")[1][0].image == "val2014/COCO_val2014_000000391895.jpg"
     assert read_file(FILES["coco_order"], image_key="name")[1][0].image == "COCO_val2014_000000391895.jpg"
+    fmt, items = read_file(FILES["flickr30k_order"])
+    assert fmt == "aro_order" and items[1].captions[0] == items[1].captions[2]  # a perturbation that changed nothing
 
+    # SugarCrepe: items of the published files, unchanged
     s = read_set("sugarcrepe", [str(p) for p in FILES["sugarcrepe"]])
-    assert s.format == "sugarcrepe" and len(s.items) == 5
+    assert s.format == "sugarcrepe" and len(s.items) == 5 and s.kept is None
     assert s.items[0].key == "replace_rel/0" and s.items[0].image == "000000397133"
-    assert s.items[0].captions == ("a man is riding a horse", "a man is eating a horse")
+    assert s.items[0].captions == ("A man is in a kitchen making pizzas.",
+                                   "A man is in a kitchen cleaning up after making pizzas.")
     assert s.items[3].tags == {"category": "swap_att", "type": "swap", "target": "att"}
 
+    # VALSE: "foil" a string; only the valid items (mturk.caption >= 2) by default, counted
     v = read_set("valse", str(MC / "valse" / "*.json"))  # a glob, files in sorted order
-    assert [p.name for p in v.files] == ["counting-hard.json", "existence.json"]
-    assert v.format == "valse" and len(v.items) == 4
-    assert v.items[0].captions == ("there are two horses", "there are three horses", "there are four horses")
-    assert v.items[0].tags == {"piece": "counting-hard", "phenomenon": "counting"}
-    assert v.items[2].key == "existence/v7w_1" and v.items[2].image == "v7w_2315375"
+    assert [p.name for p in v.files] == ["action-replacement.json", "existence.json"]
+    assert v.format == "valse" and [it.key for it in v.items] == [
+        "action-replacement/actions_test_0", "existence/v7w_1", "existence/v7w_2"]
+    assert v.kept == {"rule": "mturk.caption >= 2", "kept": 3, "of": 5}
+    assert v.items[0].captions == ("A man exercises his torso.", "A torso exercises for a man.")
+    assert v.items[0].tags == {"piece": "action-replacement", "phenomenon": "actions"}
+    assert v.items[1].image == "v7w_2315375"
+    everything = read_set("valse", str(MC / "valse" / "*.json"), valse_valid_only=False)
+    assert len(everything.items) == 5 and everything.kept is None
+
+
+def test_image_key_template():
+    """Benchmark file names mapped to UNITER's feature keys (flickr30k_000000830354086-style)."""
+    _, items = read_file(FILES["flickr30k_order"], image_key="flickr30k_{stem:0>12}")
+    assert items[0].image == "flickr30k_001007129816"
+    _, items = read_file(FILES["sugarcrepe"][0], image_key="coco_val2014_{stem}")
+    assert items[0].image == "coco_val2014_000000397133"
+    _, items = read_file(FILES["coco_order"], image_key="{path}")
+    assert items[0].image == "val2014/COCO_val2014_000000391895.jpg"
+    with pytest.raises(ValueError, match=r"image_key='basename': expected one of \['stem', 'name', 'path'\] or a template"):
+        read_file(FILES["coco_order"], image_key="basename")
+    with pytest.raises(ValueError, match=r"image_key='\{file\}': not a template of \{stem\}, \{name\}, \{path\}"):
+        read_file(FILES["coco_order"], image_key="{file}")
 
 
 def _write(path: Path, obj) -> Path:
@@ -88,11 +115,6 @@ def test_malformed_files_one_line_errors_name_file_and_item(tmp_path):
     p = _write(tmp_path / "replace_obj.json", sc)
     with pytest.raises(ValueError, match=r"replace_obj.json: item '1': 'negative_caption' must be a non-empty"):
         read_file(p)
-    va = json.loads(FILES["valse"][0].read_text())
-    va["v7w_2"]["foils"] = []
-    p = _write(tmp_path / "existence.json", va)
-    with pytest.raises(ValueError, match=r"existence.json: item 'v7w_2': 'foils' must be a list of at least 1"):
-        read_file(p)
     with pytest.raises(ValueError, match=r"bad.json: malformed JSON \(.* line 1"):
         read_file(_write(tmp_path / "bad.json", "[{"))
     with pytest.raises(ValueError, match="cannot tell the format"):
@@ -106,6 +128,64 @@ def test_malformed_files_one_line_errors_name_file_and_item(tmp_path):
         read_set("mixed", [str(FILES["coco_order"]), str(FILES["sugarcrepe"][0])])
     with pytest.raises(FileNotFoundError, match="no file matches"):
         read_set("none", str(tmp_path / "*.nothing"))
+
+
+def _one_line(exc) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_near_misses_of_each_format_one_line_naming_file_item_field(tmp_path):
+    # VALSE: the invented list form ("foils": [...]) is not VALSE's layout
+    va = json.loads(FILES["valse"][1].read_text())
+    va["v7w_2"]["foils"] = [va["v7w_2"].pop("foil")]
+    p = _write(tmp_path / "existence.json", va)
+    with pytest.raises(ValueError) as e:
+        read_file(p)
+    assert _one_line(e).startswith(f"{p}: item 'v7w_2': 'foil' must be a non-empty string (VALSE's field")
+    # VALSE: no annotator votes, while the validity filter is on
+    va = json.loads(FILES["valse"][1].read_text())
+    del va["v7w_1"]["mturk"]
+    p = _write(tmp_path / "existence.json", va)
+    with pytest.raises(ValueError) as e:
+        read_file(p)
+    assert _one_line(e).startswith(f"{p}: item 'v7w_1': 'mturk' must be an object with an integer 'caption'")
+    assert len(read_file(p, valse_votes=False)[1]) == 3
+    va["v7w_1"]["mturk"] = {"caption": "3"}
+    with pytest.raises(ValueError, match=r"item 'v7w_1': 'mturk' must be an object"):
+        read_file(_write(p, va))
+    # ARO VG: the box ARO crops to
+    vga = json.loads(FILES["vg_attribution"].read_text())
+    vga[1]["bbox_w"] = "220"
+    p = _write(tmp_path / "vga.json", vga)
+    with pytest.raises(ValueError) as e:
+        read_file(p)
+    assert _one_line(e) == f"{p}: item 1: 'bbox_w' must be a number (ARO's box, in pixels), got '220'"
+    vga[1]["bbox_w"] = 0
+    with pytest.raises(ValueError, match=r"vga.json: item 1: 'bbox_w' and 'bbox_h' must be positive"):
+        read_file(_write(p, vga))
+    # ARO order: the Karpathy caption file ARO builds them from, given as is
+    with pytest.raises(ValueError) as e:
+        read_file(MC / "aro" / "coco_karpathy_test.json")
+    msg = _one_line(e)
+    assert msg.startswith(f"{MC / 'aro' / 'coco_karpathy_test.json'}: item 0: 'caption_options' missing: a Karpathy "
+                          f"caption file")
+    assert "save ARO's test cases" in msg
+    with pytest.raises(ValueError, match=r"k.json: item 0: 'caption_options' missing: a Karpathy"):
+        read_file(_write(tmp_path / "k.json", json.loads((MC / "aro" / "coco_karpathy_test.json").read_text())),
+                  fmt="aro_order")
+    order = json.loads(FILES["flickr30k_order"].read_text())
+    order[1]["caption_options"] = order[1]["caption_options"][:1]
+    with pytest.raises(ValueError, match=r"o.json: item 1: 'caption_options' must be a list of at least 2"):
+        read_file(_write(tmp_path / "o.json", order))
+    # SugarCrepe: the caption under another name
+    sc = json.loads(FILES["sugarcrepe"][1].read_text())
+    sc["1"]["positive_caption"] = sc["1"].pop("caption")
+    p = _write(tmp_path / "swap_att.json", sc)
+    with pytest.raises(ValueError) as e:
+        read_file(p)
+    assert _one_line(e) == f"{p}: item '1': 'caption' must be a non-empty string, got None"
 
 
 def test_synthetic_set_from_winoground_examples(tmp_path):
@@ -141,7 +221,7 @@ def test_macro_vectorised_matches_loop_twin():
     correct = torch.rand(n, generator=g) < 0.6
     cats = torch.randint(C, (n,), generator=g)
     idx = torch.randint(n, (40, n), generator=g)
-    fast = macro_of_resamples(correct, cats, idx, C)
+    fast = macro_mean(correct.numpy()[idx.numpy()], cats.numpy()[idx.numpy()], num_cats=C)  # (40,) resamples
     for b in range(idx.shape[0]):
         per = {}
         for i in idx[b].tolist():
@@ -162,6 +242,78 @@ def test_summaries():
     m25 = macro_summary(correct, labels, min_count=25, n_boot=500)
     assert m25["accuracy"] == 100.0 and m25["n_categories"] == 1 and m25["n"] == 30
     assert macro_summary(correct, labels, min_count=31, n_boot=10) is None
+    # every item correct: BCa is undefined, the Wilson interval (the percentile bootstrap gave [100, 100])
+    r = accuracy_summary(torch.ones(40, dtype=torch.bool), n_boot=500)
+    assert r["ci95"] == [pytest.approx(100 * wilson(40, 40)[0]), 100.0] and r["ci95"][0] < 100
+    m = macro_summary(torch.ones(40, dtype=torch.bool), labels, n_boot=500)
+    assert m["ci95"] == r["ci95"]
+    mi = macro_interval(correct.double().numpy(), np.array([{"a": 0, "b": 1, "c": 2}[x] for x in labels]), n_boot=500)
+    assert macro_summary(correct, labels, n_boot=500)["ci95"] == pytest.approx([100 * mi[0], 100 * mi[1]])
+
+
+def _set(fmt, items, name="x"):
+    return MultipleChoiceSet(name, fmt, [Path(f"{name}.json")], items)
+
+
+def test_benchmark_rules_by_hand():
+    """Each benchmark's own numbers on the fixture items, with scores chosen by hand and the
+    results worked out from the rules (not from the code)."""
+    # ARO VG-Relation: scores [true, false]; ties wrong (argmax over [false, true] picks false);
+    # the macro leaves out the symmetric "next to": eating 1/2, on 1/2 -> 50 (with it: 33.33)
+    _, items = read_file(FILES["vg_relation"])
+    scores = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [1.0, 1.0], [0.0, 3.0]])
+    r = set_results(_set("aro_relation", items), scores, n_boot=200)
+    assert r["accuracy"] == pytest.approx(40.0)
+    assert r["by_tag"]["relation"]["next to"]["accuracy"] == 0.0
+    m = r["macro"]["relation"]
+    assert m["accuracy"] == pytest.approx(50.0) and m["n_categories"] == 2
+    assert (m["excluded_categories"], m["excluded_items"]) == (1, 1)
+    assert r["benchmark"]["macro_accuracy"]["value"] == pytest.approx(50.0)
+    assert {"next to", "near", "with", "on the side of"} <= ARO_SYMMETRIC_RELATIONS
+    assert not {"on", "eating", "holding", "wearing", "sitting on"} & ARO_SYMMETRIC_RELATIONS
+    assert len(ARO_SYMMETRIC_RELATIONS) == 157
+
+    # ARO VG-Attribution: the macro over attribute pairs with >= 25 items only
+    att = [Item(f"a/{i}", "1", ("t", "f"), {"attributes": "white_wooden" if i < 25 else "brown_white"})
+           for i in range(49)]
+    scores = torch.tensor([[1.0, 0.0]] * 20 + [[0.0, 1.0]] * 5 + [[0.0, 0.0]] * 24)
+    r = set_results(_set("aro_attribution", att), scores, n_boot=200)
+    assert r["accuracy"] == pytest.approx(100 * 20 / 49)
+    assert r["benchmark"]["macro_accuracy"]["value"] == pytest.approx(80.0)
+    assert r["macro"]["attributes"]["n_categories"] == 1
+
+    # ARO order: argmax with the true caption first, so a tie counts as correct
+    _, items = read_file(FILES["flickr30k_order"])
+    scores = torch.tensor([[1.0, 2.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.5, 0.0]])
+    r = set_results(_set("aro_order", items), scores, n_boot=200)
+    assert r["accuracy"] == 50.0 and r["benchmark"] == {"precision_at_1": {"value": 50.0, "ci95": r["ci95"]}}
+    assert correct_items(scores).tolist() == [False, False]  # the strict rule of the other sets
+
+    # SugarCrepe: per category file, strictly higher (a tie is wrong)
+    s = read_set("sugarcrepe", [str(p) for p in FILES["sugarcrepe"]])
+    scores = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [2.0, 1.0], [1.0, 2.0]])
+    b = set_results(s, scores, n_boot=200)["benchmark"]
+    assert {k: v["value"] for k, v in b.items()} == {"replace_rel": pytest.approx(100 / 3), "swap_att": 50.0}
+
+    # VALSE, valid items only (3 of 5): ITM scores (match minus no-match logit), [caption, foil]
+    # actions_test_0: 1.5, 0.0 -> acc_r yes, p_c yes, p_f yes (0.0 <= 0: the foil is detected)
+    # v7w_1:         -0.2, 0.4 -> acc_r no,  p_c no,  p_f no
+    # v7w_2:          0.3, 0.8 -> acc_r no,  p_c yes, p_f no
+    v = read_set("valse", [str(p) for p in FILES["valse"]])
+    scores = torch.tensor([[1.5, 0.0], [-0.2, 0.4], [0.3, 0.8]])
+    r = set_results(v, scores, n_boot=200, threshold=0.0)
+    b = r["benchmark"]
+    assert r["kept"] == {"rule": "mturk.caption >= 2", "kept": 3, "of": 5} and r["n"] == 3
+    assert {k: b[k]["value"] for k in ("acc", "acc_r", "p_c", "p_f")} == pytest.approx(
+        {"acc": 50.0, "acc_r": 100 / 3, "p_c": 200 / 3, "p_f": 100 / 3})
+    assert r["accuracy"] == pytest.approx(b["acc_r"]["value"])  # acc_r is the pairwise accuracy
+    assert {k: b["by_piece"]["existence"][k]["value"] for k in ("acc", "acc_r", "p_c", "p_f")} == pytest.approx(
+        {"acc": 25.0, "acc_r": 0.0, "p_c": 50.0, "p_f": 0.0})
+    assert b["by_piece"]["action-replacement"]["acc"]["value"] == 100.0
+    rank = set_results(v, scores, n_boot=200)["benchmark"]  # no threshold (the rank head): acc_r only
+    assert set(rank) == {"acc_r", "by_piece"}
+    table = results_markdown("m", {"valse": r})
+    assert "`valse`, valse's own metrics (3 of 5 items valid, mturk.caption >= 2): acc 50.00 [" in table
 
 
 # --------------------------------------------------------------------------- scoring the fixture files
@@ -258,11 +410,17 @@ def test_fixture_sets_scored_as_the_slow_twin(fixture_inputs, tmp_path, capsys):
         want = slow_scores(model, d / "vocab.txt", d / "regions.h5", s.items)
         got = [x for x in lines if x["set"] == name]
         assert [x["id"] for x in got] == [it.key for it in s.items]
+        ties = s.format == "aro_order"  # ARO's argmax with the true caption first
+
+        def rule(w):
+            return w[0] >= max(w[1:]) if ties else w[0] > max(w[1:])
         for g, w in zip(got, want):
             np.testing.assert_allclose(g["scores"], w, atol=1e-5, rtol=0)
-            assert g["correct"] == (w[0] > max(w[1:]))
+            assert g["correct"] == rule(g["scores"])
+            if abs(w[0] - max(w[1:])) > 1e-5:  # an exact tie (equal captions) may differ in the last bits
+                assert g["correct"] == rule(w)
         r = rec["sets"][name]
-        n_correct = sum(w[0] > max(w[1:]) for w in want)
+        n_correct = sum(g["correct"] for g in got)
         n_correct_total += n_correct
         assert r["n"] == len(s.items) and r["accuracy"] == pytest.approx(100.0 * n_correct / len(s.items))
         assert r["chance"] == pytest.approx(100.0 * np.mean([1 / len(it.captions) for it in s.items]))
@@ -271,11 +429,14 @@ def test_fixture_sets_scored_as_the_slow_twin(fixture_inputs, tmp_path, capsys):
     assert 0 < n_correct_total < len(lines)  # a non-trivial outcome for this random model
     assert set(rec["sets"]["sugarcrepe"]["by_tag"]) == {"category", "type", "target"}
     assert rec["sets"]["vg_attribution"]["macro"] == {}  # ARO's rule: attribute pairs with >= 25 items only
-    assert rec["sets"]["vg_relation"]["macro"]["relation"]["n_categories"] == 2
+    assert rec["sets"]["vg_relation"]["macro"]["relation"]["n_categories"] == 2  # "next to" left out
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(rec))
     table = (out / "results.md").read_text()
     assert table == results_markdown(rec["model"], rec["sets"]) and printed.startswith(table)
-    assert "| tiny | vg_relation | aro_relation | 4 |" in table
+    assert "| tiny | vg_relation | aro_relation | 5 |" in table
+    assert rec["sets"]["valse"]["kept"] == {"rule": "mturk.caption >= 2", "kept": 3, "of": 5}
+    assert set(rec["sets"]["valse"]["benchmark"]) == {"acc_r", "by_piece"}  # head=rank: no match threshold
+    assert rec["sets"]["vg_relation"]["region_key"] == "image"
 
 
 def exit_message(overrides) -> str:
@@ -299,7 +460,7 @@ def test_bad_input_one_line(fixture_inputs, tmp_path):
     bad[1]["image_path"] = "999.jpg"
     p = _write(tmp_path / "vgr.json", bad)
     msg = exit_message(base + [f"+sets.vgr={p}", f"regions={d / 'regions.h5'}"])
-    assert msg == (f"eval_multiple_choice.py: {d / 'regions.h5'}: no regions for 1 of 4 items of set 'vgr': "
+    assert msg == (f"eval_multiple_choice.py: {d / 'regions.h5'}: no regions for 1 of 5 items of set 'vgr': "
                    f"vgr/1 (image '999')")
     assert "'true_caption' must be a non-empty string" in exit_message(
         base + [f"+sets.x={_write(tmp_path / 'e.json', [dict(bad[0], true_caption='')])}", f"regions={d / 'regions.h5'}"])

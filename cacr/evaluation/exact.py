@@ -290,10 +290,17 @@ def _choice_close(v: Tensor, U: Tensor) -> Tensor:
 
 
 def exact_choices(scores16: Tensor, rescore: Rescore, replan: Replan, *, factor: float = MARGIN_FACTOR,
-                  calibration_items: Optional[int] = None) -> Tuple[Tensor, Dict[str, Any]]:
+                  calibration_items: Optional[int] = None,
+                  threshold: Optional[float] = None) -> Tuple[Tensor, Dict[str, Any]]:
     """Refine bf16 multiple-choice scores ``(N, K)`` (column 0 the true caption, NaN where an
     item has fewer captions) so that ``correct_items`` of the result equals fp32 scoring's;
-    the callbacks take flat indices ``n * K + k``."""
+    the callbacks take flat indices ``n * K + k``. With ``threshold`` (VALSE's p_c and p_f:
+    each score against a match threshold), a score within reach of it is decided too."""
     if scores16.dim() != 2 or scores16.shape[1] < 2:
         raise ValueError(f"exact_choices: expected (items, >= 2 captions), got {tuple(scores16.shape)}")
-    return _refine_groups(scores16.float(), rescore, replan, _choice_close, factor, calibration_items)
+    close = _choice_close
+    if threshold is not None:
+        def close(v: Tensor, U: Tensor) -> Tensor:
+            near_t = ((v - threshold).abs() <= U[:, None]).any(1)  # NaN (no caption) compares False
+            return _choice_close(v, U) | near_t
+    return _refine_groups(scores16.float(), rescore, replan, close, factor, calibration_items)

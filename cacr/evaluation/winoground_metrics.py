@@ -1,4 +1,5 @@
-"""Winoground text, image and group scores (Thrush et al., 2022; docs/reference.md §5), breakdowns and bootstrap CIs.
+"""Winoground text, image and group scores (Thrush et al., 2022; docs/reference.md §5), breakdowns and
+bootstrap CIs (BCa, :mod:`cacr.evaluation.bootstrap`).
 
 ``scores`` is ``(N, 2, 2)`` with ``scores[n, k, j] = s(c_k, i_j)``, caption ``k`` against
 image ``j`` of example ``n``. With strict inequalities (ties are wrong):
@@ -54,31 +55,25 @@ def percentages(correct: Mapping[str, Tensor]) -> Dict[str, float]:
 def bootstrap_ci(
     correct: Mapping[str, Tensor], *, n_boot: int = 10000, level: float = 0.95, seed: int = 0
 ) -> Dict[str, List[float]]:
-    """Percentile bootstrap interval of each score in percent, ``{metric: [lo, hi]}``.
+    """Bootstrap interval of each score in percent, ``{metric: [lo, hi]}``.
 
-    The examples are resampled with replacement ``n_boot`` times (the same resamples for
-    the three scores) from a generator seeded with ``seed``, so the result is reproducible.
+    BCa over examples (:func:`cacr.evaluation.bootstrap.mean_interval`: ``n_boot`` resamples
+    drawn from a generator seeded with ``seed``, the same resamples for every score), with
+    the Wilson interval where every example has the same outcome (all correct or all wrong).
     """
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    stacked = torch.stack([correct[m].double() for m in METRICS])  # (metrics, N)
-    n = stacked.shape[1]
-    if n == 0:
-        raise ValueError("no examples to resample")
-    gen = torch.Generator().manual_seed(seed)
-    out: Dict[str, List[float]] = {m: [] for m in METRICS}
-    q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)
-    means = torch.empty(len(METRICS), n_boot, dtype=torch.float64)
-    chunk = max(1, (1 << 20) // n)
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        idx = torch.randint(n, (b, n), generator=gen)  # (b, N)
-        means[:, start:start + b] = stacked[:, idx].mean(-1)  # (metrics, b)
-    bounds = torch.quantile(means, q, dim=1)  # (2, metrics)
-    for j, m in enumerate(METRICS):
-        out[m] = [100.0 * bounds[0, j].item(), 100.0 * bounds[1, j].item()]
+    from .bootstrap import mean_interval
+
+    out: Dict[str, List[float]] = {}
+    for m in METRICS:
+        values = correct[m].double().numpy()
+        if values.size == 0:
+            raise ValueError("no examples to resample")
+        lo, hi = mean_interval(values, n_boot=n_boot, level=level, seed=seed)
+        out[m] = [100.0 * lo, 100.0 * hi]
     return out
 
 
