@@ -247,3 +247,76 @@ def test_txt_db_sample_ids_survive_decode_and_reencode():
         merged += len(ids) - len(text.split())
         assert tok.encode(text) == ids, f"caption {cid}: {text!r}"
     assert merged > 50  # many continuation pieces were merged into words and split again
+
+
+# --------------------------------------------------------------------------- tokenizer.json
+
+# captions of the kinds the converters tokenize: plain ASCII, punctuation, accents, CJK, digits
+FILE_TEXTS = ["A dog, running.", "the Dog's café!", "Two dogs playing in the un-affable park",
+              "Café CAFÉ cafe", "中 dog 中中", "a [MASK] dog", "[CLS] Dog [SEP]", "  spaced\tout\nwords  ",
+              "Ωmega σ ς ΣΟΣ", "numbers 12 and 3.5", "unaffable unaffables", ""]
+
+
+def bert_like_vocab():
+    """A small BERT-like vocab.txt: specials at BERT's places, [unused*], words, ## pieces."""
+    words = sorted({w for t in FILE_TEXTS for w in t.replace(",", " ").replace(".", " ").split()} |
+                   {"a", "dog", "the", "un", "café", "cafe", "two", "in", "park", "and", "3", "5", "12"})
+    pieces = ["##s", "##ing", "##aff", "##able", "##é", "##og", "##s", ",", ".", "!", "'", "-", "中", "σ", "ς", "ω"]
+    return (["[PAD]"] + [f"[unused{i}]" for i in range(5)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+            + words + [p for p in dict.fromkeys(pieces)] + [w.lower() for w in words if w.lower() not in words])
+
+
+@pytest.mark.parametrize("kind", ["synthetic", "cased", "uncased"])
+def test_tokenizer_json_read_by_tokenizers_as_is_same_ids(kind, tmp_path):
+    from tokenizers import Tokenizer
+
+    from cacr.data.synthetic import synthetic_vocab
+
+    if kind == "synthetic":
+        tok = WordPieceTokenizer(synthetic_vocab(120), name="synthetic")
+        texts = ["a red mug is left of a blue ball .", "the green cube is above the red mug .", "a ball ."]
+    else:
+        vocab = tmp_path / f"bert-base-{kind}-vocab.txt"
+        vocab.write_text("\n".join(dict.fromkeys(bert_like_vocab())) + "\n")
+        tok = WordPieceTokenizer.load(vocab)  # vocab.txt stays accepted
+        assert tok.do_lower_case == (kind == "uncased")
+        texts = [t for t in FILE_TEXTS if "Σ" not in t]  # final sigma: a documented difference
+    path = tok.save(tmp_path / "tokenizer.json")
+    rust = Tokenizer.from_file(str(path))  # the file as it is, without this package
+    for t in texts:
+        assert rust.encode(t, add_special_tokens=False).ids == tok.encode(t), t
+        assert rust.encode(t).ids == tok.with_specials(tok.encode(t)), t
+    back = WordPieceTokenizer.load(path)
+    assert (back.vocab, back.do_lower_case, back.unk_id, back.cls_id) == (tok.vocab, tok.do_lower_case, tok.unk_id,
+                                                                          tok.cls_id)
+    assert back.encode_batch(FILE_TEXTS) == tok.encode_batch(FILE_TEXTS)  # every text, the module's own ids
+    assert tok.save(tmp_path) == tmp_path / "tokenizer.json"  # a folder: tokenizer.json inside
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_tokenizer_json_of_random_texts_round_trips(tmp_path):
+    """The saved file, read back, gives the ids of the vocab.txt on the Unicode-heavy texts."""
+    rng = random.Random(5)
+    for lower in (False, True):
+        texts = [random_text(rng) for _ in range(150)]
+        tok = WordPieceTokenizer(covering_vocab(texts, rng, lower), do_lower_case=lower)
+        back = WordPieceTokenizer.load(tok.save(tmp_path / f"t{lower}.json"))
+        assert back.encode_batch(texts) == tok.encode_batch(texts)
+
+
+def test_tokenizer_json_errors_name_file_and_field(tmp_path):
+    tok = WordPieceTokenizer(VOCAB)
+    obj = json.loads(tok.save(tmp_path / "tokenizer.json").read_text())
+    obj["model"]["type"] = "BPE"
+    bad = tmp_path / "bpe.json"
+    bad.write_text(json.dumps(obj))
+    with pytest.raises(ValueError, match=r"bpe.json: 'model.type' must be 'WordPiece' \(a BERT tokenizer\), got 'BPE'"):
+        WordPieceTokenizer.load(bad)
+    obj["model"]["type"] = "WordPiece"
+    obj["model"]["vocab"]["dog"] = 10_000
+    bad.write_text(json.dumps(obj))
+    with pytest.raises(ValueError, match=r"bpe.json: 'model.vocab': ids must be the integers 0\.\.\d+, each once"):
+        WordPieceTokenizer.load(bad)
+    bad.write_text("{")
+    with pytest.raises(ValueError, match=r"bpe.json: malformed JSON"):
+        WordPieceTokenizer.load(bad)

@@ -23,14 +23,29 @@ CJK spacing is kept whole, as the Python tokenizer's ``never_split`` list does. 
 characters one by one and so misses the final-sigma rule). The ids of the special tokens are read from the
 vocabulary, never assumed. A named vocabulary (``bert-base-cased``) comes through the
 optional ``transformers`` package and its cache.
+
+As a file: :meth:`WordPieceTokenizer.save` writes a ``tokenizer.json`` that the ``tokenizers``
+library reads as it is (``Tokenizer.from_file``): the same normalizer, pre-tokenizer and
+WordPiece model, with lower-casing inside it for uncased vocabularies, the special tokens
+as added special tokens and a ``[CLS] $A [SEP]`` post-processor, so its ``encode(text).ids``
+are ``with_specials(encode(text))``. :meth:`WordPieceTokenizer.load` reads such a file (or any
+WordPiece ``tokenizer.json``, e.g. a BERT one of Hugging Face) back: the vocabulary, casing,
+unknown token and word-length limit come from the file, and encoding is this module's, so
+the ids are those of the vocabulary file. Where the Rust pipeline alone, read by another
+program, gives other ids than this module: a special token written inside a word
+(``a[MASK]b``: the Rust added-token matcher splits it out, the Python tokenizer does not), a
+capital sigma at a word's end in uncased text (Rust lower-cases it to ``σ``, Python to
+``ς``), and the ASCII separators ``\x0b \x0c \x1c-\x1f`` (``str.split()`` splits words on
+them before the cleaning removes them).
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -83,15 +98,16 @@ class WordPieceTokenizer:
         self._splitter = pre_tokenizers.Sequence([pre_tokenizers.Split(_CJK_GAP, behavior="isolated"),
                                                   pre_tokenizers.WhitespaceSplit()])
 
-    def _build_backend(self) -> Tokenizer:
+    def _build_backend(self, lowercase: bool = False) -> Tokenizer:
         tk = Tokenizer(models.WordPiece(vocab=self.token_to_id, unk_token=self.unk_token,
                                         max_input_chars_per_word=self.max_input_chars_per_word))
         tk.normalizer = normalizers.Sequence([
             normalizers.Replace(_DROP, ""),
             normalizers.Replace(_SPACE, " "),
-            # lower-casing itself is done in Python (str.lower, final sigma included) in _prepare
+            # lower-casing itself is done in Python (str.lower, final sigma included) in _prepare;
+            # the saved tokenizer.json (lowercase=True) does it here, for programs that read it alone
             normalizers.BertNormalizer(clean_text=False, handle_chinese_chars=True,
-                                       strip_accents=self.do_lower_case, lowercase=False),
+                                       strip_accents=self.do_lower_case, lowercase=lowercase),
         ])
         tk.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(_CJK_GAP, behavior="isolated"),
@@ -133,10 +149,48 @@ class WordPieceTokenizer:
         return cls(vocab, name=name, do_lower_case=bool(lower))
 
     @classmethod
+    def from_tokenizer_json(cls, path, *, name: Optional[str] = None) -> "WordPieceTokenizer":
+        """Read a WordPiece ``tokenizer.json`` (this module's :meth:`save`, or e.g. a BERT one
+        of Hugging Face): its vocabulary, casing (a lower-casing ``BertNormalizer`` or
+        ``Lowercase`` step), ``unk_token`` and ``max_input_chars_per_word``; encoding is this
+        module's. ``ValueError`` naming the file and the field otherwise."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: tokenizer file not found")
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        model = obj.get("model") if isinstance(obj, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "WordPiece":
+            got = model.get("type") if isinstance(model, dict) else model
+            raise ValueError(f"{path}: 'model.type' must be 'WordPiece' (a BERT tokenizer), got {got!r}")
+        vocab = model.get("vocab")
+        if not isinstance(vocab, dict) or not vocab:
+            raise ValueError(f"{path}: 'model.vocab' must be an object {{token: id}}, got {type(vocab).__name__}")
+        ids = sorted(vocab.values()) if all(isinstance(i, int) and not isinstance(i, bool) for i in vocab.values()) else None
+        if ids != list(range(len(vocab))):
+            raise ValueError(f"{path}: 'model.vocab': ids must be the integers 0..{len(vocab) - 1}, each once")
+        tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+
+        def lowercases(n) -> bool:
+            if not isinstance(n, dict):
+                return False
+            if n.get("type") == "Sequence":
+                return any(lowercases(x) for x in n.get("normalizers") or [])
+            return n.get("type") == "Lowercase" or (n.get("type") == "BertNormalizer" and bool(n.get("lowercase")))
+        return cls(tokens, name=name or str(path), do_lower_case=lowercases(obj.get("normalizer")),
+                   unk_token=str(model.get("unk_token", "[UNK]")),
+                   max_input_chars_per_word=int(model.get("max_input_chars_per_word", 100)))
+
+    @classmethod
     def load(cls, spec) -> "WordPieceTokenizer":
-        """A path to a vocab.txt (lower-cased when its file name says ``uncased``), or a name
-        such as ``bert-base-cased`` / ``bert-base-uncased``."""
+        """A path to a vocab.txt (lower-cased when its file name says ``uncased``), to a
+        ``tokenizer.json`` (:meth:`from_tokenizer_json`), or a name such as
+        ``bert-base-cased`` / ``bert-base-uncased``."""
         p = Path(str(spec))
+        if p.is_file() and p.suffix == ".json":
+            return cls.from_tokenizer_json(p)
         if p.is_file():
             return cls.from_vocab_file(p, do_lower_case="uncased" in p.name)
         if p.suffix == ".txt" or "/" in str(spec):
@@ -237,6 +291,31 @@ class WordPieceTokenizer:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("\n".join(self.vocab) + "\n", encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    def to_tokenizers(self) -> Tokenizer:
+        """A standalone ``tokenizers.Tokenizer`` of this pipeline: lower-casing inside it (for an
+        uncased vocabulary), the special tokens as added special tokens, ``[CLS] $A [SEP]``
+        (and ``[CLS] $A [SEP] $B [SEP]``) added by ``encode``. Its ids are :meth:`encode`'s
+        except in the cases the module notes list."""
+        tk = self._build_backend(lowercase=self.do_lower_case)
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+        tk.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", self.cls_id), ("[SEP]", self.sep_id)])
+        return tk
+
+    def save(self, path) -> Path:
+        """Write ``tokenizer.json`` (``path``, or ``path/tokenizer.json`` for a folder), which
+        ``tokenizers.Tokenizer.from_file`` and :meth:`load` read; written under a temporary
+        name and renamed."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_tokenizers().to_str(pretty=True), encoding="utf-8")
         tmp.replace(path)
         return path
 
