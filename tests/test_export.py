@@ -143,3 +143,40 @@ def test_cli_prints_summary(run_ckpt, tmp_path, capsys):
     assert f"wrote {tmp_path / 'x.pt'}" in out and "float16" in out and "img_dim=24" in out
     cfg, state = read_run_checkpoint(path)
     assert cfg == CFG and len(state) == len(official_shapes(CFG))
+
+
+def _public_retrieval_class():
+    """The public UNITER code's ``UniterForImageTextRetrieval`` from a checkout named by
+    ``UNITER_PUBLIC_CODE`` (its repository root); ``None`` where it is absent."""
+    import importlib
+    import sys
+
+    root = os.environ.get("UNITER_PUBLIC_CODE")
+    if not root or not (Path(root) / "model" / "itm.py").is_file():
+        return None
+    sys.path.insert(0, root)
+    try:
+        return importlib.import_module("model.itm").UniterForImageTextRetrieval
+    except ImportError as e:  # e.g. its apex or horovod imports
+        pytest.skip(f"the public UNITER code at {root} does not import here: {e}")
+    finally:
+        sys.path.remove(root)
+
+
+def test_public_inf_itm_keeps_the_fine_tuned_head_only_with_rank_into_itm(run_ckpt, tmp_path):
+    """With the public code present (UNITER_PUBLIC_CODE=<checkout>): load the export as its
+    inf_itm.py does (from_pretrained, then init_output(), since 'rank_output' is never a key
+    of a state dict) and compare its rank head with the fine-tuned one."""
+    public = _public_retrieval_class()
+    if public is None:
+        pytest.skip("the public UNITER code is absent (set UNITER_PUBLIC_CODE to a checkout to run this)")
+    path, model = run_ckpt
+    for flag in (True, False):
+        out = tmp_path / f"e{flag}.pt"
+        export(path, out, rank_into_itm=flag, fmt="zip")
+        sd = torch.load(out, weights_only=True)
+        assert "rank_output" not in sd  # so inf_itm.py always calls init_output()
+        m = public.from_pretrained(str(out.with_suffix(".json")), sd, img_dim=CFG.img_dim)
+        m.init_output()
+        same = torch.equal(m.rank_output.weight.detach(), model.rank_output.weight.detach())
+        assert same == flag
