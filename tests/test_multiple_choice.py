@@ -533,3 +533,28 @@ def test_two_processes_match_one(fixture_inputs, tmp_path):
     assert s1 == s2  # the same bits on 1 and 2 processes
     assert len(s1) == len(s2) == sum(len(read_set("x", [str(p) for p in s] if isinstance(s, list) else str(s)).items)
                                      for s in FILES.values())
+
+
+def test_valse_itm_metrics_bf16_at_fp32s_numbers_and_config_errors(fixture_inputs, tmp_path):
+    """head=itm gives VALSE's acc, p_c, p_f; in bf16 scores near the threshold are decided in
+    fp32 (the same record as fp32 scoring); bad region_key / image_key settings in one line."""
+    d, ckpt, _ = fixture_inputs
+    base = ["data=flickr30k", f"data.tokenizer={d / 'vocab.txt'}", f"regions={d / 'regions.h5'}",
+            f"ckpt_path={ckpt}", "progress=false", "device=cpu", "n_boot=200", "head=itm",
+            f"+sets.valse=[{','.join(str(p) for p in FILES['valse'])}]"]
+    fp32 = run_multiple_choice(make_cfg(base + [f"output={tmp_path / 'a'}"]))["sets"]["valse"]
+    assert set(fp32["benchmark"]) == {"acc", "acc_r", "p_c", "p_f", "by_piece"}
+    lines = [json.loads(x) for x in (tmp_path / "a" / "multiple_choice_scores.jsonl").read_text().splitlines()]
+    sc = torch.tensor([x["scores"] for x in lines])
+    assert fp32["benchmark"]["p_c"]["value"] == pytest.approx(100 * (sc[:, 0] > 0).double().mean().item())
+    assert fp32["benchmark"]["p_f"]["value"] == pytest.approx(100 * (sc[:, 1] <= 0).double().mean().item())
+    bf = run_multiple_choice(make_cfg(base + ["bf16=true", f"output={tmp_path / 'b'}"]))["sets"]["valse"]
+    assert bf["scoring"]["precision"].startswith("bf16")
+    assert {k: v for k, v in bf.items() if k != "scoring"} == {k: v for k, v in fp32.items() if k != "scoring"}
+
+    out = ["progress=false", f"output={tmp_path / 'c'}"]
+    assert exit_message(base + out + ["region_key=crop"]) == \
+        "eval_multiple_choice.py: region_key='crop' (set 'valse'): expected one of ['image', 'item']"
+    assert "expected one of ['stem', 'name', 'path'] or a template" in exit_message(base + out + ["image_key=basename"])
+    msg = exit_message(base + out + ["region_key=item"])
+    assert "no regions for 3 of 3 items of set 'valse': action-replacement/actions_test_0 (region id " in msg
