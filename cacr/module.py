@@ -549,6 +549,10 @@ class RetrievalModule(pl.LightningModule):
             log["val/fp32_share"] = scoring["fp32_pairs"] / scoring["pairs"]
         if self.hparams.val_winoground and self.winoground is not None:
             log.update(self.winoground_dev_metrics())
+        if getattr(self, "_fit_t0", None) is not None:
+            # wall seconds since this process started training (a resume restarts it), this
+            # validation included: binding against wall time
+            log["val/wall_s"] = time.perf_counter() - self._fit_t0
         # Every rank computed the same gathered metrics: no reduction needed.
         self.log_dict(log, rank_zero_only=False)
 
@@ -587,6 +591,7 @@ class RetrievalModule(pl.LightningModule):
 
     def on_train_start(self):
         self._t0 = None
+        self._fit_t0 = time.perf_counter()
 
 
 def dev_examples(wino):

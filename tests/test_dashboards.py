@@ -229,7 +229,7 @@ def test_csv_records_the_scalars_wandb_logs(wandb_run, csv_run):
     assert {"train/loss", "train/reg_loss", "val/rsum", "val/wino_binding"} <= scalars(logged)
     for step, got in by_step.items():
         for k, v in got.items():
-            if k.startswith("val/") and k in logged.get(step, {}):
+            if k.startswith("val/") and k != "val/wall_s" and k in logged.get(step, {}):  # wall time differs
                 assert v == pytest.approx(logged[step][k], abs=1e-6), (step, k)
 
 
