@@ -200,12 +200,49 @@ def nonfinite_images(regions) -> np.ndarray:
     return np.unique((torch.searchsorted(offsets, rows, right=True) - 1).numpy())
 
 
+def _boxes_and_offsets(regions) -> Tuple[np.ndarray, np.ndarray]:
+    """``(boxes (R, >= 4), offsets (N+1,))`` of a region source (in-memory store or lazy file)."""
+    from cacr.data.datasets import RegionStore
+    from cacr.data.formats import read_array
+
+    if isinstance(regions, RegionStore):
+        return regions.boxes.cpu().numpy(), regions.offsets.cpu().numpy()
+    _, box, _ = regions.file.datasets()
+    try:
+        return read_array(box, regions.file.path), np.asarray(regions.file.offsets)
+    finally:
+        regions.file.close()
+
+
+def region_layout_problems(regions, what: str) -> List[str]:
+    """Images with no regions, and boxes not ordered or outside the image
+    (:func:`cacr.data.formats.box_faults`, as the validator checks them), one line each."""
+    from cacr.data.formats import box_faults
+
+    boxes, offsets = _boxes_and_offsets(regions)
+    ids = regions.image_ids
+    out = []
+    empty = np.flatnonzero(np.diff(offsets) == 0)
+    if len(empty):
+        out.append(f"{what}: {len(empty)} image(s) with no regions: {_ids(ids, empty)}; expected at least one region "
+                   f"per image")
+    outside, flipped = box_faults(boxes)
+    for mask, fault in ((flipped, "boxes with x2 < x1 or y2 < y1"), (outside, "box corners outside [0, 1]")):
+        if mask.any():
+            images = np.unique(np.searchsorted(offsets, np.flatnonzero(mask), side="right") - 1)
+            out.append(f"{what}: {fault} in {len(images)} image(s): {_ids(ids, images)}; expected "
+                       f"0 <= x1 <= x2 <= 1 and 0 <= y1 <= y2 <= 1")
+    return out
+
+
 def region_source_problems(regions, what: str) -> List[str]:
+    """Every problem of a region source that ``train.py`` and the evaluators refuse: NaN or
+    Inf, images with no regions, boxes not ordered or outside the image."""
     bad = nonfinite_images(regions)
-    if len(bad) == 0:
-        return []
-    return [f"{what}: NaN or Inf in the features or boxes of {len(bad)} image(s): {_ids(regions.image_ids, bad)}; "
-            f"expected finite values"]
+    out = [] if len(bad) == 0 else [
+        f"{what}: NaN or Inf in the features or boxes of {len(bad)} image(s): {_ids(regions.image_ids, bad)}; "
+        f"expected finite values"]
+    return out + region_layout_problems(regions, what)
 
 
 def unk_count(texts: Sequence[torch.Tensor], unk_id: int) -> Tuple[int, int, int]:
@@ -217,6 +254,55 @@ def unk_count(texts: Sequence[torch.Tensor], unk_id: int) -> Tuple[int, int, int
     per = torch.zeros(len(texts), dtype=torch.long).index_add_(
         0, torch.repeat_interleave(torch.arange(len(texts)), lens), (flat == unk_id).long())
     return int(per.sum()), int((per > 0).sum()), int(flat.numel())
+
+
+def position_problems(dm, max_positions: int, max_txt_len: Optional[int]) -> List[str]:
+    """Captions of every split (training: those ``data.max_txt_len`` keeps) and of the
+    Winoground-format set with more tokens ([CLS]/[SEP] included) than the model has text
+    positions: found before step 0, not at the first validation or after training."""
+    out = []
+    captions = dm.paths.get("captions")
+    for role, split in dm.splits.items():
+        lens = np.array([t.numel() for t in split.texts], dtype=np.int64)
+        long = lens > max_positions
+        if role == "train" and max_txt_len is not None:
+            long &= lens - 2 <= max_txt_len  # longer ones are dropped from training
+        if long.any():
+            idx = np.flatnonzero(long)
+            out.append(f"{captions}: {len(idx)} caption(s) of split {split.name!r} longer than "
+                       f"model.config.max_position_embeddings={max_positions} tokens ([CLS]/[SEP] included; longest "
+                       f"{int(lens[idx].max())}): {_ids(split.caption_ids, idx)}; expected shorter captions or more "
+                       f"positions")
+    wino = dm.winoground
+    if wino is not None:
+        long = [(ex.key, c) for ex, pair in zip(wino.examples, wino.texts) for c, t in enumerate(pair)
+                if t.numel() > max_positions]
+        if long:
+            shown = ", ".join(f"example {k!r} caption_{c}" for k, c in long[:SHOWN])
+            out.append(f"{dm.paths.get('winoground_examples')}: {len(long)} caption(s) longer than "
+                       f"model.config.max_position_embeddings={max_positions} tokens: {shown}"
+                       + (f" and {len(long) - SHOWN} more" if len(long) > SHOWN else ""))
+    return out
+
+
+def leakage_problems(dm) -> List[str]:
+    """Images that have captions in two of the run's splits (train / val / test): a test image
+    seen in training. A caption id is unique within its file, so a caption in two splits is
+    one of these."""
+    out = []
+    roles = list(dm.splits)
+    for i, a in enumerate(roles):
+        for b in roles[i + 1:]:
+            sa, sb = dm.splits[a], dm.splits[b]
+            if sa.name == sb.name:
+                continue  # the same split in two roles (e.g. validating on the test split) is a choice
+            shared = sorted(set(sa.image_ids) & set(sb.image_ids))
+            if shared:
+                shown = ", ".join(repr(x) for x in shared[:SHOWN]) + (
+                    f" and {len(shared) - SHOWN} more" if len(shared) > SHOWN else "")
+                out.append(f"{dm.paths.get('captions')}: {len(shared)} image(s) with captions in both split "
+                           f"{sa.name!r} and split {sb.name!r}: {shown}; expected every image in one split only")
+    return out
 
 
 def data_problems(dm, cfg: DictConfig) -> List[str]:
@@ -238,6 +324,10 @@ def data_problems(dm, cfg: DictConfig) -> List[str]:
     if dm.winoground is not None:
         out += region_source_problems(dm.winoground.regions,
                                       f"data.winoground_regions={dm.paths.get('winoground_regions')}")
+    max_positions = _get(cfg, "model.config.max_position_embeddings")
+    if max_positions is not None:
+        out += position_problems(dm, int(max_positions), _get(cfg, "data.max_txt_len"))
+    out += leakage_problems(dm)
     tok = dm.tokenizer
     unk_id = getattr(tok, "unk_id", None)
     if unk_id is not None:

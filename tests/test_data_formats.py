@@ -210,7 +210,7 @@ def test_captions_unknown_image_against_regions_file(tmp_path):
 def test_validator_cli_lists_problems_and_exits_nonzero(tmp_path):
     r = write_regions(tmp_path / "r.h5", random_images(np.random.default_rng(7), n=1))
     c = write_caps(tmp_path / "c.h5")
-    good = write_caps(tmp_path / "good.h5", image_ids=["img_0"] * 3)
+    good = write_caps(tmp_path / "good.h5", image_ids=["img_0"] * 3, splits=["train"] * 3)  # one split per image
     assert validate([r, good]) == {str(r): [], str(good): []}
     res = subprocess.run([sys.executable, "-m", "cacr.data.validate", str(r), str(c), str(tmp_path / "gone.h5")],
                          capture_output=True, text=True, cwd=REPO)

@@ -344,6 +344,16 @@ def read_npz(path: Path) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     return feat, nb, conf
 
 
+def format_image_id(fmt: str, option: str, **fields) -> str:
+    """``fmt.format(**fields)``, or one line naming the option and the fields it may use."""
+    try:
+        return fmt.format(**fields)
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        name = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise ValueError(f"{option} {fmt!r}: no field {name!r} ({type(e).__name__}); expected a format of "
+                         f"{', '.join('{' + k + '}' for k in fields)}") from None
+
+
 def convert_npz_dir(folder, out, id_format: str = "{name}", source: str = "") -> Path:
     folder = Path(folder)
     if not folder.is_dir():
@@ -351,7 +361,7 @@ def convert_npz_dir(folder, out, id_format: str = "{name}", source: str = "") ->
     files = sorted(folder.glob("*.npz"))
     if not files:
         raise FileNotFoundError(f"{folder}: no .npz files")
-    items = ((id_format.format(name=p.name, stem=p.stem), *read_npz(p)) for p in files)
+    items = ((format_image_id(id_format, "--id-format", name=p.name, stem=p.stem), *read_npz(p)) for p in files)
     return _regions_from(items, out, source or f"per-image npz files from {folder.name}", total=len(files))
 
 
@@ -367,6 +377,8 @@ def convert_karpathy(json_path, out, tokenizer: WordPieceTokenizer, image_id_for
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise FormatError(json_path, ["no 'images' list (expected Karpathy's dataset_flickr30k.json)"])
     cap_ids, img_ids, texts, toks, spl = [], [], [], [], []
+    split_of: dict = {}  # image id -> (split, entry): an image in two splits is a test image seen in training
+    leaks: List[str] = []
     for n, img in enumerate(tqdm(data["images"], desc="captions", unit="img")):
         miss = [k for k in ("filename", "split", "sentences") if not isinstance(img, dict) or k not in img]
         if miss:
@@ -375,8 +387,13 @@ def convert_karpathy(json_path, out, tokenizer: WordPieceTokenizer, image_id_for
         if bad:
             raise FormatError(json_path, [f"images[{n}] ({img['filename']}): sentences {bad[:5]} lack 'sentid'"])
         fn = img["filename"]
-        iid = image_id_format.format(filename=fn, stem=Path(fn).stem, imgid=img.get("imgid"))
+        iid = format_image_id(image_id_format, "--image-id-format", filename=fn, stem=Path(fn).stem,
+                              imgid=img.get("imgid"))
         split = restval_as if img["split"] == "restval" else img["split"]
+        first = split_of.setdefault(iid, (split, n))
+        if first[0] != split:
+            leaks.append(f"images[{n}] ({fn}): image {iid!r} in split {split!r}, and in split {first[0]!r} at "
+                         f"images[{first[1]}]; expected every image in one split")
         for s in img["sentences"]:
             raw = s.get("raw", " ".join(s.get("tokens", [])))
             cap_ids.append(str(s["sentid"]))
@@ -384,6 +401,8 @@ def convert_karpathy(json_path, out, tokenizer: WordPieceTokenizer, image_id_for
             texts.append(raw)
             toks.append(tokenizer.encode(raw))
             spl.append(split)
+    if leaks:
+        raise FormatError(json_path, leaks)
     known = RegionsFile(regions).image_ids if regions else None
     return write_captions(out, caption_ids=cap_ids, image_ids=img_ids, texts=texts, token_ids=toks, splits=spl,
                           known_image_ids=known, **tokenizer.file_attrs())

@@ -255,6 +255,21 @@ def write_captions(path, *, caption_ids: Sequence[str], image_ids: Sequence[str]
 # --------------------------------------------------------------------------- checks
 
 
+BOX_TOLERANCE = 1e-3  # box corners may stray this far outside [0, 1] (rounding of the detector's pixels)
+
+
+def box_faults(boxes: np.ndarray):
+    """``(outside, flipped)`` row masks of ``(R, >= 4)`` boxes ``[x1, y1, x2, y2, ...]`` (finite
+    rows only): corners outside ``[0, 1]``; ``x2 < x1`` or ``y2 < y1``. The one definition
+    the validator, ``train.py`` and the evaluators check against."""
+    b = np.asarray(boxes, dtype=np.float32)
+    finite = np.isfinite(b).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        outside = finite & ((b[:, :4] < -BOX_TOLERANCE) | (b[:, :4] > 1 + BOX_TOLERANCE)).any(axis=1)
+        flipped = finite & ((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]))
+    return outside, flipped
+
+
 def region_problems(image_id: str, features: np.ndarray, boxes: np.ndarray, conf, feature_dim: int,
                     start_row: int = 0) -> List[str]:
     """Problems of one image's rows (``[]`` if none)."""
@@ -275,9 +290,8 @@ def region_problems(image_id: str, features: np.ndarray, boxes: np.ndarray, conf
         finite = np.isfinite(b).all(axis=1)
         if not finite.all():
             out.append(f"{where}: NaN or Inf in boxes, rows {(np.flatnonzero(~finite) + start_row).tolist()[:10]}")
+        outside, flipped = box_faults(b)
         with np.errstate(invalid="ignore"):
-            outside = finite & ((b[:, :4] < -1e-3) | (b[:, :4] > 1 + 1e-3)).any(axis=1)
-            flipped = finite & ((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]))
             wh = finite & ((np.abs(b[:, 4] - (b[:, 2] - b[:, 0])) > 2e-3)
                            | (np.abs(b[:, 5] - (b[:, 3] - b[:, 1])) > 2e-3))
             zero = finite & (b[:, :4] == 0).all(axis=1)

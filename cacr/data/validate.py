@@ -18,12 +18,27 @@ from .datasets import winoground_problems
 from .formats import FormatError, RegionsFile, check_captions_file, check_regions_file, file_kind, group_problems
 
 
+def split_leakage(path) -> List[str]:
+    """Images with captions in two splits of a captions file (as ``train.py`` refuses them
+    before step 0: :func:`cacr.checks.leakage_problems`), one line each, grouped."""
+    from .formats import read_captions
+
+    t = read_captions(path, check=False)
+    splits: Dict[str, set] = {}
+    for image, split in zip(t.image_ids, t.splits):
+        splits.setdefault(image, set()).add(split)
+    return group_problems([f"image {image!r}: captions in splits {sorted(s)}; expected one split per image "
+                           f"(a test image seen in training)" for image, s in splits.items() if len(s) > 1])
+
+
 def validate(paths: Sequence) -> Dict[str, List[str]]:
     """``path -> problems`` for every file (an empty list when a file is fine)."""
     out: Dict[str, List[str]] = {}
     kinds: Dict[str, str] = {}
     for p in map(str, paths):
-        if not Path(p).is_file():
+        if Path(p).is_dir():
+            out[p] = ["a folder, expected a regions or captions HDF5 file or an examples .jsonl"]
+        elif not Path(p).is_file():
             out[p] = ["file not found"]
         elif p.endswith((".jsonl", ".json")):
             kinds[p] = "winoground"
@@ -41,13 +56,14 @@ def validate(paths: Sequence) -> Dict[str, List[str]]:
     for p, k in kinds.items():
         if k == "captions":
             probs = check_captions_file(p)
+            readable = not probs
             if known is not None and not probs:
                 from .formats import read_captions
 
                 t = read_captions(p, check=False)
                 probs = group_problems([f"caption {c!r}: unknown image {i!r} (in none of {region_files})"
                                         for c, i in zip(t.caption_ids, t.image_ids) if i not in known])
-            out[p] = probs
+            out[p] = probs + (split_leakage(p) if readable else [])
         elif k == "winoground":
             try:
                 exs = read_winoground_examples(p)

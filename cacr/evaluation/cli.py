@@ -24,7 +24,7 @@ from cacr.distributed import distributed_env, is_main_process as is_rank_zero, j
 from cacr.data.sources import open_data
 from cacr.paths import resolve_path
 
-from .inputs import (build_model, check_head, check_inputs, existing_file, model_file, scoring_batch_size, scoring_bf16,
+from .inputs import (build_model, check_head, check_inputs, check_regions, existing_file, model_file, scoring_batch_size, scoring_bf16,
                      select_device, winoground_inputs)
 
 
@@ -148,6 +148,7 @@ def run_winoground(cfg: DictConfig) -> Dict[str, Any]:
         check_inputs(model, [t for pair in wino.texts for t in pair],
                      [f"example {ex.id!r} caption_{c}" for ex in wino.examples for c in (0, 1)],
                      wino.regions.feature_dim, str(examples_path))
+        check_regions(wino.regions, f"regions={regions_path}")
         scores, results = evaluate_winoground(model, wino, head=head, batch_size=scoring_batch_size(cfg.batch_size, device, model), device=device,
                                               bf16=bf16, progress=bool(cfg.progress) and is_rank_zero(),
                                               n_boot=n_boot, seed=seed, tag_files=tag_paths,
@@ -222,6 +223,7 @@ def run_retrieval(cfg: DictConfig) -> Dict[str, Any]:
         split = data.split(str(cfg.split))
         check_inputs(model, split.texts, [f"caption {c!r}" for c in split.caption_ids], split.regions.feature_dim,
                      f"data {cfg.data.name!r} split {split.name!r}")
+        check_regions(split.regions, f"data.regions={data.files.regions}")
         if save is not None and save.suffix not in (".pt", ".npz"):
             raise ConfigError(f"save_scores={cfg.save_scores}: score matrix files end in .pt or .npz")
         batch_size = scoring_batch_size(cfg.batch_size, device, model)

@@ -151,6 +151,18 @@ def check_inputs(model: nn.Module, texts: Sequence[torch.Tensor], names: Sequenc
                               f"max_position_embeddings={cfg.max_position_embeddings}")
 
 
+def check_regions(regions, what: str) -> None:
+    """The region checks ``train.py`` runs before step 0 (:func:`cacr.checks.region_source_problems`:
+    NaN or Inf, images with no regions, boxes not ordered or outside the image), before any
+    scoring; the first problem in one line, with the count of the others."""
+    from cacr.checks import region_source_problems
+
+    problems = region_source_problems(regions, what)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise ConfigError(problems[0] + more)
+
+
 def existing_file(p, what: str) -> Path:
     path = resolve_path(p)
     if not path.is_file():
