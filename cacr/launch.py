@@ -175,7 +175,7 @@ class DDPWorkers:
                         raise RuntimeError(f"DDP worker local rank {rank} (pid {p.pid}) did not finish within "
                                            f"{self.join_timeout_s:.0f} s of rank 0")
                     if code != 0:
-                        raise RuntimeError(f"DDP worker local rank {rank} (pid {p.pid}) exited with code {code}")
+                        raise WorkerFailed(f"DDP worker local rank {rank} (pid {p.pid}) exited with code {code}")
             else:
                 dead = [(r, p) for r, p in enumerate(self.procs, start=1) if p.poll() not in (None, 0)]
                 if dead and not self.failed:  # e.g. rank 0's collective failed because a worker died
@@ -193,8 +193,12 @@ class DDPWorkers:
                     os.environ[k] = v
             _destroy_process_group()
         if exc_type is not None and self.failed:  # Lightning turns an interrupt into SystemExit
-            raise RuntimeError(self.failed) from exc
+            raise WorkerFailed(self.failed) from exc
         return False
+
+
+class WorkerFailed(RuntimeError):
+    """A DDP worker of the job ended with an error or was killed (the message names its rank)."""
 
 
 def _destroy_process_group() -> None:

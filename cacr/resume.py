@@ -54,6 +54,35 @@ def _tmp(path: str) -> str:
     return f"{path}.tmp-{os.getpid()}"
 
 
+def whole_checkpoint(path) -> bool:
+    """Whether ``path`` is a complete ``torch.save`` file (a zip whose every member checks)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False
+
+
+def save_then_rename(trainer: "pl.Trainer", save, tmp: str, final: str) -> None:
+    """``save()`` writes ``tmp`` (Lightning: rank 0 writes, then every rank meets in a barrier);
+    rank 0 renames it to ``final``. When the save fails after rank 0 wrote the file whole (a
+    DDP rank died in the barrier), the file still takes its final name; a partial one is
+    removed: a dead rank never leaves the last complete checkpoint as a ``.tmp-*``."""
+    try:
+        save()
+    except BaseException:
+        if trainer.is_global_zero and os.path.exists(tmp):
+            if whole_checkpoint(tmp):
+                os.replace(tmp, final)
+            else:
+                os.unlink(tmp)
+        raise
+    if trainer.is_global_zero:
+        os.replace(tmp, final)
+
+
 class BestCheckpoint(ModelCheckpoint):
     """``best-step{N}.ckpt``: the checkpoint with the highest ``val/rsum`` so far."""
 
@@ -98,9 +127,7 @@ class BestCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: "pl.Trainer", filepath: str) -> None:
         tmp = _tmp(filepath)
-        super()._save_checkpoint(trainer, tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, filepath)
+        save_then_rename(trainer, lambda: super(BestCheckpoint, self)._save_checkpoint(trainer, tmp), tmp, filepath)
         self._last_checkpoint_saved = filepath
 
     def _remove_checkpoint(self, trainer: "pl.Trainer", filepath: str) -> None:
@@ -140,9 +167,7 @@ class LastCheckpoint(Checkpoint):
             return
         Path(self.dirpath).mkdir(parents=True, exist_ok=True)
         tmp = _tmp(self.path)
-        trainer.save_checkpoint(tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, self.path)
+        save_then_rename(trainer, lambda: trainer.save_checkpoint(tmp), tmp, self.path)
         self._saved_step = trainer.global_step
         if self.best is not None:
             self.best.flush(trainer)

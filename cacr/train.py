@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cacr.config import ConfigError, register_resolvers  # noqa: F401 (register_resolvers: scripts import it here)
 from cacr.distributed import is_script_ddp, primary_process, trainer_global_rank
-from cacr.launch import job_processes
+from cacr.launch import WorkerFailed, job_processes
 
 if TYPE_CHECKING:  # Lightning is imported where a run starts, after the settings are checked
     import pytorch_lightning as pl
@@ -244,6 +244,11 @@ def run(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Dict[st
         run_dir.mkdir(parents=True, exist_ok=True)
         with job_processes(cfg, run_dir, WORKER_COMMAND):
             return _fit_and_evaluate(cfg, run_dir, extra_callbacks, resume, resolved)
+    except WorkerFailed as e:  # one line, with a checkpoint that exists to resume from
+        ckpt = rundir.complete_checkpoint(run_dir)
+        hint = (f"resume with ckpt_path={ckpt}" if ckpt is not None
+                else "it left no complete checkpoint; start it again")
+        raise ConfigError(f"{e}; {hint}") from None
     finally:
         if claimed:
             rundir.release(run_dir)

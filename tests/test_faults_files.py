@@ -343,3 +343,60 @@ def test_sigint_during_an_evaluation_is_one_line_and_exit_130(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "eval_retrieval.py: interrupted (stopped by signal SIGINT); no partial " \
                                            "file left"
+
+
+# --------------------------------------------------------------------------- DDP faults
+
+
+class _Rank0:
+    is_global_zero = True
+
+
+def test_a_checkpoint_written_whole_before_a_rank_died_keeps_its_final_name(tmp_path):
+    """Issue 30, 6: a DDP rank killed at the first validation left only ``last.ckpt.tmp-*``, complete but
+    never renamed (rank 0 wrote it, then the barrier failed)."""
+    from cacr.resume import _tmp, save_then_rename
+
+    final = str(tmp_path / "last.ckpt")
+    tmp = _tmp(final)
+
+    def whole_then_barrier_fails():
+        torch.save({"state_dict": {"w": torch.ones(3)}, "global_step": 4}, tmp)
+        raise RuntimeError("[gloo] Connection closed by peer")  # the barrier after the save
+
+    with pytest.raises(RuntimeError, match="Connection closed"):
+        save_then_rename(_Rank0(), whole_then_barrier_fails, tmp, final)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert torch.load(final, weights_only=True)["global_step"] == 4
+
+    def half_written():
+        torch.save({"w": torch.zeros(10_000)}, tmp + ".x")
+        Path(tmp).write_bytes(Path(tmp + ".x").read_bytes()[:5000])
+        os.unlink(tmp + ".x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_then_rename(_Rank0(), half_written, tmp, str(tmp_path / "best-step8.ckpt"))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the partial file is gone, the old one kept
+
+
+def test_a_dead_rank_is_one_line_naming_a_checkpoint_that_exists(tmp_path, train_world, monkeypatch):
+    """Issue 30, 6: a dead DDP rank ended in rank 0's traceback; the advice must name an existing file."""
+    import cacr.train as train
+    from cacr.launch import WorkerFailed
+
+    from .test_faults import RUN, compose_train
+
+    rd = tmp_path / "run"
+
+    def dies(cfg, run_dir, *args):
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "checkpoints" / "best-step4.ckpt").write_bytes(b"complete")
+        (run_dir / "checkpoints" / "last.ckpt.tmp-99999").write_bytes(b"half")
+        raise WorkerFailed("DDP worker local rank 1 (pid 99999) exited with code -9")
+
+    monkeypatch.setattr(train, "_fit_and_evaluate", dies)
+    with pytest.raises(CacrError) as e:
+        train.run(compose_train(train_world, *RUN, f"run_dir={rd}"))
+    assert str(e.value) == (f"DDP worker local rank 1 (pid 99999) exited with code -9; resume with "
+                            f"ckpt_path={rd / 'checkpoints' / 'best-step4.ckpt'}")
