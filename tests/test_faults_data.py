@@ -156,3 +156,55 @@ def test_the_evaluators_run_the_same_region_checks(tmp_path, world, ckpt):  # no
                                  f"y2 < y1 in 1 image(s): {image!r}; expected 0 <= x1 <= x2 <= 1 and "
                                  f"0 <= y1 <= y2 <= 1")
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("which", ["img", "txt"])
+def test_truncated_lmdb_is_one_line_not_a_bus_error(tmp_path, which):
+    """Issue 30, crash: ``convert uniter-txt`` / ``uniter-img`` on a truncated ``data.mdb`` died of SIGBUS
+    (exit 135, no message): the file is checked before it is memory-mapped."""
+    import shutil
+    import subprocess
+    import sys
+
+    from .conftest import FIXTURES, REPO
+    from .test_faults import ENV
+
+    sample = FIXTURES / "uniter_db_sample"
+    src = sample / "img_db" / "flickr30k" / "feat_th0.2_max100_min10" if which == "img" else \
+        sample / "txt_db" / "itm_flickr30k_test.db"
+    db = tmp_path / src.name
+    shutil.copytree(src, db)
+    if which == "img":
+        shutil.copy(src.parent / "nbb_th0.2_max100_min10.json", tmp_path)
+    mdb = db / "data.mdb"
+    whole = mdb.stat().st_size
+    mdb.write_bytes(mdb.read_bytes()[:whole // 2 // 4096 * 4096])
+    out = tmp_path / "o.h5"
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog"]) + "\n")
+    args = ["uniter-img", str(db), str(out)] if which == "img" else \
+        ["uniter-txt", str(db), "--tokenizer", str(vocab), "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "cacr.data.convert", *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and no_traceback(proc), (proc.returncode, proc.stderr[-1000:])
+    assert last_line(proc).startswith(f"error: {mdb}: truncated: {whole // 2 // 4096 * 4096} bytes, but its last "
+                                      f"page ends at byte {whole}")
+    assert not list(tmp_path.glob("o.h5*"))
+
+
+@pytest.mark.parametrize("cut", [7, 8], ids=["bad-padding", "not-whole-floats"])
+def test_truncated_base64_in_a_bua_tsv_names_line_image_and_column(tmp_path, convert, cut):  # noqa: F811
+    """Issue 30, vague: ``convert bua-tsv`` with truncated base64 said ``error: Incorrect padding`` or
+    ``error: buffer size must be a multiple of element size``, naming no line or image."""
+    import base64
+
+    boxes = np.array([[1, 1, 50, 50], [2, 2, 60, 60]], np.float32)
+    feats = np.ones((2, 8), np.float32)
+    enc = base64.b64encode(feats.tobytes()).decode()
+    enc = enc[:len(enc) - cut] + ("" if cut == 7 else "AAA=")  # 7 chars off: bad padding; else 2 bytes too few
+    tsv = tmp_path / "f.tsv"
+    tsv.write_text("\t".join(["111", "640", "480", "2", base64.b64encode(boxes.tobytes()).decode(), enc]) + "\n")
+    proc = convert("bua-tsv", tsv, "--out", tmp_path / "r.h5")
+    assert proc.returncode == 1 and no_traceback(proc)
+    assert last_line(proc).startswith(f"error: {tsv}: line 1 (image '111'): column 'features': ")
+    assert not list(tmp_path.glob("r.h5*"))

@@ -50,11 +50,47 @@ def _json(path: Path):
         raise FormatError(path, [f"not UTF-8 text ({e.reason} at byte {e.start})"]) from None
 
 
+LMDB_MAGIC = 0xBEEFC0DE
+
+
+def check_lmdb_file(mdb: Path) -> None:
+    """Refuse (one line) a ``data.mdb`` that is not whole, before LMDB memory-maps it: reading a
+    page past the end of a truncated file would kill the process with SIGBUS. The newer of the
+    two meta pages (LMDB's format: page header 16 bytes, then magic, version, address,
+    map size, two 48-byte DB records whose first holds the page size, last page, txn id)
+    says how many pages the file must hold."""
+    import struct
+
+    size = mdb.stat().st_size
+    with open(mdb, "rb") as f:
+        head = f.read(16 + 152)
+        if len(head) < 16 + 152 or struct.unpack_from("<I", head, 16)[0] != LMDB_MAGIC:
+            raise FormatError(mdb, ["not an LMDB data file (no LMDB meta page at its start)"])
+        psize = struct.unpack_from("<I", head, 40)[0]
+        if psize < 512 or psize & (psize - 1):
+            raise FormatError(mdb, [f"LMDB meta page gives page size {psize}; the file is corrupt"])
+        f.seek(psize)
+        metas = [head, f.read(16 + 152)]
+    best = None
+    for m in metas:
+        if len(m) == 16 + 152 and struct.unpack_from("<I", m, 16)[0] == LMDB_MAGIC:
+            last_pg, txnid = struct.unpack_from("<QQ", m, 136)
+            if best is None or txnid > best[1]:
+                best = (last_pg, txnid)
+    if best is None:
+        raise FormatError(mdb, [f"truncated: {size} bytes, shorter than LMDB's two meta pages of {psize} bytes"])
+    need = (best[0] + 1) * psize
+    if size < need:
+        raise FormatError(mdb, [f"truncated: {size} bytes, but its last page ends at byte {need} "
+                                f"(page {best[0]} of {psize} bytes); copy or download the database again"])
+
+
 def _open_lmdb(path: Path):
     import lmdb
 
     if not (path / "data.mdb").is_file():
         raise FileNotFoundError(f"{path}: not an LMDB folder (data.mdb missing)")
+    check_lmdb_file(path / "data.mdb")  # before the memory map: a truncated file would be a bus error
     try:
         return lmdb.open(str(path), readonly=True, lock=False, readahead=False, create=False)
     except lmdb.Error as e:
@@ -239,8 +275,21 @@ LXMERT_FIELDS = ["img_id", "img_h", "img_w", "objects_id", "objects_conf", "attr
                  "num_boxes", "boxes", "features"]
 
 
-def _b64(s: str, shape, where: str) -> np.ndarray:
-    a = np.frombuffer(base64.b64decode(s), dtype=np.float32)
+def _b64_floats(s: str, where: str, column: str) -> np.ndarray:
+    """float32 values of a base64 column, or one line naming the line, image and column."""
+    import binascii
+
+    try:
+        raw = base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise FormatError(where, [f"column {column!r}: not valid base64, truncated? ({e})"]) from None
+    if len(raw) % 4:
+        raise FormatError(where, [f"column {column!r}: {len(raw)} bytes, not whole float32 values; truncated?"])
+    return np.frombuffer(raw, dtype=np.float32)
+
+
+def _b64(s: str, shape, where: str, column: str = "boxes") -> np.ndarray:
+    a = _b64_floats(s, where, column)
     if a.size != int(np.prod(shape)):
         raise FormatError(where, [f"expected {int(np.prod(shape))} float32 values {shape}, got {a.size}"])
     return a.reshape(shape)
@@ -275,11 +324,11 @@ def read_bua_tsv(path) -> Iterator[Tuple[str, np.ndarray, np.ndarray, Optional[n
             where = f"{path}: line {ln} (image {iid!r})"
             n = int(d["num_boxes"])
             boxes = _b64(d["boxes"], (n, 4), where)
-            feat = np.frombuffer(base64.b64decode(d["features"]), dtype=np.float32)
+            feat = _b64_floats(d["features"], where, "features")
             if n == 0 or feat.size % n:
                 raise FormatError(path, [f"line {ln} (image {iid!r}): {feat.size} feature values for {n} boxes"])
             feat = feat.reshape(n, -1)
-            conf = _b64(d["objects_conf"], (n,), where) if len(row) == len(LXMERT_FIELDS) else None
+            conf = _b64(d["objects_conf"], (n,), where, "objects_conf") if len(row) == len(LXMERT_FIELDS) else None
             nb = normalise_boxes(boxes, w, h, where)
             if conf is not None:  # rows sorted by confidence, so the region caps keep a prefix
                 order = np.argsort(-conf, kind="stable")
