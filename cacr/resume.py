@@ -72,12 +72,16 @@ def save_then_rename(trainer: "pl.Trainer", save, tmp: str, final: str) -> None:
     removed: a dead rank never leaves the last complete checkpoint as a ``.tmp-*``."""
     try:
         save()
-    except BaseException:
+    except BaseException as e:
         if trainer.is_global_zero and os.path.exists(tmp):
             if whole_checkpoint(tmp):
                 os.replace(tmp, final)
             else:
                 os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, CacrError):  # disk full, file too large: name the file
+            from cacr.outputs import WriteError
+
+            raise WriteError(final, e) from None
         raise
     if trainer.is_global_zero:
         os.replace(tmp, final)
@@ -393,6 +397,9 @@ def load_training_checkpoint(path: Path, what: str = "ckpt_path") -> Dict[str, A
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read means: not a usable checkpoint
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "Weights only load failed" in str(e):  # a pickle naming code (classes, functions): never run
+            raise CacrError(f"{what}={path}: holds pickled code or objects other than tensors, which are refused "
+                            f"and were not run (expected a checkpoint of this project's train.py)") from None
         raise CacrError(f"{what}={path}: not a readable checkpoint, truncated or not written by torch.save "
                         f"({type(e).__name__}: {first[:200]})") from None
     need = ("state_dict", "global_step", "loops", "optimizer_states", "hyper_parameters")

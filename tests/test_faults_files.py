@@ -400,3 +400,77 @@ def test_a_dead_rank_is_one_line_naming_a_checkpoint_that_exists(tmp_path, train
         train.run(compose_train(train_world, *RUN, f"run_dir={rd}"))
     assert str(e.value) == (f"DDP worker local rank 1 (pid 99999) exited with code -9; resume with "
                             f"ckpt_path={rd / 'checkpoints' / 'best-step4.ckpt'}")
+
+
+def test_a_checkpoint_write_error_names_the_checkpoint(tmp_path):
+    """Issue 30, vague: ``train.py: [Errno 27] File too large`` named no path."""
+    from cacr.resume import _tmp, save_then_rename
+
+    final = str(tmp_path / "last.ckpt")
+    tmp = _tmp(final)
+
+    def too_large():
+        Path(tmp).write_bytes(b"PK partial")
+        raise OSError(errno.EFBIG, "File too large")
+
+    with pytest.raises(WriteError) as e:
+        save_then_rename(_Rank0(), too_large, tmp, final)
+    assert str(e.value) == f"{final}: cannot write (File too large); nothing written, no temporary file left"
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- small ones
+
+
+class Payload:  # a pickled object of a class: code a checkpoint must not carry
+    def __reduce__(self):
+        return (print, ("ran",))
+
+
+def test_a_pickle_payload_is_named_as_refused_code(tmp_path, train_world):
+    """Issue 30, small: a pickle payload was reported as "truncated or not written by torch.save"."""
+    from cacr.train import run
+
+    from .test_faults import RUN, compose_train
+
+    ck = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "global_step": 1, "x": Payload()}, ck)
+    with pytest.raises(CacrError) as e:
+        run(compose_train(train_world, *RUN, f"ckpt_path={ck}", f"run_dir={tmp_path / 'r'}"))
+    assert str(e.value).startswith(f"ckpt_path={ck}: holds pickled code or objects other than tensors, which are "
+                                   f"refused and were not run")
+
+
+def _eval(world_overrides, name, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from cacr.evaluation.cli import guarded, run_retrieval, run_winoground
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(name, overrides=[*world_overrides, "progress=false", *overrides])
+    return guarded(f"eval_{name}.py", {"winoground": run_winoground, "retrieval": run_retrieval}[name], cfg)
+
+
+def test_an_img_dim_mismatch_names_the_regions_file(tmp_path, world):
+    """Issue 30, small: an img_dim mismatch named ``examples.jsonl`` instead of the regions file."""
+    from cacr.model import UniterConfig, build_uniter
+
+    paths, overrides = world
+    model = build_uniter(UniterConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=64, img_dim=48))
+    ck = tmp_path / "w48.ckpt"
+    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"model_config": model.config.to_dict()}, "global_step": 1}, ck)
+    with pytest.raises(SystemExit) as e:
+        _eval(overrides, "winoground", f"ckpt_path={ck}", f"output={tmp_path / 'out'}", "n_boot=10")
+    assert str(e.value.code).startswith(f"eval_winoground.py: regions={paths.winoground_regions}: region features "
+                                        f"have width 64, the model expects img_dim=48")
+
+
+def test_a_failed_evaluation_leaves_no_empty_output_folder(tmp_path, world):
+    """Issue 30, small: a failed evaluation left an empty output folder behind."""
+    _, overrides = world
+    out = tmp_path / "new" / "out"
+    with pytest.raises(SystemExit, match="missing.ckpt"):
+        _eval(overrides, "retrieval", f"ckpt_path={tmp_path / 'missing.ckpt'}", f"output={out}")
+    assert not (tmp_path / "new").exists()

@@ -138,7 +138,7 @@ def winoground_pairs(src: Sources, example_id: str, which: str = "matched",
     e = ids.index(str(example_id))
     ex = wino.examples[e]
     check_inputs(src.model, wino.texts[e], [f"example {example_id!r} caption_{c}" for c in (0, 1)],
-                 wino.regions.feature_dim, str(examples_path))
+                 wino.regions.feature_dim, str(examples_path), regions_what=str(regions_path))
     if scenes is None and not src.cfg.get("examples") and not src.cfg.get("regions"):
         scenes = synthetic_scenes(src.cfg, "winoground")
     combos = [(0, 0), (1, 1)] if which == "matched" else [(0, 0), (0, 1), (1, 0), (1, 1)]

@@ -81,12 +81,18 @@ def guarded(prog: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     from cacr.errors import EXPECTED, exit_interrupted, exit_on_error, raise_on_termination
 
     raise_on_termination()
+    out = resolve_path(cfg.output) if cfg.get("output") else None
+    # folders this run creates for output=DIR (it and missing parents) go again if the run fails leaving them empty
+    made = [d for d in ([out, *out.parents] if out is not None else []) if not d.exists()]
     try:
         return fn(cfg)
-    except EXPECTED as e:
+    except (*EXPECTED, KeyboardInterrupt) as e:
+        for d in made:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        if isinstance(e, KeyboardInterrupt):
+            exit_interrupted(prog, e)
         exit_on_error(prog, e)
-    except KeyboardInterrupt as e:
-        exit_interrupted(prog, e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -147,7 +153,7 @@ def run_winoground(cfg: DictConfig) -> Dict[str, Any]:
         model, name = build_model(cfg, device)
         check_inputs(model, [t for pair in wino.texts for t in pair],
                      [f"example {ex.id!r} caption_{c}" for ex in wino.examples for c in (0, 1)],
-                     wino.regions.feature_dim, str(examples_path))
+                     wino.regions.feature_dim, str(examples_path), regions_what=f"regions={regions_path}")
         check_regions(wino.regions, f"regions={regions_path}")
         scores, results = evaluate_winoground(model, wino, head=head, batch_size=scoring_batch_size(cfg.batch_size, device, model), device=device,
                                               bf16=bf16, progress=bool(cfg.progress) and is_rank_zero(),

@@ -137,11 +137,13 @@ def check_head(head: str) -> str:
 
 
 def check_inputs(model: nn.Module, texts: Sequence[torch.Tensor], names: Sequence[str], feature_dim: int,
-                 what: str) -> None:
-    """Token ids inside the model's vocabulary, texts within its positions, regions of its width."""
+                 what: str, regions_what: Optional[str] = None) -> None:
+    """Token ids inside the model's vocabulary, texts within its positions, regions of its width
+    (a width error names ``regions_what``, the regions file, where given)."""
     cfg = model.config
     if feature_dim != cfg.img_dim:
-        raise ConfigError(f"{what}: region features have width {feature_dim}, the model expects img_dim={cfg.img_dim}")
+        raise ConfigError(f"{regions_what or what}: region features have width {feature_dim}, the model expects "
+                          f"img_dim={cfg.img_dim}")
     for t, name in zip(texts, names):
         if int(t.max()) >= cfg.vocab_size:
             raise ConfigError(f"{what}: {name} has token id {int(t.max())}, the model embeds only "
