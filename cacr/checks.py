@@ -348,3 +348,19 @@ def check_data(dm, cfg: DictConfig) -> None:
     problems = data_problems(dm, cfg)
     if problems:
         raise SettingsError(problems)
+
+
+def identical_foils(items, where: str) -> List[str]:
+    """Multiple-choice items (``.key``, ``.captions``: the true caption first, then the foils)
+    with a foil equal to their caption, ignoring case and spacing: always scored wrong (a tie
+    is wrong), so they are warned about, one line per set, and their keys returned for the
+    evaluator to count (``identical_foils`` in its results)."""
+    def norm(text: str) -> str:
+        return " ".join(str(text).lower().split())
+
+    keys = [it.key for it in items if any(norm(f) == norm(it.captions[0]) for f in it.captions[1:])]
+    if keys:
+        shown = ", ".join(repr(k) for k in keys[:SHOWN]) + (
+            f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
+        log.warning("%s: %d item(s) whose foil equals the caption, always scored wrong: %s", where, len(keys), shown)
+    return keys

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 # Keys that say where and how a run is carried out, not what it computes.
 BOOKKEEPING_PREFIXES = ("logger.",)
-BOOKKEEPING_KEYS = {"ckpt_path", "run_dir", "run_dir_reuse", "resume_override", "rerun_eval", "data.root", "data.num_workers",
+BOOKKEEPING_KEYS = {"ckpt_path", "run_dir", "run_dir_reuse", "resume_override", "rerun_eval", "data.root",
+                    "data.num_workers",
                     "data.eval_batch_size", "module.eval_batch_size", "module.mining_batch_size",
                     "module.compile_scoring", "module.eval_bf16", "trainer.enable_progress_bar",
                     "trainer.log_every_n_steps",

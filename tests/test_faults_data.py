@@ -208,3 +208,20 @@ def test_truncated_base64_in_a_bua_tsv_names_line_image_and_column(tmp_path, con
     assert proc.returncode == 1 and no_traceback(proc)
     assert last_line(proc).startswith(f"error: {tsv}: line 1 (image '111'): column 'features': ")
     assert not list(tmp_path.glob("r.h5*"))
+
+
+def test_a_multiple_choice_foil_equal_to_its_caption_is_warned_and_counted(caplog):
+    """Issue 30, 9: an item whose foil equals its caption is always scored wrong, with no warning.
+    (The check; calling it from cacr/evaluation/multiple_choice.py is left to that file's owner.)"""
+    import logging
+
+    from cacr.checks import identical_foils
+    from cacr.evaluation.multiple_choice import Item
+
+    items = [Item("set/0", "img0", ("a dog on a mat", "a mat on a dog")),
+             Item("set/1", "img1", ("a red cube", "a blue cube", "A red  cube")),
+             Item("set/2", "img2", ("two cats", "two cats"))]
+    with caplog.at_level(logging.WARNING, logger="cacr.checks"):
+        assert identical_foils(items, "set.json") == ["set/1", "set/2"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "set.json: 2 item(s) whose foil equals the caption, always scored wrong: 'set/1', 'set/2'"]

@@ -72,7 +72,8 @@ def test_attention_example_id_with_a_path_never_writes_outside_out(tmp_path, wor
     examples.write_text("\n".join([json.dumps({**first, "id": hostile}), *lines[1:]]) + "\n")
     out = tmp_path / "a" / "b" / "out"
     out.mkdir(parents=True)
-    for victim in (tmp_path / "a" / "b" / "TRAVERSAL_c0_i0_attention.npz", tmp_path / "a" / "TRAVERSAL_c0_i0_attention.npz"):
+    for victim in (tmp_path / "a" / "b" / "TRAVERSAL_c0_i0_attention.npz",
+                   tmp_path / "a" / "TRAVERSAL_c0_i0_attention.npz"):
         victim.write_bytes(b"the user's file")
     before = sums(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "cacr.analysis.attention", "--ckpt", str(ckpt), "--example", hostile,
