@@ -95,8 +95,11 @@ class RetrievalModule(pl.LightningModule):
         mrfr_prob: float = 0.15,
         wra_weight: float = 0.0,
         val_winoground: bool = False,
+        pressure_every: int = 0,
     ):
         super().__init__()
+        if not (isinstance(pressure_every, int) and not isinstance(pressure_every, bool) and pressure_every >= 0):
+            raise ValueError(f"module.pressure_every must be a number of steps >= 0 (0: off), got {pressure_every!r}")
         if ranking not in ("hinge", "softmax"):
             raise ValueError(f"module.ranking must be 'hinge' (official) or 'softmax', got {ranking!r}")
         for name, v, lo in (("eval_batch_size", eval_batch_size, 1), ("mining_batch_size", mining_batch_size, 1),
@@ -446,6 +449,9 @@ class RetrievalModule(pl.LightningModule):
         losses = self.compute_losses(batch, step, self.total_steps)
         B = batch["cap_idx"].shape[0]
         log = {f"train/{k}": v for k, v in losses.items() if k != "pairs"}
+        every = self.hparams.get("pressure_every", 0)
+        if every and step % every == 0 and "reg_loss" in losses:
+            log.update(self.pressure(losses))
         log["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         now = time.perf_counter()
         if self._t0 is not None:
@@ -455,6 +461,23 @@ class RetrievalModule(pl.LightningModule):
         self.log_dict(log, batch_size=B)
         self.log("loss", losses["loss"], prog_bar=True, logger=False, batch_size=B)
         return losses["loss"]
+
+    def pressure(self, losses: Dict[str, Tensor]) -> Dict[str, float]:
+        """The regularizer's pull against the ranking loss's, as gradient norms on the model
+        parameters both reach: ``train/pressure`` = ||w lambda grad L_reg|| / ||grad L_rank||
+        (w the schedule's factor at this step), with the two norms. Two extra backward
+        passes through this step's graph, which is kept for the training step's own."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        w = float(losses["reg_weight"])
+        g_rank = torch.autograd.grad(losses["rank_loss"], params, retain_graph=True, allow_unused=True)
+        g_reg = torch.autograd.grad(losses["reg_loss"], params, retain_graph=True, allow_unused=True)
+        both = [(a, b) for a, b in zip(g_rank, g_reg) if a is not None and b is not None]
+        if not both:
+            return {}
+        n_rank = torch.sqrt(sum((a.double() ** 2).sum() for a, _ in both))
+        n_reg = w * torch.sqrt(sum((b.double() ** 2).sum() for _, b in both))
+        return {"train/grad_rank": float(n_rank), "train/grad_reg": float(n_reg),
+                "train/pressure": float(n_reg / n_rank) if n_rank > 0 else float("nan")}
 
     def configure_optimizers(self):
         # The model's and the pre-training heads' parameters (a tied decoder weight once); no

@@ -39,6 +39,9 @@ CANDIDATES = {
     # simpler scenes: at most one unnamed region
     "D_l4_k1_d01": PILOT + ["module.num_negatives=1", "data.synthetic.min_distractors=0",
                             "data.synthetic.max_distractors=1"],
+    # 32 positives a step (the probe bound in fewer positives at 32 than at 16)
+    "E_l4_k1_b32": PILOT + ["module.num_negatives=1", "data.batch_size=32"],
+    "F_l2_k1_b32": PILOT + ["module.num_negatives=1", "data.batch_size=32", "model.config.num_hidden_layers=2"],
 }
 
 
@@ -65,7 +68,10 @@ def run(name, overrides, args):
     t0 = time.perf_counter()
     with open(Path(args.runs) / f"{name}.log", "w") as log:
         try:
-            subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=args.max_seconds)
+            env = dict(os.environ)
+            if args.threads:
+                env["OMP_NUM_THREADS"] = str(args.threads)
+            subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=args.max_seconds, env=env)
             why = "finished"
         except subprocess.TimeoutExpired:
             why = f"stopped at {args.max_seconds} s"
@@ -99,8 +105,9 @@ def main():
     ap.add_argument("--only", nargs="*", help="candidate names (default: all)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--stop", type=float, default=90.0, help="stop a run at this dev binding")
-    ap.add_argument("--max-steps", type=int, default=4000)
-    ap.add_argument("--max-seconds", type=int, default=600)
+    ap.add_argument("--max-steps", type=int, default=3000)
+    ap.add_argument("--max-seconds", type=int, default=1800)
+    ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of each run (0: as set)")
     ap.add_argument("--runs", default=str(ROOT / "outputs" / "default_recipe"))
     args = ap.parse_args()
     if args.list:
