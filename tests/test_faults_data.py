@@ -225,3 +225,30 @@ def test_a_multiple_choice_foil_equal_to_its_caption_is_warned_and_counted(caplo
         assert identical_foils(items, "set.json") == ["set/1", "set/2"]
     assert [r.getMessage() for r in caplog.records] == [
         "set.json: 2 item(s) whose foil equals the caption, always scored wrong: 'set/1', 'set/2'"]
+
+
+def test_a_converter_past_the_file_size_limit_is_one_line_and_leaves_no_temporary_file(tmp_path):
+    """Issue 30, crash: ``convert npz-dir --overwrite`` at the file-size limit segfaulted (HDF5 closing the
+    failed file again at exit), with 4 tracebacks and a ``.tmp-*`` left (the old output intact)."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+    from .test_faults import ENV
+    from .test_faults_files import file_size_limit
+
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(40):
+        np.savez(folder / f"img{i}.npz", features=g.standard_normal((30, 256)).astype(np.float32),
+                 norm_bb=np.array([[0.1, 0.1, 0.5, 0.5]] * 30, dtype=np.float32))
+    out = tmp_path / "regions.h5"
+    out.write_bytes(b"the old output")
+    proc = subprocess.run([sys.executable, "-m", "cacr.data.convert", "npz-dir", str(folder), str(out), "--overwrite"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120,
+                          preexec_fn=file_size_limit(100_000))
+    assert proc.returncode == 1 and no_traceback(proc), (proc.returncode, proc.stderr[-1500:])
+    assert last_line(proc) == f"error: {out}: cannot write (File too large); existing content kept, no temporary " \
+                              f"file left"
+    assert out.read_bytes() == b"the old output" and sorted(p.name for p in tmp_path.iterdir()) == ["npz", "regions.h5"]

@@ -554,6 +554,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.debug or debug():
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
+        from cacr.data.formats import hdf5_broken
+
+        if hdf5_broken():  # HDF5 segfaults when it frees the failed file: the message is out, the temp gone
+            import os
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     print(f"wrote {out}")
     return 0

@@ -61,6 +61,28 @@ class FormatError(ValueError):
 # --------------------------------------------------------------------------- writing
 
 
+_hdf5_broken = False  # an HDF5 write failed: the library may crash when it closes its files at exit
+
+
+def hdf5_broken() -> bool:
+    """Whether an HDF5 file of this process failed to be written (disk full, file too large):
+    HDF5 then segfaults when Python exits and closes it again, so a command ends with
+    ``os._exit`` once its one-line message is printed."""
+    return _hdf5_broken
+
+
+def _write_failed(path: Path, tmp: Path, e: BaseException):
+    """The one-line error of a failed HDF5 write of ``path``; its temporary file removed."""
+    global _hdf5_broken
+    from cacr.outputs import WriteError
+
+    _hdf5_broken = True
+    tmp.unlink(missing_ok=True)
+    m = re.search(r"error message = '([^']*)'", str(e))
+    reason = m.group(1) if m else (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return WriteError(path, OSError(getattr(e, "errno", None), reason))
+
+
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
@@ -184,22 +206,27 @@ class RegionsWriter:
         self._rows, self._buffered = n1, 0
 
     def close(self) -> Path:
-        self._flush()
-        if not self._ids:
+        try:
+            self._flush()
+            if not self._ids:
+                self._f.close()
+                self.tmp.unlink(missing_ok=True)
+                raise ValueError(f"{self.path}: no images were added")
+            offsets = np.zeros(len(self._counts) + 1, dtype=np.int64)
+            np.cumsum(self._counts, out=offsets[1:])
+            self._f.create_dataset("offsets", data=offsets, fletcher32=True)
+            _write_strings(self._f, "image_ids", self._ids)
             self._f.close()
-            self.tmp.unlink(missing_ok=True)
-            raise ValueError(f"{self.path}: no images were added")
-        offsets = np.zeros(len(self._counts) + 1, dtype=np.int64)
-        np.cumsum(self._counts, out=offsets[1:])
-        self._f.create_dataset("offsets", data=offsets, fletcher32=True)
-        _write_strings(self._f, "image_ids", self._ids)
-        self._f.close()
+        except (OSError, RuntimeError) as e:  # HDF5's write errors (EFBIG, ENOSPC) come as either
+            raise _write_failed(self.path, self.tmp, e) from None
         os.replace(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
         try:
             self._f.close()
+        except (OSError, RuntimeError) as e:
+            _write_failed(self.path, self.tmp, e)
         finally:
             self.tmp.unlink(missing_ok=True)
 
@@ -246,6 +273,8 @@ def write_captions(path, *, caption_ids: Sequence[str], image_ids: Sequence[str]
                            do_lower_case=bool(do_lower_case), cls_id=int(cls_id), sep_id=int(sep_id),
                            pad_id=int(pad_id), unk_id=int(unk_id))
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # HDF5's write errors (EFBIG, ENOSPC) come as either
+        raise _write_failed(path, tmp, e) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
