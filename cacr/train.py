@@ -344,7 +344,12 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
         if resume is not None:
             log.info("resuming from %s at step %d of %d", resume.path, resume.step, cfg.train.max_steps)
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=str(resume.path) if resume is not None else None)
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=str(resume.path) if resume is not None else None)
+        except SystemExit as e:  # Lightning ends a fit interrupted by Ctrl-C (or SIGTERM) with exit code 1
+            if isinstance(e.__context__, KeyboardInterrupt):
+                raise e.__context__ from None  # exit code 130 and one line, as everywhere else
+            raise
 
         best_path = _best_weights(best.best_model_path, ckpt_dir)
         stopped = stopper[0].summary() if stopper else None

@@ -475,3 +475,42 @@ def test_a_failed_evaluation_leaves_no_empty_output_folder(tmp_path, world):
     with pytest.raises(SystemExit, match="missing.ckpt"):
         _eval(overrides, "retrieval", f"ckpt_path={tmp_path / 'missing.ckpt'}", f"output={out}")
     assert not (tmp_path / "new").exists()
+
+
+SIGINT_IN_TRAINING = """
+import os, signal, sys
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from cacr import train
+from cacr.config import register_resolvers
+
+class SigintAt(pl.Callback):
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == 3:
+            print("stepping", flush=True)
+            os.kill(os.getpid(), signal.SIGINT)
+
+torch.set_num_threads(1)
+register_resolvers()
+run = train.run
+train.run = lambda cfg: run(cfg, extra_callbacks=[SigintAt()])
+with initialize_config_dir(config_dir=os.path.abspath("conf"), version_base="1.3"):
+    cfg = compose("train", overrides=sys.argv[1:])
+train.main_entry(cfg)
+"""
+
+
+def test_sigint_during_training_is_one_line_and_exit_130(tmp_path, train_world):
+    """Issue 30, 5: SIGINT ends every command with one line and exit 130 (Lightning ended a fit with exit 1)."""
+    import signal
+
+    from .test_faults import RUN, TINY
+
+    proc = subprocess.run([sys.executable, "-c", SIGINT_IN_TRAINING, *TINY, f"data.root={train_world}", *RUN,
+                           f"run_dir={tmp_path / 'r'}"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert "stepping" in proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode == 130 and no_traceback(proc), (proc.returncode, proc.stderr[-2000:])
+    assert last_line(proc) == "train.py: interrupted (stopped by signal SIGINT); no partial file left"
+    assert not list((tmp_path / "r").rglob("*.tmp-*"))
