@@ -450,7 +450,7 @@ class RetrievalModule(pl.LightningModule):
         B = batch["cap_idx"].shape[0]
         log = {f"train/{k}": v for k, v in losses.items() if k != "pairs"}
         every = self.hparams.get("pressure_every", 0)
-        if every and step % every == 0 and "reg_loss" in losses:
+        if every and (step + 1) % every == 0 and "reg_loss" in losses:  # on Lightning's logging steps
             log.update(self.pressure(losses))
         log["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         now = time.perf_counter()
