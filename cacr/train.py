@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -281,6 +282,7 @@ def _best_weights(best_path: str, ckpt_dir: Path) -> str:
 
 def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[List[Any]], resume=None,
                       resolved: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    t_start = time.perf_counter()  # the data's setup included: "training ... in N s"
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
@@ -360,6 +362,11 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
                                    "scale": sizes}
         if stopped is not None:
             results["stopped_at_binding"] = stopped
+        # where training ended and why: the closing lines print it
+        results["training"] = {"steps": int(trainer.global_step), "max_steps": int(cfg.train.max_steps),
+                               "stopped": "binding" if stopped is not None else
+                               ("max_steps" if trainer.global_step >= cfg.train.max_steps else "early"),
+                               "wall_s": round(time.perf_counter() - t_start, 1)}
         # The final test runs outside Lightning's test loop on purpose: trainer.test(ckpt_path=best)
         # would turn SIGINT/SIGTERM during the test into Lightning's exit code 1 (now: Interrupted,
         # exit code 130, after the run's clean-ups), restore every callback's state from the best
@@ -405,6 +412,33 @@ def _fmt(x) -> str:
     return f"{x:.2f}" if isinstance(x, float) else str(x)
 
 
+def _wino_line(name: str, w: Mapping[str, Any]) -> str:
+    ci = (w.get("ci95") or {}).get("binding")
+    interval = f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else ""
+    return (f"{name} (n={w['n']}): text={_fmt(w['text'])}  image={_fmt(w['image'])}  group={_fmt(w['group'])}  "
+            f"binding={_fmt(w['binding'])}{interval}")
+
+
+def closing_lines(results: Mapping[str, Any]) -> List[str]:
+    """What ``train.py`` prints after the retrieval line: where training stopped and why, and the
+    Winoground-format scores (binding with its 95% interval), per half when the set has halves."""
+    lines = []
+    t = results.get("training")
+    if t:
+        stop = results.get("stopped_at_binding")
+        why = (f"dev binding {stop['binding']:.1f} >= train.stop_at_binding={stop['threshold']:g}" if stop
+               else "the step budget (train.max_steps)" if t["stopped"] == "max_steps" else "stopped early")
+        lines.append(f"training: {t['steps']} of {t['max_steps']} steps in {t['wall_s']:.0f} s, ended by {why}")
+    w = results.get("winoground")
+    if w:
+        halves = (w.get("by_tag") or {}).get("split") or {}
+        if halves:
+            lines += [_wino_line(f"winoground {h} half", halves[h]) for h in sorted(halves, key=lambda h: h != "test")]
+        else:
+            lines.append(_wino_line("winoground", w))
+    return lines
+
+
 def main_entry(cfg: DictConfig) -> Dict[str, Any]:
     """``train.py``'s body: run and print the summary. Expected failures end in one line
     ``train.py: <file or key>: <what was expected>`` (one line per impossible setting),
@@ -436,9 +470,8 @@ def main_entry(cfg: DictConfig) -> Dict[str, Any]:
         if r:
             print("test retrieval: " + "  ".join(f"{k}={_fmt(r[k])}" for k in
                                                   ("ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10", "rsum")))
-        w = results.get("winoground")
-        if w:
-            print(f"winoground (n={w['n']}): text={_fmt(w['text'])}  image={_fmt(w['image'])}  group={_fmt(w['group'])}")
+        for line in closing_lines(results):
+            print(line)
         print(f"best checkpoint: {results.get('best_checkpoint')}")
         print(Path(results["run_dir"]) / "results.json")
 
