@@ -236,7 +236,7 @@ def absolute_captions(r: np.random.Generator, regions: List[Region], k: int) -> 
     """``k`` distinct captions (fewer if the scene has fewer facts) that place one object on the
     grid's edge: "a red mug is left" (first column), "right" (last), "above" (top row), "below"
     (bottom row). They read a grounded object's position on its own, a step below comparing
-    two (experiments/binding_study/README.md, "What the probe showed")."""
+    two (experiments/binding_study/LOG.md, "What the probe showed")."""
     art = lambda g: "an" if g.colour[0] in "aeiou" else "a"  # noqa: E731
     facts = [ABSOLUTE_TEMPLATE.format(ia=art(g), a=g.name(), p=pos)
              for g in regions if g.kind == "object" for pos in POSITIONS if absolute_holds(g.cell, pos)]

@@ -1,6 +1,6 @@
 """How fast can this UNITER learn binding when it is given nothing but the binding signal?
 
-A diagnostic beside the gate (README, "The gate"): the same model class
+A diagnostic beside the gate (LOG.md, "The gate"): the same model class
 (``UniterForImageTextRetrieval``, any size), trained on freshly sampled scenes of the
 synthetic world (no data reuse, so no memorising), with a loss that only binding can
 lower. Each positive (scene, caption "A rel B" true of it) is scored against

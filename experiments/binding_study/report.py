@@ -6,7 +6,7 @@ Reads ``calibration.json``, every ``pretrain/seed*/`` and ``finetune/<arm>/seed*
 (``results.json``, ``winoground_scores.jsonl``, ``diagnostics.json``, ``metrics.csv``,
 ``.hydra/config.yaml``) and writes into ``--out`` (default: the study folder) ``report.md``,
 ``report.json``, ``pretrain_curves.png`` and ``differences.png``. The decision rules are
-those of README.md ("Pre-registration"), coded in :func:`verdict`.
+those of LOG.md ("Pre-registration", stages A and B), coded in :func:`verdict`.
 """
 from __future__ import annotations
 
@@ -225,7 +225,7 @@ def _within(c: Dict, band: float) -> bool:
 
 
 def verdict(cacr_vs_none: Dict, cacr_vs_iais: Optional[Dict], cacr_valid: bool) -> str:
-    """README "Pre-registration": positive if CACR - none >= +3 binding points with both CIs
+    """LOG.md "Pre-registration" (stages A and B): positive if CACR - none >= +3 binding points with both CIs
     excluding 0, and likewise against the best IAIS arm; negative if both CIs of CACR - none lie
     within +-2 points; otherwise inconclusive. A verdict other than inconclusive needs a valid
     CACR arm."""

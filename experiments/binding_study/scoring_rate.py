@@ -1,4 +1,4 @@
-"""How close the study's scoring runs to this machine's limit (README "How long it takes").
+"""How close the study's scoring runs to this machine's limit (LOG.md "How long it takes").
 
 Most of a fine-tuning job's time is full cross-encoder forward passes: the mining pool during
 training, then 50,000 retrieval and 8000 Winoground-format pairs at the end. This script

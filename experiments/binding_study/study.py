@@ -10,7 +10,7 @@ Stages:
 1. ``pretrain``: ``train.py experiment=binding_pretrain seed=s`` for every seed (the
    pre-training stage: MLM + matching against a partial dose of hard negatives); or, with
    ``--pretrainer probe``, ``probe.py`` (fresh scenes, exact swaps, MLM with absolute captions,
-   4 layers: the recipe that binds, README "Session 6"), stopped at the first evaluation on its
+   4 layers: the recipe that binds, LOG.md "Session 6"), stopped at the first evaluation on its
    own fresh pairs with binding >= :data:`PROBE_STOP` (the checkpoint part-way up);
 2. ``calibrate``: at each pre-trained checkpoint, the mean ranking loss and the mean raw
    regularizer loss of every regularizer on fine-tuning batches; ``lambda = f * L_rank /
@@ -83,7 +83,7 @@ def arms(calibration: Dict) -> Dict[str, List[str]]:
     out["cacr_30_penultimate"] = base + ["loss.layers=penultimate"]
     out["cacr_30_all_layers"] = base + ["loss.layers=all"]
     out["cacr_30_single_softmax"] = base + ["loss.double_softmax=false"]  # at CACR's (double softmax) weight
-    if "cacr_single_softmax" in lam:  # the same variant at the weight calibrated for it (README, "Stage B extension 2")
+    if "cacr_single_softmax" in lam:  # the same variant at the weight calibrated for it (LOG.md, "Stage B, second extension")
         out["cacr_30_single_softmax_cal"] = ["loss=cacr", f"loss.weight={lam['cacr_single_softmax']['30']:.6g}",
                                              "loss.schedule=constant", "loss.double_softmax=false"]
     return out
