@@ -212,7 +212,7 @@ def test_truncated_base64_in_a_bua_tsv_names_line_image_and_column(tmp_path, con
 
 def test_a_multiple_choice_foil_equal_to_its_caption_is_warned_and_counted(caplog):
     """Issue 30, 9: an item whose foil equals its caption is always scored wrong, with no warning.
-    (The check; calling it from cacr/evaluation/multiple_choice.py is left to that file's owner.)"""
+    (The check; tests/test_multiple_choice.py tests the evaluator that calls it.)"""
     import logging
 
     from cacr.checks import identical_foils

@@ -466,6 +466,30 @@ def test_bad_input_one_line(fixture_inputs, tmp_path):
         base + [f"+sets.x={_write(tmp_path / 'e.json', [dict(bad[0], true_caption='')])}", f"regions={d / 'regions.h5'}"])
 
 
+def test_a_foil_equal_to_its_caption_is_warned_about_and_counted(fixture_inputs, tmp_path, caplog):
+    """Issue 30, 9: such an item is always scored wrong (a tie is wrong); the evaluator warns
+    (cacr.checks.identical_foils), counts it in results.json and says so in results.md."""
+    import logging
+
+    d, ckpt, _ = fixture_inputs
+    items = json.loads(FILES["sugarcrepe"][0].read_text())
+    items["1"]["negative_caption"] = "  Cars are parked on the street  near an old building."  # spacing
+    p = _write(tmp_path / "replace_rel.json", items)
+    cfg = make_cfg(["data=flickr30k", f"data.tokenizer={d / 'vocab.txt'}", f"regions={d / 'regions.h5'}",
+                    f"ckpt_path={ckpt}", f"output={tmp_path / 'out'}", "n_boot=20", "progress=false",
+                    "device=cpu", f"+sets.rel={p}", f"+sets.att={FILES['sugarcrepe'][1]}"])
+    with caplog.at_level(logging.WARNING, logger="cacr.checks"):
+        rec = run_multiple_choice(cfg)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"set 'rel' ({p}): 1 item(s) whose foil equals the caption, always scored wrong: 'replace_rel/1'"]
+    assert rec["sets"]["rel"]["identical_foils"] == {"n": 1, "items": ["replace_rel/1"]}
+    assert rec["sets"]["att"]["identical_foils"] == {"n": 0, "items": []}
+    lines = [json.loads(x) for x in (tmp_path / "out" / "multiple_choice_scores.jsonl").read_text().splitlines()]
+    assert [x["correct"] for x in lines if x["id"] == "replace_rel/1"] == [False]
+    assert "`rel`: 1 item(s) whose foil equals the caption, always scored wrong" in \
+        (tmp_path / "out" / "results.md").read_text()
+
+
 # --------------------------------------------------------------------------- the synthetic default
 
 

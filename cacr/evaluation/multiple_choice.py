@@ -607,6 +607,11 @@ def results_markdown(name: str, results: Mapping[str, Mapping[str, Any]]) -> str
             note = f" ({kept['kept']} of {kept['of']} items valid, {kept['rule']})" if kept else ""
             out += ["", f"`{s}`, {r['format']}'s own metrics{note}: {_bench_cells(b)}"]
     for s, r in results.items():
+        same = (r.get("identical_foils") or {}).get("n", 0)
+        if same:
+            out += ["", f"`{s}`: {same} item(s) whose foil equals the caption, always scored wrong "
+                        f"(results.json: identical_foils)"]
+    for s, r in results.items():
         for t, cats in r.get("by_tag", {}).items():
             m = r.get("macro", {}).get(t)
             macro = (f" (macro {_cell(m)} over {m['n_categories']} categories"
@@ -678,6 +683,8 @@ def run_multiple_choice(cfg) -> Dict[str, Any]:
     from cacr.outputs import atomic_write_text
     from cacr.paths import resolve_path
 
+    from cacr.checks import identical_foils
+
     from .cli import ConfigError, check_outputs, is_rank_zero, setup_distributed
     from .scorefile import write_results_json
     from .inputs import build_model, check_head, check_inputs, model_file, scoring_batch_size, scoring_bf16
@@ -737,6 +744,9 @@ def run_multiple_choice(cfg) -> Dict[str, Any]:
     tokenizer = data.tokenizer
     results, lines = {}, []
     for s in sets:
+        # an item with a foil equal to its caption is always scored wrong (a tie is wrong): warned, counted
+        same = identical_foils(s.items, f"set {s.name!r} ({', '.join(str(f) for f in s.files[:3])}"
+                                        f"{', ...' if len(s.files) > 3 else ''})")
         mc = MultipleChoiceData(s, regions[s.name], tokenizer, data.caps, in_memory=True,
                                 region_key=region_keys[s.name])
         check_inputs(model, mc.texts, mc.caption_names(), mc.regions.feature_dim, f"set {s.name!r}")
@@ -745,6 +755,7 @@ def run_multiple_choice(cfg) -> Dict[str, Any]:
                                                n_boot=n_boot, seed=seed, exact=bool(cfg.get("exact", True)))
         res["regions"] = str(regions[s.name])
         res["region_key"] = region_keys[s.name]
+        res["identical_foils"] = {"n": len(same), "items": same}
         results[s.name] = res
         correct = correct_items(scores, ties_correct=s.format in TIES_CORRECT).tolist()
         for it, row, ok in zip(s.items, scores.tolist(), correct):
