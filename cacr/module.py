@@ -42,7 +42,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
@@ -66,8 +66,8 @@ def warmup_linear_decay(step: int, warmup_steps: int, total_steps: int) -> float
 class RetrievalModule(pl.LightningModule):
     def __init__(
         self,
-        model: UniterForImageTextRetrieval,
-        regularizer: Regularizer,
+        model: Optional[UniterForImageTextRetrieval] = None,
+        regularizer: Union[Regularizer, Mapping[str, Any], None] = None,
         *,
         lr: float = 5e-5,
         betas=(0.9, 0.98),
@@ -96,8 +96,15 @@ class RetrievalModule(pl.LightningModule):
         wra_weight: float = 0.0,
         val_winoground: bool = False,
         pressure_every: int = 0,
+        model_config: Optional[Mapping[str, Any]] = None,
     ):
+        """``model`` and ``regularizer`` as ``cacr.train`` builds them; without them (as in
+        ``RetrievalModule.load_from_checkpoint(run.ckpt)``, which passes the checkpoint's
+        hyper-parameters) the model is built from ``model_config`` (its weights then come
+        from the checkpoint's state dict) and the regularizer from its recorded fields (a
+        mapping: ``hparams['regularizer']``; none given: no regularizer)."""
         super().__init__()
+        model, regularizer = self._rebuild(model, regularizer, model_config)
         if not (isinstance(pressure_every, int) and not isinstance(pressure_every, bool) and pressure_every >= 0):
             raise ValueError(f"module.pressure_every must be a number of steps >= 0 (0: off), got {pressure_every!r}")
         if ranking not in ("hinge", "softmax"):
@@ -127,6 +134,27 @@ class RetrievalModule(pl.LightningModule):
         self._mask_token_id: Optional[int] = None
         self._focus_ids: Optional[Tensor] = None
         self._t0: Optional[float] = None
+
+    @staticmethod
+    def _rebuild(model, regularizer, model_config):
+        """The model and regularizer of :meth:`__init__`, built from their records when not given."""
+        if model is None:
+            if not isinstance(model_config, Mapping):
+                raise ValueError("RetrievalModule: give model=, or model_config= (the model_config of a run's "
+                                 ".ckpt hyper_parameters, which load_from_checkpoint passes)")
+            from cacr.model import UniterConfig, build_uniter
+
+            model = build_uniter(UniterConfig.from_dict(dict(model_config), where="model_config"))
+        if regularizer is None:
+            regularizer = Regularizer(name="none")
+        elif isinstance(regularizer, Mapping):
+            fields = {f.name for f in dataclasses.fields(Regularizer)}
+            unknown = sorted(set(regularizer) - fields)
+            if unknown:
+                raise ValueError(f"RetrievalModule: regularizer record has unknown field(s) {unknown} "
+                                 f"(expected some of {sorted(fields)})")
+            regularizer = Regularizer(**regularizer)
+        return model, regularizer
 
     # ------------------------------------------------------------------ what it trains and evaluates on
     def attach(self, *, train_store: Optional[PairStore] = None, val_split=None, test_split=None,
