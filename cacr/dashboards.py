@@ -144,17 +144,27 @@ class CongruencePictures(pl.Callback):
 
 
 def dashboard_callbacks(cfg, datamodule=None) -> List[pl.Callback]:
-    """The callbacks of ``logger=wandb`` for a training run (none for another logger, with
-    ``logger.congruence=false``, or when ``datamodule`` has no Winoground-format set)."""
+    """The callbacks of ``logger=wandb`` for a training run: ``callbacks.congruence`` (a
+    ``_target_`` config, conf/callbacks/default.yaml; a config without a ``callbacks`` group:
+    :class:`CongruencePictures`). None for another logger, with ``logger.congruence=false`` or
+    ``callbacks.congruence=null``, or when ``datamodule`` has no Winoground-format set."""
     lcfg = cfg.logger
     if lcfg.kind != "wandb" or not lcfg.get("congruence", True):
+        return []
+    node = cfg.callbacks.get("congruence") if cfg.get("callbacks") is not None else {}
+    if node is None:
         return []
     wino = getattr(datamodule, "winoground", None) if datamodule is not None else None
     if datamodule is not None and wino is None:
         return []
     if not cfg.get("module", {}).get("val_winoground", False):
         log.info("logger=wandb: module.val_winoground=false, so no Winoground scalars per validation (val/wino_*)")
-    return [CongruencePictures(wino, getattr(datamodule, "tokenizer", None), lcfg.get("congruence_example"))]
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    if not node:
+        return [CongruencePictures(wino, tokenizer, lcfg.get("congruence_example"))]
+    from hydra.utils import instantiate
+
+    return [instantiate(node, wino=wino, tokenizer=tokenizer)]
 
 
 def winoground_rows(scores_path, examples: Sequence[Any]) -> List[list]:
@@ -195,3 +205,40 @@ def log_final_dashboards(cfg, loggers: Sequence[Any], run_dir, datamodule, *, st
             or not cfg.get("eval", {}).get("winoground", True)):  # no final evaluation: no table (nor an old file's)
         return 0
     return log_winoground_table(loggers, Path(run_dir) / "winoground_scores.jsonl", wino.examples, step=step)
+
+
+def log_run_summary(cfg, loggers: Sequence[Any], results: Mapping[str, Any], checkpoint=None) -> Optional[str]:
+    """After the final evaluation, on the wandb run of ``loggers``: the results' scalars in the
+    run's summary (``retrieval/*``, ``winoground/*``, ...; the config is the run's config,
+    logged once when it started, so not repeated there) and, with ``logger.log_model``,
+    ``checkpoint`` (the one evaluated: the best by the monitored metric) as an artifact of type
+    ``model`` named ``model-<run id>``, aliases ``best`` and ``latest``. Returns the artifact's
+    name (None: none logged)."""
+    targets = wandb_loggers(loggers)
+    if not targets:
+        return None
+    summary = {k: v for k, v in results.items() if k not in ("config", "resumes")}
+    name = None
+    for lg in targets:
+        run = lg.experiment
+        run.summary.update(flat_scalars(summary))
+        if checkpoint and Path(checkpoint).is_file() and cfg.get("logger", {}).get("log_model", True):
+            import wandb
+
+            name = f"model-{run.id}"
+            art = wandb.Artifact(name, type="model", metadata={"checkpoint": Path(checkpoint).name,
+                                                               **flat_scalars(summary)})
+            art.add_file(str(checkpoint), name=Path(checkpoint).name)
+            run.log_artifact(art, aliases=["best", "latest"])
+    return name
+
+
+def flat_scalars(d: Mapping[str, Any], prefix: str = "") -> dict:
+    """The numbers and strings of a nested record as ``a/b/c`` keys (lists left out)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flat_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float, str)):  # bools too
+            out[f"{prefix}{k}"] = v
+    return out

@@ -36,7 +36,7 @@ from cacr.errors import CacrError
 log = logging.getLogger(__name__)
 
 # Keys that say where and how a run is carried out, not what it computes.
-BOOKKEEPING_PREFIXES = ("logger.",)
+BOOKKEEPING_PREFIXES = ("logger.", "loggers.", "callbacks.congruence.", "callbacks.lr_monitor.")
 BOOKKEEPING_KEYS = {"ckpt_path", "run_dir", "run_dir_reuse", "resume_override", "rerun_eval", "data.root",
                     "data.num_workers",
                     "data.eval_batch_size", "module.eval_batch_size", "module.mining_batch_size",
@@ -89,10 +89,13 @@ def save_then_rename(trainer: "pl.Trainer", save, tmp: str, final: str) -> None:
 
 
 class BestCheckpoint(ModelCheckpoint):
-    """``best-step{N}.ckpt``: the checkpoint with the highest ``val/rsum`` so far."""
+    """``best-step{N}.ckpt``: the checkpoint with the best ``monitor`` so far (default: the
+    highest ``val/rsum``; ``callbacks.checkpoint`` in conf/callbacks/default.yaml)."""
 
-    def __init__(self, dirpath: str, source_dir: Optional[str] = None):
-        super().__init__(dirpath=dirpath, filename="best-step{step}", monitor="val/rsum", mode="max", save_top_k=1,
+    def __init__(self, dirpath: str, source_dir: Optional[str] = None, monitor: str = "val/rsum", mode: str = "max"):
+        if mode not in ("max", "min"):
+            raise CacrError(f"callbacks.checkpoint.mode={mode!r}: expected max or min")
+        super().__init__(dirpath=dirpath, filename="best-step{step}", monitor=monitor, mode=mode, save_top_k=1,
                          auto_insert_metric_name=False, enable_version_counter=False)
         self._pending: List[str] = []
         self.source_dir = source_dir  # the checkpoints folder of the checkpoint resumed from

@@ -20,7 +20,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -89,16 +89,46 @@ def describe_scale(s: Dict[str, Any]) -> str:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path, rank: int = 0, resume_step: Optional[int] = None) -> List[Any]:
-    kind = cfg.logger.kind
-    if kind == "none":
-        return []
-    if kind == "csv":
-        return [_csv_logger(run_dir, resume_step)]
-    if kind == "wandb":
-        from pytorch_lightning.loggers import WandbLogger
+    """The Lightning loggers of ``cfg.loggers``, each a ``_target_`` config (:mod:`cacr.loggers`)."""
+    from cacr.loggers import build_loggers as build
 
-        return [WandbLogger(experiment=_wandb_run(cfg, run_dir, rank))]
-    raise ConfigError(f"logger.kind={kind!r}: expected csv, wandb or none")
+    return build(cfg.get("loggers"), run_dir, rank=rank, resume_step=resume_step,
+                 config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def build_callbacks(cfg: DictConfig, datamodule, ckpt_dir: Path, source_dir: Optional[str]) -> Tuple[Any, List[Any]]:
+    """``callbacks.checkpoint`` (the best checkpoint, required) and the other callbacks of
+    ``cfg.callbacks`` (each a ``_target_`` config; null: off; the dashboards through
+    :func:`cacr.dashboards.dashboard_callbacks`)."""
+    from cacr.dashboards import dashboard_callbacks
+
+    ccfg = cfg.get("callbacks") or {}
+    if ccfg.get("checkpoint") is None:
+        raise ConfigError("callbacks.checkpoint: required (the best checkpoint the final test scores and a resume "
+                          "restores); set its monitor and mode instead of turning it off")
+    best = _instantiate("checkpoint", ccfg.checkpoint, dirpath=str(ckpt_dir), source_dir=source_dir)
+    others = list(dashboard_callbacks(cfg, datamodule))
+    for name, node in ccfg.items():
+        if name in ("checkpoint", "congruence") or node is None:
+            continue
+        if name == "lr_monitor" and not cfg.get("loggers"):
+            raise ConfigError("callbacks.lr_monitor: needs a logger (logger=csv, wandb or tensorboard); "
+                              "logger=none has none")
+        others.append(_instantiate(name, node))
+    return best, others
+
+
+def _instantiate(name: str, node, **kwargs):
+    from hydra.utils import instantiate
+
+    if not isinstance(node, DictConfig) or not node.get("_target_"):
+        raise ConfigError(f"callbacks.{name}: expected a _target_ config (a Lightning callback), got {node!r}")
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as e:  # noqa: BLE001 - hydra wraps import and argument errors alike
+        cause = e.__cause__ or e
+        text = str(cause).strip().splitlines()
+        raise ConfigError(f"callbacks.{name} ({node._target_}): {text[0] if text else type(cause).__name__}") from None
 
 
 def _csv_logger(run_dir: Path, resume_step: Optional[int]):
@@ -143,19 +173,26 @@ def _sweep_name() -> Optional[str]:
 
 
 def _wandb_run(cfg: DictConfig, run_dir: Path, rank: int = 0):
+    """:func:`wandb_run` with the settings of ``cfg.logger`` (``logger=wandb``)."""
+    return wandb_run(run_dir, rank, project=cfg.logger.project, offline=cfg.logger.offline, group=cfg.logger.group,
+                     job_type=cfg.logger.get("job_type"), tags=list(cfg.logger.tags),
+                     config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def wandb_run(run_dir: Path, rank: int = 0, *, project: str, offline: bool = True, group: Optional[str] = None,
+              job_type: Optional[str] = None, tags: Sequence[str] = (), config: Optional[Dict[str, Any]] = None):
     """One wandb run per job, started by global rank 0 only (Lightning's loggers log from
     rank 0; the other ranks get None). Online mode that cannot reach the server within
     ``init_timeout`` falls back to offline mode (``wandb sync`` uploads it later): a run never
-    hangs or fails for lack of network."""
+    hangs or fails for lack of network. ``config`` (the resolved config) is the run's config,
+    logged once; ``group`` defaults to the sweep's name in a multirun."""
     import wandb
 
     if rank != 0:
         return None
-    kwargs = dict(project=cfg.logger.project, dir=str(run_dir), name=run_dir.name,
-                  group=cfg.logger.group or _sweep_name(), tags=list(cfg.logger.tags),
-                  job_type=cfg.logger.get("job_type"),
-                  config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
-    if not cfg.logger.offline:
+    kwargs = dict(project=project, dir=str(run_dir), name=run_dir.name, group=group or _sweep_name(),
+                  tags=list(tags), job_type=job_type, config=config, reinit="finish_previous")
+    if not offline:
         try:
             return wandb.init(mode="online", settings=wandb.Settings(init_timeout=30), **kwargs)
         except Exception as e:  # noqa: BLE001 - any failure to go online means: log offline
@@ -289,7 +326,7 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
     from cacr.checks import check_data
     from cacr import rundir
     from cacr.module import RetrievalModule
-    from cacr.resume import (BestCheckpoint, LastCheckpoint, RecordConfig, StopAtBinding, check_data_unchanged,
+    from cacr.resume import (LastCheckpoint, RecordConfig, StopAtBinding, check_data_unchanged,
                              data_fingerprints)
     from cacr.train_data import TrainingDataModule
 
@@ -314,7 +351,7 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
 
         for name in {p.name.split(".tmp-")[0] for p in ckpt_dir.glob("*.ckpt.tmp-*")}:
             remove_stale_temps(ckpt_dir / name)  # half-written checkpoints of a killed run
-    best = BestCheckpoint(str(ckpt_dir), source_dir=str(Path(resume.path).parent) if resume is not None else None)
+    best, callbacks = build_callbacks(cfg, dm, ckpt_dir, str(Path(resume.path).parent) if resume is not None else None)
     # last.ckpt: the latest state, after every validation (once the best is decided) and at
     # the end of training, so a resume from it repeats no validation and knows the best so far.
     last = LastCheckpoint(str(ckpt_dir), best)
@@ -325,11 +362,11 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
         history.append({"resumed_at_step": resume.step, "from": str(resume.path),
                         "config_changes": resume.diff if resume.overridden else [], "data_changes": changed})
     record = RecordConfig(recorded_config(resolved), history, data=fingerprints)
-    from cacr.dashboards import dashboard_callbacks, log_final_dashboards
+    from cacr.dashboards import log_final_dashboards, log_run_summary
 
     stop = cfg.train.get("stop_at_binding")
     stopper = [StopAtBinding(stop)] if stop is not None else []
-    trainer = build_trainer(cfg, run_dir, [record, *dashboard_callbacks(cfg, dm), *(extra_callbacks or []), *stopper,
+    trainer = build_trainer(cfg, run_dir, [record, *callbacks, *(extra_callbacks or []), *stopper,
                                            best, last], [])
     # Validation metrics are gathered exactly, hence equal, on every rank: no sync_dist needed.
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.* when logging on epoch level in distributed")
@@ -385,16 +422,10 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
 
             write_results_json(run_dir / "results.json", results)
             log_final_dashboards(cfg, trainer.loggers, run_dir, dm, step=trainer.global_step)
-            if cfg.logger.kind == "wandb":
-                import wandb
-
-                if wandb.run is not None:
-                    wandb.run.summary.update(_flat(results))
+            log_run_summary(cfg, trainer.loggers, results, best_path or last.path)
     finally:
-        if cfg.logger.kind == "wandb":
-            import wandb
-
-            wandb.finish()
+        if "wandb" in sys.modules:  # a wandb logger of any loggers entry
+            sys.modules["wandb"].finish()
     return results
 
 

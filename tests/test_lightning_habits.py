@@ -77,3 +77,118 @@ def test_load_from_checkpoint_without_model_config_is_one_line(tmp_path):
         RetrievalModule(model_config={"vocab_size": 16, "hidden_size": 8, "num_hidden_layers": 1,
                                       "num_attention_heads": 2, "intermediate_size": 16, "img_dim": 8},
                         regularizer={"name": "cacr", "bogus": 1})
+
+
+# --------------------------------------------------------------------------- callbacks and loggers
+
+
+class _Seen:
+    """Records the trainer's callbacks and loggers at the start of training."""
+
+    def __new__(cls):
+        import pytorch_lightning as pl
+
+        class Seen(pl.Callback):
+            callbacks, loggers = [], []
+
+            def on_train_start(self, trainer, pl_module):
+                Seen.callbacks = [type(c).__name__ for c in trainer.callbacks]
+                Seen.loggers = [type(lg).__name__ for lg in trainer.loggers]
+        return Seen()
+
+
+def _records(run_dir: Path, timeout: float = 30.0):
+    import time
+
+    (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(wandb_records(log))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return log.parent, records
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def wandb_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("habits_wandb")
+    seen = _Seen()
+    with pytest.MonkeyPatch.context() as mp:
+        _offline(mp, tmp)
+        cfg = compose_train(tmp, "logger=wandb", "callbacks=[default,early_stopping,lr_monitor]",
+                            "callbacks.early_stopping.patience=5", f"run_dir={tmp / 'run'}")
+        results = _one_thread(run, cfg, [seen])
+    return cfg, results, type(seen), _records(Path(results["run_dir"]))
+
+
+def test_callbacks_group_composes_from_the_command_line(tmp_path):
+    base = compose_train(tmp_path)
+    assert set(base.callbacks) == {"checkpoint", "congruence"}
+    assert set(compose_train(tmp_path, "callbacks=with_early_stopping").callbacks) == \
+        {"checkpoint", "congruence", "early_stopping"}
+    assert set(compose_train(tmp_path, "callbacks=with_lr_monitor").callbacks) == {"checkpoint", "congruence", "lr_monitor"}
+    added = compose_train(tmp_path, "+callbacks.lr_monitor={_target_:pytorch_lightning.callbacks.LearningRateMonitor}")
+    assert added.callbacks.lr_monitor._target_ == "pytorch_lightning.callbacks.LearningRateMonitor"
+    for kind, target in (("csv", "cacr.loggers.csv_logger"), ("wandb", "cacr.loggers.wandb_logger"),
+                         ("tensorboard", "pytorch_lightning.loggers.TensorBoardLogger"),
+                         ("mlflow", "pytorch_lightning.loggers.MLFlowLogger")):
+        c = compose_train(tmp_path, f"logger={kind}")
+        assert c.logger.kind == kind and [n._target_ for n in c.loggers.values()] == [target]
+    assert dict(compose_train(tmp_path, "logger=none").loggers) == {}
+    w = compose_train(tmp_path, "logger=wandb", "logger.project=p", "logger.offline=false")
+    assert (w.loggers.wandb.project, w.loggers.wandb.offline) == ("p", False)  # the short keys still set it
+
+
+def test_the_run_builds_the_configured_callbacks_and_loggers(wandb_run):
+    _, results, seen, _ = wandb_run
+    assert {"BestCheckpoint", "LastCheckpoint", "CongruencePictures", "EarlyStopping",
+            "LearningRateMonitor"} <= set(seen.callbacks)
+    assert seen.loggers == ["WandbLogger"] and results["training"]["steps"] == 4
+
+
+def test_wandb_logs_the_config_once_and_the_best_checkpoint_as_an_artifact(wandb_run):
+    _, results, _, (files, records) = wandb_run
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert kinds.count("run") == 1
+    summary = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.summary.update})
+    assert summary["retrieval/rsum"] == pytest.approx(results["retrieval"]["rsum"])
+    assert not [k for k in summary if k.startswith("config")]  # the config is the run's config, not 112 keys
+    (art,) = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model"]
+    assert art.name.startswith("model-") and set(art.aliases) >= {"best", "latest"}
+    best = Path(results["best_checkpoint"]).name
+    assert [e.path for e in art.manifest.contents] == [best]
+    lr = [r for r in records if r.WhichOneof("record_type") == "history"
+          and any((i.key or "/".join(i.nested_key)).startswith("lr-AdamW") for i in r.history.item)]
+    assert lr  # the LR monitor's scalars
+
+
+def test_tensorboard_logger_writes_event_files(tmp_path):
+    cfg = compose_train(tmp_path, "logger=tensorboard", "eval.winoground=false", f"run_dir={tmp_path / 'run'}")
+    results = _one_thread(run, cfg)
+    assert list((Path(results["run_dir"]) / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["logger=mlflow"], "loggers.mlflow: pytorch_lightning.loggers.MLFlowLogger needs a package that is not "
+                        "installed"),
+    (["callbacks.checkpoint=null"], "callbacks.checkpoint: required"),
+    (["logger=none", "callbacks=with_lr_monitor"], "callbacks.lr_monitor: needs a logger"),
+    (["+callbacks.x={_target_:no.such.Callback}"], "callbacks.x (no.such.Callback): "),
+    (["+loggers.x={_target_:no.such.Logger}"], "loggers.x._target_=no.such.Logger: cannot be imported"),
+])
+def test_bad_callbacks_and_loggers_are_one_line(tmp_path, overrides, message):
+    from cacr.config import ConfigError
+
+    if overrides == ["logger=mlflow"]:
+        try:
+            import mlflow  # noqa: F401
+            pytest.skip("mlflow is installed here")
+        except ImportError:
+            pass
+    cfg = compose_train(tmp_path, *overrides, f"run_dir={tmp_path / 'run'}")
+    with pytest.raises(ConfigError) as e:
+        run(cfg)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
