@@ -26,7 +26,7 @@ LOSSES = ["none", "cacr", "iais_singular", "iais_distributed"]
 TRAINERS = ["cpu", "gpu", "ddp", "ddp_cpu"]
 EXPERIMENTS = ["cacr_base", "cacr_large", "iais_base_singular", "iais_base_distributed",
                "iais_large_singular", "iais_large_distributed", "uniter_base", "uniter_large",
-               "synthetic_study", "binding_pilot", "binding_pretrain", "binding_finetune"]
+               "synthetic_study", "binding_pilot", "binding_pretrain", "binding_finetune", "binding_acquire"]
 
 
 def commands() -> List[List[str]]:
@@ -38,6 +38,8 @@ def commands() -> List[List[str]]:
         ["logger=wandb", "logger.project=cacr"],
         ["trainer=ddp", "trainer.devices=4"],
         ["trainer=gpu", "data.batch_size=8"],
+        ["recipe=none"],
+        ["data=flickr30k"],
     ]
     cmds += [[f"loss={loss}"] for loss in LOSSES]
     cmds += [[f"trainer={trainer}"] for trainer in TRAINERS]

@@ -34,7 +34,7 @@ def _train(tmp, world_overrides):
 
     from cacr.train import run
 
-    overrides = [*world_overrides, "data.batch_size=4", "data.eval_batch_size=64", "model.config.hidden_size=32",
+    overrides = [*world_overrides, "recipe=none", "data.batch_size=4", "data.eval_batch_size=64", "model.config.hidden_size=32",
                  "model.config.num_hidden_layers=2", "model.config.intermediate_size=64", "train.num_candidates=6",
                  "module.num_negatives=2", "logger=none", "trainer.enable_progress_bar=false", "train.max_steps=30",
                  "eval.val_every_n_steps=30", "eval.test=false", "eval.winoground=false", "module.warmup_steps=5",

@@ -35,6 +35,7 @@ TINY = [f"data.synthetic.{k}={v}" for k, v in WORLD.items()] + [
     "data.batch_size=4", "data.eval_batch_size=64", "model.config.hidden_size=32", "model.config.num_hidden_layers=2",
     "model.config.intermediate_size=64", "train.num_candidates=6", "module.num_negatives=2", "logger=csv",
     "trainer.enable_progress_bar=false", "eval.n_boot=20", "module.warmup_steps=2", "trainer.log_every_n_steps=1",
+    "recipe=none",
 ]
 RUN = ["train.max_steps=8", "eval.val_every_n_steps=4"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CACR_DEBUG="", HYDRA_FULL_ERROR="")

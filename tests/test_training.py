@@ -23,7 +23,7 @@ TINY_WORLD = [
     "data.synthetic.n_winoground=8", "data.batch_size=4", "data.eval_batch_size=64",
     "model.config.hidden_size=32", "model.config.num_hidden_layers=2", "model.config.intermediate_size=64",
     "train.num_candidates=6", "module.num_negatives=2", "logger=none", "trainer.enable_progress_bar=false",
-    "eval.n_boot=50",
+    "eval.n_boot=50", "recipe=none",  # the bare defaults: the default run's recipe has its own test
 ]
 
 

@@ -8,7 +8,7 @@ and logging the regularizer's gradient pull every :data:`PRESSURE_EVERY` steps. 
 job with ``results.json`` is not run again, an interrupted one continues from its
 ``last.ckpt``.
 
-    python experiments/binding_study/acquisition.py --out RUNS --stage pilot             # pilot seeds, none + cacr_30
+    python experiments/binding_study/acquisition.py --out RUNS --stage pilot             # pilot seeds, none
     python experiments/binding_study/acquisition.py --out RUNS --stage calibrate         # lambda by gradient norm
     python experiments/binding_study/acquisition.py --out RUNS --stage arms --seeds 1-20 # the registered arms
     python experiments/binding_study/acquisition.py --out RUNS --stage report            # endpoints, verdicts
@@ -37,7 +37,7 @@ from cacr.outputs import atomic_write_text  # noqa: E402
 
 # The stage-C recipe: conf/experiment/binding_acquire.yaml (fixed with the pre-registration).
 RECIPE = ["experiment=binding_acquire"]
-BUDGET = 2000            # optimizer steps per run
+BUDGET = 1500            # optimizer steps per run (conf/experiment/binding_acquire.yaml's max_steps)
 VAL_EVERY = 50           # dev-half validation interval (the turn took < 250 steps in the gate runs)
 PRESSURE_EVERY = 50
 THRESHOLD = 75.0         # dev binding that counts as "bound"
@@ -81,8 +81,9 @@ def arms(calibration: Optional[Dict]) -> Dict[str, List[str]]:
     return out
 
 
-def job_dir(out: Path, arm: str, seed: int) -> Path:
-    return out / "arms" / arm / f"seed{seed}"
+def job_dir(out: Path, arm: str, seed: int, folder: str = "arms") -> Path:
+    """``arms/<arm>/seed<s>`` for the study, ``pilot/<arm>/seed<s>`` for the pilot (never mixed)."""
+    return out / folder / arm / f"seed{seed}"
 
 
 # ------------------------------------------------------------------ calibration
@@ -193,9 +194,9 @@ def validity(arm: str, rows: Dict[int, Dict], ref: Dict[int, Dict], seeds: Seque
     return not why, why
 
 
-def load_table(out: Path) -> Dict[str, Dict[int, Dict]]:
+def load_table(out: Path, folder: str = "arms") -> Dict[str, Dict[int, Dict]]:
     table: Dict[str, Dict[int, Dict]] = {}
-    for d in sorted((out / "arms").glob("*/seed*")):
+    for d in sorted((out / folder).glob("*/seed*")):
         if (d / "results.json").is_file():
             table.setdefault(d.parent.name, {})[int(d.name[4:])] = endpoints(d)
     return table
@@ -205,19 +206,40 @@ def load_table(out: Path) -> Dict[str, Dict[int, Dict]]:
 
 
 def run_jobs(out: Path, arm_list: Dict[str, List[str]], seeds: Sequence[int], jobs: int, threads: int,
-             extra: Sequence[str]) -> None:
+             extra: Sequence[str], folder: str = "arms") -> None:
     work = []
     for s in seeds:
         for arm, ov in arm_list.items():
-            d = job_dir(out, arm, s)
-            work.append((_train, d, [*common(), *ov, *seed_overrides(s), *extra], threads, out / "logs" / f"{arm}_seed{s}.log"))
+            d = job_dir(out, arm, s, folder)
+            work.append((_train, d, [*common(), *ov, *seed_overrides(s), *extra], threads,
+                         out / "logs" / f"{folder}_{arm}_seed{s}.log"))
     _parallel(work, jobs)
+
+
+def pilot_summary(out: Path) -> Dict:
+    """What the power analysis reads from the pilot's ``none`` runs: per seed steps_to_75 and
+    test binding, their between-seed sd, and the planning sd of a paired difference,
+    sqrt(2) x the between-seed sd (the difference of two uncorrelated runs; pairing by seed
+    can only make it smaller when the arms move together)."""
+    import numpy as np
+
+    rows = load_table(out, "pilot").get("none", {})
+    if len(rows) < 2:
+        raise SystemExit(f"acquisition.py: {out / 'pilot'}: {len(rows)} finished pilot runs; the power analysis needs >= 2")
+    steps = np.log2([r["steps_to_75"] for r in rows.values()])
+    bind = np.array([r["test_binding"] for r in rows.values()])
+    return {"seeds": sorted(rows), "steps_to_75": {s: r["steps_to_75"] for s, r in rows.items()},
+            "censored": {s: r["censored"] for s, r in rows.items()},
+            "test_binding": {s: r["test_binding"] for s, r in rows.items()},
+            "sd_log2_steps": float(steps.std(ddof=1)), "sd_test_binding": float(bind.std(ddof=1)),
+            "planning_sd": {"log2_steps": float(np.sqrt(2) * steps.std(ddof=1)),
+                            "test_binding": float(np.sqrt(2) * bind.std(ddof=1))}}
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--stage", choices=["pilot", "calibrate", "arms", "report"], required=True)
+    ap.add_argument("--stage", choices=["pilot", "power", "calibrate", "arms", "report"], required=True)
     ap.add_argument("--seeds", default=None, help="e.g. 1-20 or 1,2,5 (pilot: 101-103)")
     ap.add_argument("--arms", default=None, help="comma-separated arm names (default: all)")
     ap.add_argument("--jobs", type=int, default=1)
@@ -237,17 +259,23 @@ def main(argv=None) -> None:
         print("lambda:", json.dumps(cal["lambda"]))
         return
     if a.stage in ("pilot", "arms"):
-        if cal is None:
+        if cal is None and a.stage == "arms":
             raise SystemExit(f"acquisition.py: {cal_path} missing: run --stage calibrate first")
-        all_arms = arms(cal)
-        names = a.arms.split(",") if a.arms else (["none", "cacr_30"] if a.stage == "pilot" else list(all_arms))
+        all_arms = arms(cal)  # the pilot's "none" needs no calibration
+        names = a.arms.split(",") if a.arms else (["none"] if a.stage == "pilot" else list(all_arms))
         unknown = [n for n in names if n not in all_arms]
         if unknown:
             raise SystemExit(f"acquisition.py: unknown arm(s) {unknown}; arms: {list(all_arms)}")
         seeds = parse_seeds(a.seeds) if a.seeds else (list(PILOT_SEEDS) if a.stage == "pilot" else None)
         if seeds is None:
             raise SystemExit("acquisition.py: --stage arms needs --seeds (PREREGISTRATION_C.md gives the number)")
-        run_jobs(a.out, {n: all_arms[n] for n in names}, seeds, a.jobs, a.threads, a.extra)
+        run_jobs(a.out, {n: all_arms[n] for n in names}, seeds, a.jobs, a.threads, a.extra,
+                 folder="pilot" if a.stage == "pilot" else "arms")
+        return
+    if a.stage == "power":
+        summary = pilot_summary(a.out)
+        atomic_write_text(a.out / "pilot.json", json.dumps(summary, indent=1))
+        print(json.dumps(summary, indent=1))
         return
     table = load_table(a.out)
     comps = comparisons(table)
