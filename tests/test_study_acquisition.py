@@ -6,6 +6,7 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 
 from .conftest import REPO
@@ -116,3 +117,45 @@ def test_the_stage_runs_end_to_end_on_a_tiny_world(tmp_path):
     acq.main(["--out", str(tmp_path / "runs"), "--stage", "report"])
     out = json.loads((tmp_path / "runs" / "stage_c.json").read_text())
     assert "cacr_30" in out["comparisons"] and "verdict" in out["comparisons"]["cacr_30"]["test_binding"]
+
+
+def _comp(verdict, equivalent=False, valid=True):
+    e = {"verdict": verdict, "equivalent": equivalent}
+    return {"valid": valid, "steps_to_75": e, "test_binding": e}
+
+
+def test_a_regularizer_is_superior_if_either_weight_is_and_equivalent_only_if_both_are():
+    v = acq.regularizer_verdicts({"cacr_10": _comp("inconclusive"), "cacr_30": _comp("superiority"),
+                                  "iais_singular_10": _comp("equivalence", True),
+                                  "iais_singular_30": _comp("inconclusive")})
+    assert v["cacr"]["steps_to_75"] == "superiority"
+    assert v["iais_singular"]["steps_to_75"] == "inconclusive"
+    v = acq.regularizer_verdicts({"cacr_10": _comp("equivalence", True), "cacr_30": _comp("equivalence", True),
+                                  "iais_singular_10": _comp("superiority", valid=False),
+                                  "iais_singular_30": _comp("superiority")})
+    assert v["cacr"]["test_binding"] == "equivalence"
+    assert v["iais_singular"]["test_binding"].startswith("inconclusive (an arm fails")
+    assert acq.regularizer_verdicts({})["cacr"]["steps_to_75"].startswith("inconclusive (an arm has not")
+
+
+def test_superiority_is_tested_at_the_bonferroni_level():
+    # a difference whose 95% interval excludes 0 but whose 97.5% interval does not
+    from scipy.stats import t
+
+    n, sd = 10, 1.0
+    half95, half975 = (t.ppf(q, n - 1) * sd / math.sqrt(n) for q in (0.975, 0.9875))
+    z = np.random.default_rng(0).normal(size=n)
+    d = (z - z.mean()) / z.std(ddof=1) * sd + (half95 + half975) / 2
+    out = acq._two_level(list(d), acq.BINDING_RULES, acq.BINDING_EQ_RULES, True)
+    assert not out["verdict"].startswith("superiority") and out["ci"][0] < 0
+    assert acq.decide.decide(list(d), acq.decide.Rules(margin=2.0))["superior"]  # at 0.05 it would have been
+
+
+def test_the_plan_reaches_the_target_power_or_says_it_cannot():
+    p = acq.plan({"log2_steps": 0.2, "test_binding": 1.5})
+    for e, outcomes in p["power_at_seeds"].items():
+        for o, pw in outcomes.items():
+            need = p["seeds_needed"][e][o]
+            assert (pw >= 0.8) == (need is not None and need <= p["seeds"]), (e, o, pw, need)
+    big = acq.plan({"log2_steps": 3.0, "test_binding": 1.5})
+    assert big["seeds"] == acq.MAX_SEEDS and big["power_at_seeds"]["steps_to_75"]["equivalence"] < 0.8

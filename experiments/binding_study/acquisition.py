@@ -44,10 +44,17 @@ THRESHOLD = 75.0         # dev binding that counts as "bound"
 REGULARIZERS = ("cacr", "iais_singular")
 FRACTIONS = {"10": 0.1, "30": 0.3}  # ||lambda grad L_reg|| = f ||grad L_rank|| at initialisation
 PILOT_SEEDS = (101, 102, 103)
-STEPS_RULES = decide.Rules(margin=math.log2(1.1), better="lower")   # log2 steps_to_75: equivalence within +-10%
-STEPS_EFFECT = -math.log2(1 / 0.8)                                  # superiority powered at 20% fewer steps
-BINDING_RULES = decide.Rules(margin=2.0, better="higher")          # test binding points: +-2
+# log2 steps_to_75: equivalence within a factor 1.2 either way; superiority powered at 25% fewer steps.
+# Superiority is tested at alpha 0.025 (Bonferroni over a regularizer's two weights), equivalence
+# (TOST, intersection-union over the two weights) at 0.05 per side.
+STEPS_RULES = decide.Rules(margin=math.log2(1.2), better="lower", alpha=0.025)
+STEPS_EQ_RULES = decide.Rules(margin=math.log2(1.2), better="lower", alpha=0.05)
+STEPS_EFFECT = math.log2(1 / 0.75)
+BINDING_RULES = decide.Rules(margin=2.0, better="higher", alpha=0.025)   # test binding points: +-2
+BINDING_EQ_RULES = decide.Rules(margin=2.0, better="higher", alpha=0.05)
 BINDING_EFFECT = 3.0
+TARGET_POWER = 0.8
+MAX_SEEDS = 30           # the most seeds the compute budget allows (PREREGISTRATION_C.md, "Compute")
 PRESSURE_MIN = 0.5       # validity: mean logged pressure >= half the arm's target fraction
 RSUM_TOLERANCE = 0.10    # validity: test R-sum within 10% of none's
 
@@ -174,9 +181,76 @@ def comparisons(table: Dict[str, Dict[int, Dict]], reference: str = "none") -> D
         d_steps = [math.log2(rows[s]["steps_to_75"]) - math.log2(ref[s]["steps_to_75"]) for s in seeds]
         d_bind = [rows[s]["test_binding"] - ref[s]["test_binding"] for s in seeds]
         out[arm] = {"seeds": seeds, "valid": valid, "validity": why,
-                    "steps_to_75": decide.decide(d_steps, STEPS_RULES, valid),
-                    "test_binding": decide.decide(d_bind, BINDING_RULES, valid)}
+                    "steps_to_75": _two_level(d_steps, STEPS_RULES, STEPS_EQ_RULES, valid),
+                    "test_binding": _two_level(d_bind, BINDING_RULES, BINDING_EQ_RULES, valid)}
     return out
+
+
+def _two_level(d, sup_rules: "decide.Rules", eq_rules: "decide.Rules", valid: bool) -> Dict:
+    """One comparison: superiority and inferiority at ``sup_rules.alpha`` (two-sided), equivalence
+    by TOST at ``eq_rules.alpha``; the verdict as :func:`decide.decide` words it."""
+    sup, eq = decide.decide(d, sup_rules, valid), decide.decide(d, eq_rules, valid)
+    out = dict(sup, tost_ci=eq["tost_ci"], equivalent=eq["equivalent"])
+    if not valid:
+        out["verdict"] = sup["verdict"]
+    elif sup["superior"]:
+        out["verdict"] = "superiority (negligible: within the equivalence margin)" if eq["equivalent"] else "superiority"
+    elif eq["equivalent"]:
+        out["verdict"] = "equivalence"
+    elif sup["inferior"]:
+        out["verdict"] = "inferiority"
+    else:
+        out["verdict"] = "inconclusive"
+    return out
+
+
+def regularizer_verdicts(comps: Dict[str, Dict]) -> Dict[str, Dict[str, str]]:
+    """Per regularizer and endpoint, the registered verdict over its two weights: superiority if
+    either weight is superior (each tested at alpha 0.025), equivalence if both are equivalent,
+    inferiority if either is inferior and none superior, else inconclusive; inconclusive if
+    either weight's arm is invalid or missing."""
+    out: Dict[str, Dict[str, str]] = {}
+    for r in REGULARIZERS:
+        arms_r = [comps.get(f"{r}_{f}") for f in FRACTIONS]
+        out[r] = {}
+        for e in ("steps_to_75", "test_binding"):
+            if any(a is None for a in arms_r):
+                out[r][e] = "inconclusive (an arm has not finished)"
+            elif not all(a["valid"] for a in arms_r):
+                out[r][e] = "inconclusive (an arm fails a validity condition)"
+            elif any(a[e]["verdict"].startswith("superiority") for a in arms_r):
+                out[r][e] = "superiority"
+            elif all(a[e]["equivalent"] for a in arms_r):
+                out[r][e] = "equivalence"
+            elif any(a[e]["verdict"] == "inferiority" for a in arms_r):
+                out[r][e] = "inferiority"
+            else:
+                out[r][e] = "inconclusive"
+    return out
+
+
+def plan(planning_sd: Dict[str, float]) -> Dict:
+    """Seeds for each registered outcome of each endpoint at TARGET_POWER, from planning sds;
+    and the power of each outcome at the chosen number (the largest need, capped at MAX_SEEDS)."""
+    need = {"steps_to_75": {"superiority": decide.seeds_for(planning_sd["log2_steps"], STEPS_RULES, STEPS_EFFECT,
+                                                            TARGET_POWER)["superiority"],
+                            "equivalence": decide.seeds_for(planning_sd["log2_steps"], STEPS_EQ_RULES, STEPS_EFFECT,
+                                                            TARGET_POWER)["equivalence"]},
+            "test_binding": {"superiority": decide.seeds_for(planning_sd["test_binding"], BINDING_RULES, BINDING_EFFECT,
+                                                             TARGET_POWER)["superiority"],
+                             "equivalence": decide.seeds_for(planning_sd["test_binding"], BINDING_EQ_RULES,
+                                                             BINDING_EFFECT, TARGET_POWER)["equivalence"]}}
+    wanted = [n for e in need.values() for n in e.values()]
+    n = min(MAX_SEEDS, max(w if w is not None else MAX_SEEDS for w in wanted))
+    sign = -1.0  # steps: lower is better
+    power = {"steps_to_75": {
+                 "superiority": decide.power_closed_form(sign * STEPS_EFFECT, planning_sd["log2_steps"], n, STEPS_RULES)["superiority"],
+                 "equivalence": decide.power_closed_form(0.0, planning_sd["log2_steps"], n, STEPS_EQ_RULES)["equivalence"]},
+             "test_binding": {
+                 "superiority": decide.power_closed_form(BINDING_EFFECT, planning_sd["test_binding"], n, BINDING_RULES)["superiority"],
+                 "equivalence": decide.power_closed_form(0.0, planning_sd["test_binding"], n, BINDING_EQ_RULES)["equivalence"]}}
+    return {"planning_sd": planning_sd, "seeds_needed": need, "seeds": n, "power_at_seeds": power,
+            "target": TARGET_POWER, "max_seeds": MAX_SEEDS}
 
 
 def validity(arm: str, rows: Dict[int, Dict], ref: Dict[int, Dict], seeds: Sequence[int]):
@@ -274,14 +348,18 @@ def main(argv=None) -> None:
         return
     if a.stage == "power":
         summary = pilot_summary(a.out)
+        summary["plan"] = plan(summary["planning_sd"])
         atomic_write_text(a.out / "pilot.json", json.dumps(summary, indent=1))
         print(json.dumps(summary, indent=1))
         return
     table = load_table(a.out)
     comps = comparisons(table)
+    verdicts = regularizer_verdicts(comps)
     atomic_write_text(a.out / "stage_c.json", json.dumps({"endpoints": {k: {str(s): v for s, v in r.items()}
                                                                         for k, r in table.items()},
-                                                          "comparisons": comps}, indent=1))
+                                                          "comparisons": comps, "verdicts": verdicts}, indent=1))
+    for r, v in verdicts.items():
+        print(f"{r}: steps_to_75 {v['steps_to_75']}; test binding {v['test_binding']}")
     for arm, c in comps.items():
         print(f"{arm} - none over {len(c['seeds'])} seeds: steps_to_75 {c['steps_to_75']['verdict']} "
               f"(log2 diff {c['steps_to_75']['mean']:+.3f}, CI {c['steps_to_75']['ci'][0]:+.3f}..{c['steps_to_75']['ci'][1]:+.3f}); "
