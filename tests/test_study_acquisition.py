@@ -159,3 +159,16 @@ def test_the_plan_reaches_the_target_power_or_says_it_cannot():
             assert (pw >= 0.8) == (need is not None and need <= p["seeds"]), (e, o, pw, need)
     big = acq.plan({"log2_steps": 3.0, "test_binding": 1.5})
     assert big["seeds"] == acq.MAX_SEEDS and big["power_at_seeds"]["steps_to_75"]["equivalence"] < 0.8
+
+
+def test_the_pilot_summary_inflates_the_between_seed_sd(tmp_path):
+    from scipy.stats import chi2
+
+    for s, (step, b) in {101: (600, 95.0), 102: (800, 93.0), 103: (700, 97.0)}.items():
+        _write_run(tmp_path / "pilot" / "none" / f"seed{s}", [(step, 80.0)], b)
+    out = acq.pilot_summary(tmp_path)
+    sd = float(np.std(np.log2([600, 800, 700]), ddof=1))
+    factor = math.sqrt(2) * math.sqrt(2 / chi2.ppf(0.2, 2))
+    assert out["planning_sd"]["log2_steps"] == pytest.approx(factor * sd)
+    assert out["planning_sd"]["test_binding"] == pytest.approx(factor * 2.0)
+    assert acq.load_table(tmp_path) == {}  # pilot runs never enter the study's table

@@ -292,22 +292,28 @@ def run_jobs(out: Path, arm_list: Dict[str, List[str]], seeds: Sequence[int], jo
 
 def pilot_summary(out: Path) -> Dict:
     """What the power analysis reads from the pilot's ``none`` runs: per seed steps_to_75 and
-    test binding, their between-seed sd, and the planning sd of a paired difference,
-    sqrt(2) x the between-seed sd (the difference of two uncorrelated runs; pairing by seed
-    can only make it smaller when the arms move together)."""
+    test binding, their between-seed sd ``s``, and the planning sd of a paired difference,
+    ``sqrt(2) * s * sqrt(df / chi2_0.2(df))``: the difference of two uncorrelated runs (pairing
+    by seed can only make it smaller when the arms move together), at the upper one-sided 80%
+    confidence bound of the sd (a pilot of few seeds underestimates it as often as not)."""
     import numpy as np
 
     rows = load_table(out, "pilot").get("none", {})
     if len(rows) < 2:
         raise SystemExit(f"acquisition.py: {out / 'pilot'}: {len(rows)} finished pilot runs; the power analysis needs >= 2")
+    from scipy.stats import chi2
+
     steps = np.log2([r["steps_to_75"] for r in rows.values()])
     bind = np.array([r["test_binding"] for r in rows.values()])
+    df = len(rows) - 1
+    inflate = float(np.sqrt(2) * np.sqrt(df / chi2.ppf(0.2, df)))
     return {"seeds": sorted(rows), "steps_to_75": {s: r["steps_to_75"] for s, r in rows.items()},
             "censored": {s: r["censored"] for s, r in rows.items()},
             "test_binding": {s: r["test_binding"] for s, r in rows.items()},
             "sd_log2_steps": float(steps.std(ddof=1)), "sd_test_binding": float(bind.std(ddof=1)),
-            "planning_sd": {"log2_steps": float(np.sqrt(2) * steps.std(ddof=1)),
-                            "test_binding": float(np.sqrt(2) * bind.std(ddof=1))}}
+            "planning_factor": inflate,
+            "planning_sd": {"log2_steps": float(inflate * steps.std(ddof=1)),
+                            "test_binding": float(inflate * bind.std(ddof=1))}}
 
 
 def main(argv=None) -> None:
