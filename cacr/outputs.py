@@ -174,17 +174,52 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
 _fresh: dict = {}  # resolver memo: Hydra resolves its directory keys more than once
 
 
-def fresh_dir(base) -> str:
-    """``base``, or ``base-1``, ``base-2``, ... when another run already took that name (two
+_hydra_made: list = []  # folders Hydra creates for an evaluator's output=DIR (removed again if it fails empty)
+
+
+def fresh_dir(base, output=None) -> str:
+    """``output`` (``output=DIR``: Hydra's ``.hydra`` folder and log go with the outputs), else
+    ``base``, or ``base-1``, ``base-2``, ... when another run already took that name (two
     runs started in the same second): created here by the primary process, as ``train.py``
     makes its default run directories (:func:`cacr.rundir.unique_dir`); DDP ranks > 0 take
     ``base``. Resolver ``cacr.output_dir`` of the evaluators' ``hydra.run.dir``."""
     from cacr import rundir
 
+    if output is not None and str(output) != "":
+        from cacr.paths import resolve_path
+
+        out = resolve_path(str(output))
+        key = ("output", str(out))
+        if key not in _fresh:
+            _fresh[key] = str(out)
+            _hydra_made.extend(d for d in [out, *out.parents] if not d.exists())
+        return _fresh[key]
     key = str(base)
     if key not in _fresh:
         _fresh[key] = str(rundir.unique_dir(base)) if rundir.primary_process() else os.path.abspath(key)
     return _fresh[key]
+
+
+def hydra_made_dirs() -> list:
+    """The folders :func:`fresh_dir` found missing for ``output=DIR`` (Hydra then made them), deepest first."""
+    return list(_hydra_made)
+
+
+def hydra_subdir(output=None, overwrite=False) -> str:
+    """Resolver ``cacr.hydra_subdir_for`` of the evaluators' ``hydra.output_subdir``: ``.hydra``,
+    or ``.hydra/<date>_<time>`` when ``output=DIR`` already holds an earlier run's ``.hydra``
+    files and ``overwrite`` is false (Hydra writes them before the outputs are checked)."""
+    import time
+
+    if output is None or str(output) == "" or str(overwrite).lower() == "true":
+        return ".hydra"
+    from cacr.paths import resolve_path
+
+    if (resolve_path(str(output)) / ".hydra" / "config.yaml").is_file():
+        key = ("subdir", str(output))
+        _fresh.setdefault(key, ".hydra/" + time.strftime("%Y-%m-%d_%H-%M-%S"))
+        return _fresh[key]
+    return ".hydra"
 
 
 def register_output_dir_resolver() -> None:
@@ -193,3 +228,5 @@ def register_output_dir_resolver() -> None:
 
     if not OmegaConf.has_resolver("cacr.output_dir"):
         OmegaConf.register_new_resolver("cacr.output_dir", fresh_dir)
+    if not OmegaConf.has_resolver("cacr.hydra_subdir_for"):
+        OmegaConf.register_new_resolver("cacr.hydra_subdir_for", hydra_subdir)

@@ -192,3 +192,94 @@ def test_bad_callbacks_and_loggers_are_one_line(tmp_path, overrides, message):
     with pytest.raises(ConfigError) as e:
         run(cfg)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- evaluation commands log too
+
+
+def _evaluate(tmp: Path, name: str, *overrides):
+    from cacr.evaluation.cli import guarded, run_retrieval, run_winoground
+    from cacr.evaluation.multiple_choice import run_multiple_choice
+
+    world = [o for o in TINY_WORLD if o.startswith("data.synthetic.")] + [f"data.root={tmp / 'world'}"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(name, overrides=[*world, "progress=false", "device=cpu", *overrides])
+    fn = {"winoground": run_winoground, "retrieval": run_retrieval, "multiple_choice": run_multiple_choice}[name]
+    return _one_thread(guarded, f"eval_{name}.py", fn, cfg)
+
+
+def _history_keys(records):
+    return {i.key or "/".join(i.nested_key) for r in records if r.WhichOneof("record_type") == "history"
+            for i in r.history.item}
+
+
+def test_evaluation_commands_log_metrics_table_and_pictures_to_wandb(csv_run, tmp_path, monkeypatch):
+    tmp, _, results = csv_run
+    _offline(monkeypatch, tmp_path)
+    ckpt = results["best_checkpoint"]
+    out = _evaluate(tmp, "winoground", f"ckpt_path={ckpt}", "logger=wandb", "logger.project=cacr-eval",
+                    f"output={tmp_path / 'wino'}", "n_boot=20")
+    files, records = _records(tmp_path / "wino")
+    (meta,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert meta.project == "cacr-eval" and meta.job_type == "eval_winoground"
+    keys = _history_keys(records)
+    assert {"winoground/text", "winoground/image", "winoground/group", "winoground/binding"} <= keys
+    history = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            history.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+    assert history["winoground/group"] == pytest.approx(out["group"])
+    assert history["winoground/examples/nrows"] == out["n"]  # the per-example table
+    assert history["winoground/congruence/count"] == 2  # the fixed example's matched pairs
+    assert all((files / "files" / f).is_file() for f in history["winoground/congruence/filenames"])
+
+    mc = _evaluate(tmp, "multiple_choice", f"ckpt_path={ckpt}", "logger=wandb", f"output={tmp_path / 'mc'}",
+                   "n_boot=20")
+    _, records = _records(tmp_path / "mc")
+    keys = _history_keys(records)
+    assert "multiple_choice/synthetic/accuracy" in keys and "multiple_choice/items/nrows" in keys
+    assert mc["sets"]["synthetic"]["n"] > 0
+
+
+def test_evaluation_with_logger_csv_writes_metrics_csv(csv_run, tmp_path):
+    import csv
+
+    tmp, _, results = csv_run
+    out = _evaluate(tmp, "retrieval", f"ckpt_path={results['best_checkpoint']}", "logger=csv",
+                    f"output={tmp_path / 'r'}")
+    with open(tmp_path / "r" / "metrics.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["retrieval/rsum"]) == pytest.approx(out["rsum"]) == pytest.approx(results["retrieval"]["rsum"])
+    with pytest.raises(SystemExit, match="overwrite"):  # metrics.csv is an output: not replaced silently
+        (tmp_path / "r" / "results.json").unlink()
+        _evaluate(tmp, "retrieval", f"ckpt_path={results['best_checkpoint']}", "logger=csv", f"output={tmp_path / 'r'}")
+
+
+def test_output_dir_keeps_hydras_files_with_the_outputs(csv_run, tmp_path):
+    """``output=DIR``: Hydra's .hydra folder and log are written there, not under outputs/eval_*; an
+    earlier run's .hydra files are kept; a failed run in a new DIR leaves nothing behind."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    tmp, _, results = csv_run
+    world = [o for o in TINY_WORLD if o.startswith("data.synthetic.")] + [f"data.root={tmp / 'world'}"]
+    out = tmp_path / "new" / "r"
+    cmd = [sys.executable, "eval_retrieval.py", *world, f"ckpt_path={results['best_checkpoint']}", "progress=false",
+           "device=cpu", f"output={out}"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    hydra = yaml.safe_load((out / ".hydra" / "hydra.yaml").read_text())["hydra"]
+    assert Path(hydra["runtime"]["output_dir"]) == out and (out / "eval_retrieval.log").is_file()
+    assert (out / "results.json").is_file() and (out / ".hydra" / "config.yaml").is_file()
+    first = (out / ".hydra" / "config.yaml").read_text()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)  # refused: results.json exists
+    assert proc.returncode == 1 and "overwrite" in proc.stderr
+    assert (out / ".hydra" / "config.yaml").read_text() == first  # the earlier run's files kept
+    bad = tmp_path / "new2" / "r"
+    proc = subprocess.run([*cmd[:2], *world, f"ckpt_path={tmp_path / 'missing.ckpt'}", f"output={bad}"], cwd=REPO,
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 1 and "missing.ckpt" in proc.stderr
+    assert not (tmp_path / "new2").exists()

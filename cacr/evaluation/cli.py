@@ -11,6 +11,7 @@ reader training's datamodule uses, without Lightning). The bodies of both comman
 """
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
@@ -47,6 +48,60 @@ def _hydra_dir() -> Path:
         raise ConfigError("output is not set and there is no Hydra run directory: pass output=PATH") from None
 
 
+# --------------------------------------------------------------------------- loggers
+
+
+def eval_loggers(cfg: DictConfig, out_dir: Path, command: str) -> list:
+    """The loggers of ``logger=`` (``loggers:``, as in training: conf/logger/) for an evaluation
+    writing to ``out_dir``, on rank 0 only; a wandb run's job type is ``eval_<command>`` unless
+    ``logger.job_type`` names another than training's ``train``."""
+    from omegaconf import OmegaConf
+
+    from cacr.loggers import build_loggers
+
+    if not is_rank_zero() or not cfg.get("loggers"):
+        return []
+    job_type = (cfg.get("logger") or {}).get("job_type")
+    return build_loggers(cfg.loggers, out_dir, config=OmegaConf.to_container(cfg, resolve=True),
+                         job_type=f"eval_{command}" if job_type in (None, "train") else job_type)
+
+
+def log_evaluation(loggers: Sequence[Any], prefix: str, record: Mapping[str, Any], *,
+                   table: Optional[Tuple[str, Sequence[str], Sequence[Sequence[Any]]]] = None,
+                   pictures: Optional[Callable[[Path], Tuple[str, list, list]]] = None) -> None:
+    """Log an evaluation's numbers (``<prefix>/<key>``, nested keys joined by ``/``) to every
+    logger, and to the wandb ones its per-example ``table`` ``(key, columns, rows)`` and the
+    ``pictures(tmp_dir) -> (key, files, captions)``; then close the loggers (wandb: the run ends)."""
+    import sys
+    import tempfile
+
+    from cacr.dashboards import flat_scalars, wandb_loggers
+
+    if not loggers:
+        return
+    numbers = {f"{prefix}/{k}": float(v) for k, v in flat_scalars(record).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    try:
+        for lg in loggers:
+            lg.log_metrics(numbers, step=0)
+        wandb = wandb_loggers(loggers)
+        if table is not None:
+            key, columns, rows = table
+            for lg in wandb:
+                lg.log_table(key, columns=list(columns), data=[list(r) for r in rows])
+        if pictures is not None and wandb:
+            with tempfile.TemporaryDirectory(prefix="cacr-eval-pictures-") as tmp:
+                key, files, captions = pictures(Path(tmp))
+                for lg in wandb:
+                    lg.log_image(key, [str(f) for f in files], caption=captions)
+        for lg in loggers:
+            lg.save()
+            lg.finalize("success")
+    finally:
+        if "wandb" in sys.modules:
+            sys.modules["wandb"].finish()
+
+
 # --------------------------------------------------------------------------- distributed, device
 
 
@@ -81,13 +136,19 @@ def guarded(prog: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     from cacr.errors import EXPECTED, exit_interrupted, exit_on_error, raise_on_termination
 
     raise_on_termination()
+    from cacr.outputs import hydra_made_dirs
+
     out = resolve_path(cfg.output) if cfg.get("output") else None
-    # folders this run creates for output=DIR (it and missing parents) go again if the run fails leaving them empty
-    made = [d for d in ([out, *out.parents] if out is not None else []) if not d.exists()]
+    # folders this run creates for output=DIR (it and missing parents; Hydra's for its .hydra files and log)
+    # go again if the run fails leaving them empty but for those files
+    by_hydra = hydra_made_dirs()
+    made = by_hydra + [d for d in ([out, *out.parents] if out is not None else []) if not d.exists()]
     try:
         return fn(cfg)
     except (*EXPECTED, KeyboardInterrupt) as e:
         for d in made:
+            if d in by_hydra and d.is_dir():
+                _remove_hydra_files(d, Path(prog).stem)
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
         if isinstance(e, KeyboardInterrupt):
@@ -96,6 +157,19 @@ def guarded(prog: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _remove_hydra_files(d: Path, job: str) -> None:
+    """Hydra's files in a folder it made for ``output=DIR``, when nothing else is there."""
+    import shutil
+
+    hydra_files = {d / ".hydra", d / f"{job}.log"}
+    if set(d.iterdir()) <= hydra_files:
+        for p in hydra_files:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
 
 
 # --------------------------------------------------------------------------- Winoground
@@ -126,7 +200,8 @@ def run_winoground(cfg: DictConfig) -> Dict[str, Any]:
     examples_path, regions_path, data = winoground_inputs(cfg, need_regions=scorer == "model")
     inputs = [examples_path, regions_path, *tag_paths.values(), *compare.values(),
               resolve_path(cfg.scores) if cfg.get("scores") else None, model_file(cfg)]
-    out_dir = check_outputs(cfg, ("results.json", "winoground_scores.jsonl", "results.md"), inputs)
+    out_dir = check_outputs(cfg, ("results.json", "winoground_scores.jsonl", "results.md", *logged_files(cfg)),
+                            inputs)
     n_boot, seed = int(cfg.n_boot), int(cfg.seed)
     if scorer == "model":
         if cfg.get("scores"):
@@ -179,7 +254,32 @@ def run_winoground(cfg: DictConfig) -> Dict[str, Any]:
         atomic_write_text(out_dir / "results.md", markdown)
         print(markdown, end="")
         print(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'winoground_scores.jsonl'}, {out_dir / 'results.md'}")
+        from cacr.dashboards import TABLE_COLUMNS, TABLE_KEY, winoground_rows
+
+        loggers = eval_loggers(cfg, out_dir, "winoground")
+        if loggers:
+            rows = winoground_rows(out_dir / "winoground_scores.jsonl", examples)
+            pictures = None
+            if scorer == "model" and cfg.get("logger", {}).get("congruence", True):
+                pictures = functools.partial(_congruence_pictures, model, wino, data.tokenizer, head,
+                                             cfg.logger.get("congruence_example"))
+            log_evaluation(loggers, "winoground", results, table=(TABLE_KEY, TABLE_COLUMNS, rows), pictures=pictures)
     return out
+
+
+def logged_files(cfg: DictConfig) -> Tuple[str, ...]:
+    """The files a ``logger=csv`` evaluation writes in its output folder (``metrics.csv``)."""
+    return ("metrics.csv",) if "csv" in (cfg.get("loggers") or {}) else ()
+
+
+def _congruence_pictures(model, wino, tokenizer, head: str, example_id, out_dir: Path):
+    """The congruence pictures (paper Figure 2) of the fixed example's matched pairs, as in training."""
+    from cacr.dashboards import CONGRUENCE_KEY, CongruencePictures, fixed_example
+
+    pictures = CongruencePictures(wino, tokenizer, example_id)
+    pictures.index = fixed_example(wino.examples, example_id)
+    files, captions = pictures.draw(model, out_dir, head=head)
+    return CONGRUENCE_KEY.replace("val/", "winoground/"), files, captions
 
 
 # --------------------------------------------------------------------------- retrieval
@@ -211,7 +311,7 @@ def run_retrieval(cfg: DictConfig) -> Dict[str, Any]:
     if not cfg.get("scores"):
         data = open_data(cfg.data)
         inputs += [data.files.regions, data.files.captions]
-    out_dir = check_outputs(cfg, ("results.json", "results.md"), inputs, [("save_scores", save)])
+    out_dir = check_outputs(cfg, ("results.json", "results.md", *logged_files(cfg)), inputs, [("save_scores", save)])
     if cfg.get("scores"):
         if cfg.get("ckpt_path") or cfg.get("model") or cfg.get("save_scores"):
             raise ConfigError("scores=PATH recomputes the recalls from a saved matrix: drop ckpt_path, model "
@@ -254,4 +354,5 @@ def run_retrieval(cfg: DictConfig) -> Dict[str, Any]:
         print(markdown, end="")
         print(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'results.md'}"
               + (f", {out['saved_scores']}" if "saved_scores" in out else ""))
+        log_evaluation(eval_loggers(cfg, out_dir, "retrieval"), "retrieval", metrics)
     return out

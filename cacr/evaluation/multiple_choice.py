@@ -685,7 +685,7 @@ def run_multiple_choice(cfg) -> Dict[str, Any]:
 
     from cacr.checks import identical_foils
 
-    from .cli import ConfigError, check_outputs, is_rank_zero, setup_distributed
+    from .cli import ConfigError, check_outputs, eval_loggers, is_rank_zero, log_evaluation, logged_files, setup_distributed
     from .scorefile import write_results_json
     from .inputs import build_model, check_head, check_inputs, model_file, scoring_batch_size, scoring_bf16
 
@@ -736,7 +736,8 @@ def run_multiple_choice(cfg) -> Dict[str, Any]:
         if rk not in REGION_KEYS:
             raise ConfigError(f"region_key={rk!r} (set {name!r}): expected one of {list(REGION_KEYS)}")
     inputs = [p for s in sets for p in s.files] + list(regions.values()) + [model_file(cfg)]
-    out_dir = check_outputs(cfg, ("results.json", "multiple_choice_scores.jsonl", "results.md"), inputs)
+    out_dir = check_outputs(cfg, ("results.json", "multiple_choice_scores.jsonl", "results.md", *logged_files(cfg)),
+                            inputs)
 
     device = setup_distributed(cfg.device)
     bf16, bf16_reason = scoring_bf16(cfg.bf16, device)
@@ -772,4 +773,7 @@ def run_multiple_choice(cfg) -> Dict[str, Any]:
         print(markdown, end="")
         print(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'multiple_choice_scores.jsonl'}, "
               f"{out_dir / 'results.md'}")
+        rows = [[d["set"], d["id"], d["image"], d["correct"], json.dumps(d["scores"])] for d in map(json.loads, lines)]
+        log_evaluation(eval_loggers(cfg, out_dir, "multiple_choice"), "multiple_choice", results,
+                       table=("multiple_choice/items", ("set", "id", "image", "correct", "scores"), rows))
     return record
