@@ -160,3 +160,54 @@ def test_a_smaller_inventory_uses_only_its_objects_and_keeps_the_swap_pairs(tmp_
 def test_inventory_out_of_range(kw, message):
     with pytest.raises(ValueError, match=message):
         SyntheticConfig(**kw)
+
+
+NOVEL = SyntheticConfig(seed=6, n_train=150, n_val=10, n_test=10, n_winoground=8, novel_pairs=3, n_novel=12,
+                        n_categories=4, n_colours=3)
+
+
+def _kinds(caption):
+    """The (colour, category) pairs a caption names, by the grammar's words."""
+    from cacr.data.synthetic import CATEGORIES, COLOURS
+
+    w = caption.split()
+    return [(w[i], w[i + 1]) for i in range(len(w) - 1) if w[i] in COLOURS and w[i + 1] in CATEGORIES]
+
+
+def test_the_novel_split_relates_only_pairs_no_training_caption_relates(tmp_path):
+    """data.synthetic.novel_pairs / n_novel: every novel example's two captions relate a held-out
+    pair of object kinds, no training caption relates one (nor, so, any training negative's
+    caption), the captions are true of their images, and the dev/test halves are untouched."""
+    w = ensure_synthetic(NOVEL, tmp_path)
+    held = {frozenset(tuple(x.split()) for x in p) for p in json.loads((w.root / "winoground" / "held_out_pairs.json").read_text())}
+    assert len(held) == 2 * NOVEL.novel_pairs
+    t = read_captions(w.captions)
+    relational = [k for k, s in zip(map(_kinds, t.texts), t.splits) if s == "train" and len(k) == 2]
+    assert len(relational) >= 5 * NOVEL.n_train * 0.9
+    assert not [k for k in relational if frozenset(k) in held]
+    examples = [json.loads(x) for x in open(w.winoground_examples)]
+    novel = [e for e in examples if e["split"] == "novel"]
+    assert len(novel) == NOVEL.n_novel and Counter(e["collapsed_tag"] for e in novel) == {"Relation": 6, "Object": 6}
+    assert [json.loads(x) for x in open(w.root / "winoground" / "novel.jsonl")] == novel
+    scenes = load_scenes(w.winoground_scenes)
+    for e in novel:
+        for c in (e["caption_0"], e["caption_1"]):
+            assert frozenset(_kinds(c)) in held, c
+        s0, s1 = scenes[e["image_0"]], scenes[e["image_1"]]
+        assert holds(e["caption_0"], s0) and holds(e["caption_1"], s1)
+        assert not holds(e["caption_0"], s1) and not holds(e["caption_1"], s0)
+    assert {e["split"] for e in examples} == {"dev", "test", "novel"}
+    # the training half of the world does see the held-out kinds, just never related to each other
+    named = {k for ks in map(_kinds, t.texts) for k in ks}
+    assert {k for p in held for k in p} <= named
+
+
+def test_worlds_without_a_novel_split_keep_their_names_and_bad_settings_are_refused():
+    assert SyntheticConfig(seed=3, novel_pairs=0, n_novel=0).key() == SyntheticConfig(seed=3).key()
+    assert NOVEL.key() != SyntheticConfig(**{**NOVEL.__dict__, "novel_pairs": 0, "n_novel": 0}).key()
+    with pytest.raises(ValueError, match="n_novel=4 needs novel_pairs"):
+        SyntheticConfig(n_novel=4)
+    from cacr.data.synthetic import World, held_out_pairs
+
+    with pytest.raises(ValueError, match="novel_pairs=99 exceeds"):
+        held_out_pairs(World(SyntheticConfig(n_categories=2, n_colours=2, max_objects=2, novel_pairs=99)))

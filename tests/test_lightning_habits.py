@@ -19,6 +19,7 @@ TINY_WORLD = [
     "model.config.hidden_size=32", "model.config.num_hidden_layers=2", "model.config.intermediate_size=64",
     "train.num_candidates=6", "module.num_negatives=2", "trainer.enable_progress_bar=false", "eval.n_boot=50",
     "train.max_steps=4", "eval.val_every_n_steps=2", "trainer.log_every_n_steps=1", "module.warmup_steps=2",
+    "recipe=none",  # the bare defaults (the default run's recipe: tests/test_default_recipe.py)
 ]
 
 

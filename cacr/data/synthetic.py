@@ -69,6 +69,8 @@ class SyntheticConfig:
     n_categories: int = len(CATEGORIES)  # the first n categories and colours are used: a smaller inventory
     n_colours: int = len(COLOURS)  # makes random images share the named objects, so binding pays off
     absolute_captions: int = 0  # extra captions per training image placing one object on the grid's edge ("a red mug is left")
+    novel_pairs: int = 0  # object-kind pairs (with their attribute-swap partners) no training caption ever relates
+    n_novel: int = 0  # Winoground-format examples of the compositional split ("split": "novel") on those pairs
 
     def __post_init__(self):
         if not 2 <= self.n_categories <= len(CATEGORIES) or not 2 <= self.n_colours <= len(COLOURS):
@@ -77,14 +79,20 @@ class SyntheticConfig:
         if self.absolute_captions < 0:
             raise ValueError(f"synthetic world: absolute_captions={self.absolute_captions} must be >= 0 "
                              f"(extra captions per training image)")
+        if self.novel_pairs < 0 or self.n_novel < 0 or (self.n_novel and not self.novel_pairs):
+            raise ValueError(f"synthetic world: n_novel={self.n_novel} needs novel_pairs > 0 (got {self.novel_pairs}); "
+                             f"both must be >= 0")
+        if self.novel_pairs and (self.n_categories < 2 or self.n_colours < 2):
+            raise ValueError("synthetic world: novel_pairs needs at least 2 categories and 2 colours")
         if self.n_categories * self.n_colours < self.max_objects:
             raise ValueError(f"synthetic world: {self.n_categories} x {self.n_colours} object kinds cannot fill a "
                              f"scene of max_objects={self.max_objects} distinct objects")
 
     def key(self) -> str:
         fields = asdict(self)
-        if not self.absolute_captions:  # added later: worlds without them keep their folder names
-            del fields["absolute_captions"]
+        for k in ("absolute_captions", "novel_pairs", "n_novel"):  # added later: worlds without them keep their names
+            if not fields[k]:
+                del fields[k]
         blob = json.dumps({"v": GENERATOR_VERSION, **fields}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
@@ -211,9 +219,19 @@ def caption_for(a: Region, b: Region, rel: str, template: str) -> str:
     return template.format(a=a.name(), b=b.name(), r=rel, ia=art(a), ib=art(b))
 
 
-def scene_captions(r: np.random.Generator, regions: List[Region], k: int) -> List[str]:
+def kind(g: Region) -> Tuple[str, str]:
+    return (g.category, g.colour)
+
+
+def scene_captions(r: np.random.Generator, regions: List[Region], k: int, held_out_pairs=None) -> List[str]:
+    """``k`` distinct true relational captions of the scene; with ``held_out_pairs`` (a set of
+    frozensets of two object kinds) none relates such a pair (empty if every fact does)."""
     objs = [g for g in regions if g.kind == "object"]
     facts = [(a, b, rel) for a in objs for b in objs if a is not b for rel in RELATIONS if relation_holds(a, b, rel)]
+    if held_out_pairs:
+        facts = [f for f in facts if frozenset((kind(f[0]), kind(f[1]))) not in held_out_pairs]
+        if not facts:
+            return []
     out: List[str] = []
     seen = set()
     for _ in range(50 * k):
@@ -247,9 +265,15 @@ def shuffled(r: np.random.Generator, regions: List[Region]) -> List[Region]:
     return [regions[i] for i in r.permutation(len(regions))]
 
 
-def relation_swap_example(world: World, r: np.random.Generator):
-    objs = world.scene(r)
-    objs = [g for g in objs if g.kind == "object"][:2] + world.distractors(r)
+def relation_swap_example(world: World, r: np.random.Generator, kinds=None):
+    """Two objects, a relation that holds between them, and the scene with their boxes
+    exchanged; ``kinds`` ((category, colour) index pairs of the two objects) fixes which."""
+    if kinds is None:
+        objs = world.scene(r)
+        objs = [g for g in objs if g.kind == "object"][:2] + world.distractors(r)
+    else:
+        cells = [divmod(int(c), GRID) for c in r.choice(GRID * GRID, 2, replace=False)]
+        objs = [world.object(r, ca, co, cell) for (ca, co), cell in zip(kinds, cells)] + world.distractors(r)
     a, b = objs[0], objs[1]
     rels = [rel for rel in RELATIONS if relation_holds(a, b, rel)]
     rel = rels[int(r.integers(len(rels)))]
@@ -259,9 +283,14 @@ def relation_swap_example(world: World, r: np.random.Generator):
     return img0, img1, caption_for(a, b, rel, template), caption_for(b, a, rel, template), rel
 
 
-def attribute_swap_example(world: World, r: np.random.Generator):
-    cat1, cat2 = r.choice(world.cfg.n_categories, 2, replace=False)
-    col1, col2 = r.choice(world.cfg.n_colours, 2, replace=False)
+def attribute_swap_example(world: World, r: np.random.Generator, cats_cols=None):
+    """``cats_cols`` (cat1, cat2, col1, col2) fixes the four objects: (cat1, col1) rel (cat2, col2)
+    against (cat1, col2) rel (cat2, col1)."""
+    if cats_cols is None:
+        cat1, cat2 = r.choice(world.cfg.n_categories, 2, replace=False)
+        col1, col2 = r.choice(world.cfg.n_colours, 2, replace=False)
+    else:
+        cat1, cat2, col1, col2 = cats_cols
     rel = RELATIONS[int(r.integers(len(RELATIONS)))]
     probe = lambda cell: Region("object", "", "", cell, np.zeros(4), np.zeros(1))  # noqa: E731
     while True:  # cells for A, B (A rel B) and A', B' (B' rel A')
@@ -277,6 +306,40 @@ def attribute_swap_example(world: World, r: np.random.Generator):
     img1 = swap_boxes(swap_boxes(img0, 0, 2), 1, 3)
     template = TEMPLATES[0]
     return img0, img1, caption_for(A, B, rel, template), caption_for(A2, B2, rel, template), rel
+
+
+def held_out_pairs(world: World) -> List[Tuple[int, int, int, int]]:
+    """``cfg.novel_pairs`` quadruples (cat1, cat2, col1, col2), cat1 != cat2 and col1 != col2,
+    drawn without repeats: each holds out the kind pairs {(cat1, col1), (cat2, col2)} and its
+    attribute-swap partner {(cat1, col2), (cat2, col1)} (so both captions of an attribute swap
+    on them are new compositions)."""
+    cfg = world.cfg
+    r = world.rng("novel_pairs")
+    quads, seen = [], set()
+    candidates = [(c1, c2, k1, k2) for c1 in range(cfg.n_categories) for c2 in range(c1 + 1, cfg.n_categories)
+                  for k1 in range(cfg.n_colours) for k2 in range(k1 + 1, cfg.n_colours)]
+    if cfg.novel_pairs > len(candidates):
+        raise ValueError(f"synthetic world: novel_pairs={cfg.novel_pairs} exceeds the {len(candidates)} "
+                         f"(category pair, colour pair) choices of a {cfg.n_categories} x {cfg.n_colours} inventory")
+    for i in r.permutation(len(candidates)):
+        c1, c2, k1, k2 = candidates[int(i)]
+        pairs = {frozenset({(c1, k1), (c2, k2)}), frozenset({(c1, k2), (c2, k1)})}
+        if pairs & seen:
+            continue
+        seen |= pairs
+        quads.append((c1, c2, k1, k2))
+        if len(quads) == cfg.novel_pairs:
+            break
+    return quads
+
+
+def _named_pairs(quads) -> set:
+    """The held-out pairs as frozensets of (category name, colour name)."""
+    out = set()
+    for c1, c2, k1, k2 in quads:
+        for (a, ka), (b, kb) in (((c1, k1), (c2, k2)), ((c1, k2), (c2, k1))):
+            out.add(frozenset({(CATEGORIES[a], COLOURS[ka]), (CATEGORIES[b], COLOURS[kb])}))
+    return out
 
 
 # ------------------------------------------------------------------ writing
@@ -328,6 +391,25 @@ def generate(cfg: SyntheticConfig, out_dir) -> SyntheticPaths:
             "relation": rel,
             "split": "dev" if (ex // 2) % 2 == 0 else "test",  # both tags in both halves
         })
+    quads = held_out_pairs(world) if cfg.novel_pairs else []
+    never_related = _named_pairs(quads)
+    r = world.rng("novel_examples")
+    for i in range(cfg.n_novel):  # the compositional split: every caption relates a held-out pair
+        ex = cfg.n_winoground + i
+        relation = i % 2 == 0
+        c1, c2, k1, k2 = quads[int(r.integers(len(quads)))]
+        if relation:
+            kinds = [(c1, k1), (c2, k2)] if r.random() < 0.5 else [(c1, k2), (c2, k1)]
+            img0, img1, cap0, cap1, rel = relation_swap_example(world, r, kinds[:: 1 if r.random() < 0.5 else -1])
+        else:
+            img0, img1, cap0, cap1, rel = attribute_swap_example(world, r, (c1, c2, k1, k2))
+        wscenes[f"ex_{ex}_img_0"] = shuffled(r, img0)
+        wscenes[f"ex_{ex}_img_1"] = shuffled(r, img1)
+        wexamples.append({
+            "id": ex, "image_0": f"ex_{ex}_img_0", "image_1": f"ex_{ex}_img_1", "caption_0": cap0, "caption_1": cap1,
+            "tag": "Relation" if relation else "Object", "secondary_tag": "", "num_main_preds": 1,
+            "collapsed_tag": "Relation" if relation else "Object", "relation": rel, "split": "novel",
+        })
     held_out = {layout(g) for g in wscenes.values()}
 
     scenes: Dict[str, List[Region]] = {}
@@ -351,7 +433,15 @@ def generate(cfg: SyntheticConfig, out_dir) -> SyntheticPaths:
                 prev = regions
             image_id = f"syn_{split}_{i:05d}"
             scenes[image_id] = shuffled(r, regions)
-            caps = scene_captions(r, regions, cfg.captions_per_image)
+            caps = scene_captions(r, regions, cfg.captions_per_image,
+                                  never_related if split == "train" else None)
+            while not caps:  # every fact of the scene relates a held-out pair: draw another (train only)
+                regions = world.scene(r)
+                while layout(regions) in held_out:
+                    regions = world.scene(r)
+                prev = regions
+                scenes[image_id] = shuffled(r, regions)
+                caps = scene_captions(r, regions, cfg.captions_per_image, never_related)
             if cfg.absolute_captions and split == "train":  # evaluation splits keep the relational captions only
                 caps += absolute_captions(r, regions, cfg.absolute_captions)
             for k, c in enumerate(caps):
@@ -365,8 +455,13 @@ def generate(cfg: SyntheticConfig, out_dir) -> SyntheticPaths:
                    token_ids=[tok.encode(t) for t in texts], splits=splits, known_image_ids=scenes.keys(),
                    **tok.file_attrs())
 
-    for path, keep in ((paths.winoground_examples, ("dev", "test")), (paths.winoground_dev, ("dev",)),
-                       (paths.winoground_test, ("test",))):
+    halves = [(paths.winoground_examples, ("dev", "test", "novel")), (paths.winoground_dev, ("dev",)),
+              (paths.winoground_test, ("test",))]
+    if cfg.n_novel:
+        halves.append((paths.root / "winoground" / "novel.jsonl", ("novel",)))
+        with open(paths.root / "winoground" / "held_out_pairs.json", "w") as f:
+            json.dump(sorted(sorted(" ".join((col, cat)) for cat, col in p) for p in never_related), f, indent=1)
+    for path, keep in halves:
         with open(path, "w") as f:
             for e in wexamples:
                 if e["split"] in keep:
