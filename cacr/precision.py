@@ -40,6 +40,12 @@ def resolve_bf16(setting: Union[bool, str], device, flags: Optional[Set[str]] = 
     if dev.type != "cpu":
         return False, f"auto: {dev.type} device, fp32"
     have = sorted((cpu_flags() if flags is None else flags) & set(NATIVE_BF16_FLAGS))
+    if have and flags is None:
+        # torch's own CPU kernels may be capped below the hardware (ATEN_CPU_CAPABILITY=avx2, as
+        # when emulating an AVX2-only machine): bf16 is then emulated, as on one
+        cap = torch.backends.cpu.get_cpu_capability()
+        if not cap.upper().startswith(("AVX512", "AMX")):
+            return False, f"auto: torch's CPU kernels capped at {cap} (ATEN_CPU_CAPABILITY), bf16 would be emulated"
     if have:
         return True, f"auto: CPU with native bf16 matrix support ({', '.join(have)})"
     return False, "auto: CPU without AVX-512 BF16 or AMX (bf16 would be emulated, slower than fp32)"

@@ -54,3 +54,16 @@ def test_the_module_scores_in_what_auto_resolves_to(monkeypatch):
     assert module.eval_bf16 is False  # a CPU module, no native bf16
     monkeypatch.setattr(precision, "cpu_flags", lambda cpuinfo=None: {"avx2", "amx_bf16"})
     assert module.eval_bf16 is True
+
+
+def test_auto_follows_torch_kernels_capped_below_the_hardware(monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 (an AVX2-only machine emulated on an AVX-512 one): auto keeps
+    fp32 even where the flags have avx512_bf16."""
+    import cacr.precision as p
+
+    monkeypatch.setattr(p, "cpu_flags", lambda cpuinfo=None: {"avx2", "avx512f", "avx512_bf16"})
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    use, why = resolve_bf16("auto", "cpu")
+    assert not use and "capped at AVX2" in why
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert resolve_bf16("auto", "cpu")[0]
