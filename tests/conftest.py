@@ -36,6 +36,8 @@ def synthetic_world(root, world: dict, config: str = "winoground"):
     from cacr.data import SyntheticConfig, ensure_synthetic
 
     overrides = [f"data.root={root}"] + [f"data.synthetic.{k}={v}" for k, v in world.items()]
+    # train.py commands in the tests use the bare defaults (recipe=none), not the default run's recipe
+    extra = ["recipe=none"] if config == "train" else []
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        synthetic = compose(config_name=config, overrides=overrides).data.synthetic
+        synthetic = compose(config_name=config, overrides=overrides + extra).data.synthetic
     return ensure_synthetic(SyntheticConfig(**synthetic), root), overrides

@@ -577,6 +577,7 @@ def _normalised_results(rd: Path, name: str) -> dict:
     res = json.loads(text)
     res["config"].pop("run_dir", None)
     res.pop("resumes", None)  # a resumed run lists its resumes; the rest is the uninterrupted run's
+    res.get("training", {}).pop("wall_s", None)  # seconds differ; steps, budget and the reason do not
     return res
 
 

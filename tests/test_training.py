@@ -392,7 +392,7 @@ def test_stop_at_binding_stops_at_the_first_validation_that_reaches_it_and_a_res
         run(compose_train(tmp_path / "a", *common, "train.stop_at_binding=0.0", f"ckpt_path={last}"))
 
 
-SYNTHETIC_EXPERIMENTS = {"synthetic_study", "binding_pilot", "binding_pretrain", "binding_finetune"}
+SYNTHETIC_EXPERIMENTS = {"synthetic_study", "binding_pilot", "binding_pretrain", "binding_finetune", "binding_acquire"}
 PAPER_EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")
                            if p.stem not in SYNTHETIC_EXPERIMENTS)
 
@@ -556,7 +556,7 @@ def test_study_report_tables_means_and_stds_per_loss(tmp_path):
 def _small_module(**kw):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["model.config.hidden_size=32", "model.config.intermediate_size=64",
-                                          "model.config.initializer_range=0.3"])
+                                          "model.config.initializer_range=0.3", "recipe=none"])
     model = instantiate(cfg.model)
     reg_kw = kw.pop("reg", {})
     reg = instantiate(cfg.loss, schedule="constant", **reg_kw)

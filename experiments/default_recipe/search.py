@@ -42,6 +42,8 @@ CANDIDATES = {
     # 32 positives a step (the probe bound in fewer positives at 32 than at 16)
     "E_l4_k1_b32": PILOT + ["module.num_negatives=1", "data.batch_size=32"],
     "F_l2_k1_b32": PILOT + ["module.num_negatives=1", "data.batch_size=32", "model.config.num_hidden_layers=2"],
+    # E (the default) at a larger learning rate
+    "G_l4_k1_b32_lr1e-3": PILOT + ["module.num_negatives=1", "data.batch_size=32", "module.lr=1e-3"],
 }
 
 
