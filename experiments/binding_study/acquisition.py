@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from study import REPO, _parallel, _setup, _train, raw_loss  # noqa: E402
+from study import REPO, _parallel, _setup, _train, raw_loss, step_batches  # noqa: E402
 import decide  # noqa: E402
 from cacr.outputs import atomic_write_text  # noqa: E402
 
@@ -100,12 +100,9 @@ def calibrate(seeds: Sequence[int], n_batches: int, extra: Sequence[str]) -> Dic
     """Mean over seeds and the first ``n_batches`` batches of ||grad L_reg|| / ||grad L_rank||
     at each seed's initialisation (raw, weight 1), and lambda_f = f / that ratio."""
     import pytorch_lightning as pl
-    import torch
-
     from hydra import compose, initialize_config_dir
 
     from cacr.train import register_resolvers
-    from cacr.train_data import TrainBatches
 
     register_resolvers()
     ratios: Dict[str, List[float]] = {r: [] for r in REGULARIZERS}
@@ -116,12 +113,7 @@ def calibrate(seeds: Sequence[int], n_batches: int, extra: Sequence[str]) -> Dic
         dm, module = _setup(cfg)
         module.attach(tokenizer=dm.tokenizer)  # the recipe's MLM masks by word
         module.train()
-        split = dm.split("train")
-        batches = TrainBatches(dm.train_pools, batch_size=int(cfg.data.batch_size),
-                               num_candidates=int(cfg.train.num_candidates), seed=int(cfg.data.seed),
-                               txt_lens=torch.tensor([t.numel() for t in split.texts]),
-                               num_bbs=torch.as_tensor(dm.regions.num_regions)[split.image_rows],
-                               sampler=dm.negative_sampler())
+        batches = step_batches(dm, cfg)
         for r in REGULARIZERS:
             module.regularizer = raw_loss(r)
             for step in range(n_batches):

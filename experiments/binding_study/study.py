@@ -257,22 +257,30 @@ def _setup(cfg):
     return dm, module
 
 
+def step_batches(dm, cfg):
+    """The step-indexed training batches a run of the composed ``cfg`` trains on
+    (:class:`cacr.train_data.TrainBatches`: same data order and negatives as ``train.py``)."""
+    import torch
+
+    from cacr.train_data import TrainBatches
+
+    split = dm.split("train")
+    return TrainBatches(dm.train_pools, batch_size=int(cfg.data.batch_size),
+                        num_candidates=int(cfg.train.num_candidates), seed=int(cfg.data.seed),
+                        txt_lens=torch.tensor([t.numel() for t in split.texts]),
+                        num_bbs=torch.as_tensor(dm.regions.num_regions)[split.image_rows],
+                        sampler=dm.negative_sampler())
+
+
 def calibrate(checkpoint: Path, seed: int, n_batches: int, extra: Sequence[str],
               names: Sequence[str] = REGULARIZERS + tuple(VARIANTS)) -> Dict[str, float]:
     """Mean ranking loss and raw losses of the regularizers and variants ``names`` over the
     first ``n_batches`` fine-tuning batches."""
     import torch
 
-    from cacr.train_data import TrainBatches
-
     cfg = compose_finetune([f"model.checkpoint={checkpoint}", f"seed={seed}", *extra])
     dm, module = _setup(cfg)
-    split = dm.split("train")
-    batches = TrainBatches(dm.train_pools, batch_size=int(cfg.data.batch_size),
-                           num_candidates=int(cfg.train.num_candidates), seed=int(cfg.data.seed),
-                           txt_lens=torch.tensor([t.numel() for t in split.texts]),
-                           num_bbs=torch.as_tensor(dm.regions.num_regions)[split.image_rows],
-                           sampler=dm.negative_sampler())
+    batches = step_batches(dm, cfg)
     sums = {"rank": 0.0, **{r: 0.0 for r in names}}
     with torch.no_grad():
         for step in range(n_batches):
