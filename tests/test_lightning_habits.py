@@ -241,6 +241,36 @@ def test_evaluation_commands_log_metrics_table_and_pictures_to_wandb(csv_run, tm
     assert "multiple_choice/synthetic/accuracy" in keys and "multiple_choice/items/nrows" in keys
     assert mc["sets"]["synthetic"]["n"] > 0
 
+    rt = _evaluate(tmp, "retrieval", f"ckpt_path={ckpt}", "logger=wandb", f"output={tmp_path / 'rt'}")
+    _, records = _records(tmp_path / "rt")
+    history = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            history.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+    assert history["retrieval/rsum"] == pytest.approx(rt["rsum"])
+    assert history["retrieval/captions/nrows"] == rt["n_captions"]  # one row per caption
+
+
+def test_the_per_caption_table_agrees_with_the_recalls():
+    """retrieval_rows: ranks and hits against a slow twin on random ragged scores with ties."""
+    import torch
+
+    from cacr.evaluation.cli import retrieval_rows
+    from cacr.evaluation.retrieval_metrics import retrieval_metrics
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 6, (13, 5), generator=g).float()  # many ties
+    txt2img = torch.arange(13) % 5
+    rows = retrieval_rows(scores, txt2img, [f"c{c}" for c in range(13)], [f"i{i}" for i in range(5)])
+    for c, (cid, iid, rank, r1, r5, r10) in enumerate(rows):
+        true = scores[c, txt2img[c]]
+        wrong = [scores[c, i] for i in range(5) if i != txt2img[c]]
+        assert (cid, iid) == (f"c{c}", f"i{int(txt2img[c])}")
+        assert rank == 1 + sum(float(w) >= float(true) for w in wrong)
+        assert (r1, r5, r10) == (int(rank <= 1), int(rank <= 5), int(rank <= 10))
+    m = retrieval_metrics(scores, txt2img)
+    assert 100.0 * sum(r[3] for r in rows) / 13 == pytest.approx(m["ir_r1"])
+
 
 def test_evaluation_with_logger_csv_writes_metrics_csv(csv_run, tmp_path):
     import csv

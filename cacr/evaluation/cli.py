@@ -298,6 +298,23 @@ def retrieval_markdown(rows: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
+RETRIEVAL_TABLE_KEY = "retrieval/captions"
+RETRIEVAL_TABLE_COLUMNS = ("caption_id", "image_id", "image_rank", "r1", "r5", "r10")
+
+
+def retrieval_rows(scores, txt2img, caption_ids, image_ids) -> list:
+    """The per-caption table of a retrieval evaluation: each caption's id, its image's id, the
+    1-based rank of that image among all (ties against the model, as the recalls count them)
+    and its hits at 1, 5, 10. With bf16 scoring and ``exact``, the hits are fp32's; a rank
+    beyond 10 is as scored."""
+    from .retrieval_metrics import retrieval_ranks
+
+    ranks, _ = retrieval_ranks(scores, txt2img)
+    txt2img = [int(i) for i in txt2img]
+    return [(caption_ids[c], image_ids[txt2img[c]], int(r) + 1, int(r < 1), int(r < 5), int(r < 10))
+            for c, r in enumerate(ranks.tolist())]
+
+
 def run_retrieval(cfg: DictConfig) -> Dict[str, Any]:
     """Recalls of a model on a split (optionally saving the score matrix), or of a saved matrix."""
     from .evaluators import evaluate_retrieval
@@ -319,6 +336,8 @@ def run_retrieval(cfg: DictConfig) -> Dict[str, Any]:
         path = existing_file(cfg.scores, "scores")
         m = load_score_matrix(path)
         metrics = retrieval_metrics(m.scores, m.txt2img)
+        table = (RETRIEVAL_TABLE_KEY, RETRIEVAL_TABLE_COLUMNS,
+                 retrieval_rows(m.scores, m.txt2img, m.caption_ids, m.image_ids))
         name = str(cfg.get("name") or path.stem)
         out = {**metrics, "model": name, "scores": str(path)}
     else:
@@ -336,7 +355,10 @@ def run_retrieval(cfg: DictConfig) -> Dict[str, Any]:
         t0 = time.perf_counter()
         metrics = evaluate_retrieval(model, split, head=head, batch_size=batch_size, device=device,
                                      bf16=bf16, progress=bool(cfg.progress) and is_rank_zero(),
-                                     save_scores=save, exact=bool(cfg.get("exact", True)))
+                                     save_scores=save, exact=bool(cfg.get("exact", True)), keep_scores=True)
+        matrix = metrics.pop("score_matrix")
+        table = (RETRIEVAL_TABLE_KEY, RETRIEVAL_TABLE_COLUMNS,
+                 retrieval_rows(matrix, split.txt2img, split.caption_ids, split.image_ids)) if is_rank_zero() else None
         seconds = time.perf_counter() - t0  # scoring (all ranks; the matrix is gathered) and the recalls
         pairs = split.num_texts * split.num_images
         out = {**metrics, "model": name, "checkpoint": str(resolve_path(cfg.ckpt_path or cfg.model.checkpoint)),
@@ -354,5 +376,5 @@ def run_retrieval(cfg: DictConfig) -> Dict[str, Any]:
         print(markdown, end="")
         print(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'results.md'}"
               + (f", {out['saved_scores']}" if "saved_scores" in out else ""))
-        log_evaluation(eval_loggers(cfg, out_dir, "retrieval"), "retrieval", metrics)
+        log_evaluation(eval_loggers(cfg, out_dir, "retrieval"), "retrieval", metrics, table=table)
     return out

@@ -62,12 +62,14 @@ def evaluate_retrieval(
     save_scores: Optional[Path] = None,
     compile: bool = False,
     exact: bool = True,
+    keep_scores: bool = False,
 ) -> Dict[str, Any]:
     """R@1/5/10 both ways, means and R-sum (percent) of every caption of ``split`` (a
     ``cacr.data.datasets.RetrievalSplit``) against every image, and ``scoring`` (how it was
     scored); ``save_scores`` writes the score matrix with caption and image ids (rank 0) so
     the metrics can be recomputed; ``compile`` scores through ``model.scorer(head,
-    compile=True)`` (torch.compile)."""
+    compile=True)`` (torch.compile); ``keep_scores`` adds the (captions, images) matrix as
+    ``score_matrix`` (a tensor: pop it before writing JSON)."""
     device = device or next(model.parameters()).device
     fn = _score_fn(model, head, compile)
     scores = score_matrix(
@@ -88,7 +90,10 @@ def evaluate_retrieval(
                                          *_rescorers(fn, pairs, split.texts, split.image, batch_size, device))
     if save_scores is not None and is_main_process():
         save_score_matrix(save_scores, scores, split.caption_ids, split.image_ids, split.txt2img)
-    return {**retrieval_metrics(scores, split.txt2img), "scoring": record}
+    out = {**retrieval_metrics(scores, split.txt2img), "scoring": record}
+    if keep_scores:
+        out["score_matrix"] = scores
+    return out
 
 
 def evaluate_winoground(
