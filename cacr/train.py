@@ -464,7 +464,8 @@ def closing_lines(results: Mapping[str, Any]) -> List[str]:
     if w:
         halves = (w.get("by_tag") or {}).get("split") or {}
         if halves:
-            lines += [_wino_line(f"winoground {h} half", halves[h]) for h in sorted(halves, key=lambda h: h != "test")]
+            lines += [_wino_line(f"winoground {h} {'half' if h in ('dev', 'test') else 'split'}", halves[h])
+                      for h in sorted(halves, key=lambda h: (h != "test", h != "dev", h))]
         else:
             lines.append(_wino_line("winoground", w))
     return lines

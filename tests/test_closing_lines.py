@@ -27,3 +27,10 @@ def test_a_run_that_used_its_budget_and_a_set_without_halves():
     assert closing_lines(res) == ["training: 1000 of 1000 steps in 90 s, ended by the step budget (train.max_steps)",
                                   "winoground (n=8): text=10.00  image=20.00  group=5.00  binding=50.00"]
     assert closing_lines({}) == []
+
+
+def test_a_compositional_split_is_printed_after_the_halves():
+    res = {"winoground": {**_w(30, 60.0), "by_tag": {"split": {"novel": _w(10, 55.0), "dev": _w(10, 60.0),
+                                                               "test": _w(10, 65.0)}}}}
+    assert [line.split(" (")[0] for line in closing_lines(res)] == [
+        "winoground test half", "winoground dev half", "winoground novel split"]
