@@ -104,6 +104,9 @@ def settings_problems(cfg: DictConfig, cuda_available: Optional[bool] = None) ->
                         f"weights are evaluated as the best checkpoint")
     if _get(cfg, "eval.winoground"):
         need_int("eval.n_boot", 1, "bootstrap resamples for the Winoground confidence intervals")
+    which = _get(cfg, "eval.checkpoint")
+    if which is not None and which not in ("best", "last"):
+        problems.append(f"eval.checkpoint={which}: expected best (by validation R-sum) or last (the final weights)")
     need_num("module.lr", 0.0, "learning rate", strict=True)
     need_num("module.weight_decay", 0.0, "AdamW weight decay")
     need_num("module.eps", 0.0, "AdamW epsilon", strict=True)

@@ -395,6 +395,9 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[
         if stopped is not None:  # the model that reached the binding is the one to evaluate, not the best R-sum
             best_path = None
             log.info("stopped at binding: evaluating the last model (step %d), not the best by R-sum", stopped["step"])
+        elif cfg.eval.get("checkpoint", "best") == "last":  # an endpoint at a fixed step (the binding study)
+            best_path = None
+            log.info("eval.checkpoint=last: evaluating the last model (step %d)", trainer.global_step)
         results: Dict[str, Any] = {"best_checkpoint": best_path or last.path, "run_dir": str(run_dir),
                                    "scale": sizes}
         if stopped is not None:

@@ -34,3 +34,26 @@ def test_a_compositional_split_is_printed_after_the_halves():
                                                                "test": _w(10, 65.0)}}}}
     assert [line.split(" (")[0] for line in closing_lines(res)] == [
         "winoground test half", "winoground dev half", "winoground novel split"]
+
+
+def test_eval_checkpoint_last_scores_the_final_weights(tmp_path):
+    """eval.checkpoint=last: the final evaluation scores the last weights, not the best by R-sum;
+    a bad value is refused before step 0."""
+    import pytest
+    from hydra import compose, initialize_config_dir
+
+    from cacr.checks import SettingsError
+    from cacr.train import run
+
+    from .conftest import REPO
+    from .test_training import TINY_WORLD
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY_WORLD, f"data.root={tmp_path / 'w'}", f"run_dir={tmp_path / 'r'}",
+                                          "train.max_steps=6", "eval.val_every_n_steps=2", "eval.checkpoint=last"])
+        bad = compose("train", overrides=[*TINY_WORLD, f"data.root={tmp_path / 'w'}", f"run_dir={tmp_path / 'b'}",
+                                          "eval.checkpoint=best_rsum"])
+    res = run(cfg)
+    assert res["best_checkpoint"].endswith("last.ckpt") and res["training"]["steps"] == 6
+    with pytest.raises(SettingsError, match="eval.checkpoint=best_rsum"):
+        run(bad)
