@@ -172,3 +172,17 @@ def test_the_pilot_summary_inflates_the_between_seed_sd(tmp_path):
     assert out["planning_sd"]["log2_steps"] == pytest.approx(factor * sd)
     assert out["planning_sd"]["test_binding"] == pytest.approx(factor * 2.0)
     assert acq.load_table(tmp_path) == {}  # pilot runs never enter the study's table
+
+
+def test_a_fresh_run_folder_takes_the_registered_weights(tmp_path, monkeypatch):
+    reg = tmp_path / "registered.json"
+    reg.write_text(json.dumps({"seeds": [101], "lambda": {"cacr": {"10": 0.5, "30": 1.5},
+                                                          "iais_singular": {"10": 0.01, "30": 0.03}}}))
+    monkeypatch.setattr(acq, "REGISTERED_CALIBRATION", reg)
+    monkeypatch.setattr(acq, "REPO", tmp_path)
+    ran = {}
+    monkeypatch.setattr(acq, "run_jobs", lambda out, arms, seeds, *a, **k: ran.update(arms=arms, seeds=seeds))
+    acq.main(["--out", str(tmp_path / "runs"), "--stage", "arms", "--seeds", "1-2"])
+    assert json.loads((tmp_path / "runs" / "calibration.json").read_text()) == json.loads(reg.read_text())
+    assert ran["seeds"] == [1, 2] and "loss.weight=1.5" in ran["arms"]["cacr_30"]
+    assert set(ran["arms"]) == {"none", "cacr_10", "cacr_30", "iais_singular_10", "iais_singular_30"}

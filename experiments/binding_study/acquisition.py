@@ -44,6 +44,7 @@ THRESHOLD = 75.0         # dev binding that counts as "bound"
 REGULARIZERS = ("cacr", "iais_singular")
 FRACTIONS = {"10": 0.1, "30": 0.3}  # ||lambda grad L_reg|| = f ||grad L_rank|| at initialisation
 PILOT_SEEDS = (101, 102, 103)
+REGISTERED_CALIBRATION = HERE / "results" / "stage_c_calibration.json"  # the weights PREREGISTRATION_C.md fixed
 # log2 steps_to_75: equivalence within a factor 1.2 either way; superiority powered at 25% fewer steps.
 # Superiority is tested at alpha 0.025 (Bonferroni over a regularizer's two weights), equivalence
 # (TOST, intersection-union over the two weights) at 0.05 per side.
@@ -321,6 +322,10 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     cal_path = a.out / "calibration.json"
+    if not cal_path.is_file() and REGISTERED_CALIBRATION.is_file() and a.stage != "calibrate":
+        # a fresh run folder (another machine, a lost work tree): the weights are the registered ones
+        atomic_write_text(cal_path, REGISTERED_CALIBRATION.read_text())
+        print(f"{cal_path}: the registered weights, from {REGISTERED_CALIBRATION.relative_to(REPO)}")
     cal = json.loads(cal_path.read_text()) if cal_path.is_file() else None
     if a.stage == "calibrate":
         if cal is not None:
