@@ -29,6 +29,16 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def in_one_thread(fn, *args):
+    """``fn(*args)`` with one intra-op thread (the count restored after, also on error)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(n)
+
+
 def synthetic_world(root, world: dict, config: str = "winoground"):
     """Generate, in ``root``, the synthetic world that ``conf/<config>.yaml`` with
     ``data.synthetic.<k>=<v>`` overrides describes (the world the command lines will use);

@@ -19,7 +19,7 @@ from cacr.evaluation.winoground_metrics import winoground_correct
 from cacr.train import run
 from cacr.winoground import read_winoground_examples
 
-from .conftest import REPO
+from .conftest import REPO, in_one_thread
 from .wandb_log import wandb_records
 
 TINY_WORLD = [
@@ -56,13 +56,7 @@ def compose_train(tmp, *overrides):
                                             *overrides])
 
 
-def _one_thread(fn, *args):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn(*args)
-    finally:
-        torch.set_num_threads(n)
+_one_thread = in_one_thread
 
 
 def _records(run_dir: Path, timeout: float = 30.0):

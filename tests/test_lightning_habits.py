@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from cacr.train import run
 
-from .conftest import REPO
+from .conftest import REPO, in_one_thread
 from .wandb_log import wandb_records
 
 TINY_WORLD = [
@@ -34,13 +34,7 @@ def _offline(mp, tmp: Path):
         mp.setenv(k, v)
 
 
-def _one_thread(fn, *args):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn(*args)
-    finally:
-        torch.set_num_threads(n)
+_one_thread = in_one_thread
 
 
 @pytest.fixture(scope="module")
